@@ -1,0 +1,54 @@
+"""One exception hierarchy for the whole tool.
+
+Every message names the file / row / field involved, what was expected, what was found and
+how to fix it. The CLI turns any :class:`CmcrError` into a one-paragraph message and exit
+code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class CmcrError(Exception):
+    """Base class of every error cmcr raises on purpose."""
+
+
+class StoreError(CmcrError):
+    """An embedding store is missing, unreadable or inconsistent."""
+
+
+class StoreFormatError(StoreError):
+    """A store's files do not follow the store format (manifest, parts, columns, dims, dtypes)."""
+
+
+class StoreValidationError(StoreError):
+    """Rows of a store (or rows about to be appended) break a data rule: wrong length, NaN/Inf,
+    un-normalised rows in a cosine store, duplicate keys."""
+
+
+class StoreMismatchError(StoreError):
+    """A store from another modality, encoder, preprocessing or dimension was passed where a
+    specific one is expected (also raised when two stores meant to be paired do not match)."""
+
+
+class StoreIndexError(StoreError):
+    """A FAISS index is missing, stale (built for other store contents) or was asked an invalid query."""
+
+
+class EncoderError(CmcrError):
+    """An encoder cannot be built or loaded (unknown architecture, missing checkpoint or tokenizer files)."""
+
+
+class InputDataError(CmcrError):
+    """A corpus, sample or input file cannot be read or is invalid."""
+
+
+class ConnectorError(CmcrError):
+    """A connector file is invalid, or a connector side was applied to embeddings it does not accept."""
+
+
+class TrainingError(CmcrError):
+    """Training cannot continue (non-finite loss, bad configuration, missing stores)."""
+
+
+class ConfigError(CmcrError):
+    """A configuration value or file is invalid."""
