@@ -525,9 +525,11 @@ class Store:
         where = self.path / part.file
         emb = schema.field(EMBEDDING_COLUMN).type if EMBEDDING_COLUMN in schema.names else None
         if KEY_COLUMN not in schema.names or emb is None:
-            raise StoreFormatError(f"{where}: a part needs columns 'key' and 'embedding', found {schema.names}")
+            raise StoreFormatError(
+                f"{where}: a part needs columns 'key' and 'embedding', found {schema.names}")
         if not pa.types.is_fixed_size_list(emb):
-            raise StoreFormatError(f"{where}: 'embedding' must be fixed_size_list<{self.dtype}>[{self.dim}], found {emb}")
+            raise StoreFormatError(
+                f"{where}: 'embedding' must be fixed_size_list<{self.dtype}>[{self.dim}], found {emb}")
         if emb.list_size != self.dim:
             raise StoreFormatError(
                 f"{where}: rows have length {emb.list_size}, the store's dim is {self.dim} "
@@ -551,7 +553,8 @@ class Store:
         for part in self.parts:
             where = self.path / part.file
             if not where.exists():
-                raise StoreFormatError(f"{where}: part listed in the manifest is missing; restore it or re-create the store")
+                raise StoreFormatError(
+                    f"{where}: part listed in the manifest is missing; restore it or re-create the store")
             try:
                 meta = pq.read_metadata(where)
             except Exception as e:  # pyarrow raises several types for corrupt files
@@ -633,8 +636,9 @@ class Store:
         if not np.issubdtype(emb.dtype, np.floating):
             raise StoreValidationError(f"{self.path}: embeddings must be floats, got dtype {emb.dtype}")
         emb = emb.reshape(n, self.dim)
-        _check_rows(emb, keys, self.normalized, INPUT_NORM_TOLERANCE if emb.dtype != np.float16
-                    else NORM_TOLERANCE["float16"], f"{self.path} (rows being appended{f' from {source}' if source else ''})")
+        tol = NORM_TOLERANCE["float16"] if emb.dtype == np.float16 else INPUT_NORM_TOLERANCE
+        origin = f" from {source}" if source else ""
+        _check_rows(emb, keys, self.normalized, tol, f"{self.path} (rows being appended{origin})")
         for i, k in enumerate(keys):
             if not k:
                 raise StoreValidationError(f"{self.path}: row {i} has an empty key; every row needs a unique key")
