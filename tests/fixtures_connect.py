@@ -1,3 +1,49 @@
-"""Pytest fixtures for the connect tests (registered in tests/conftest.py)."""
+"""Pytest fixtures for the connect tests (registered in tests/conftest.py).
+
+``make_store`` writes an ordinary store from an array; ``tiny_mcr_stores`` builds the four
+training stores of a tiny synthetic MCR pair (see :mod:`cmcr.trainer.synthetic`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cmcr.stores.store import Store
+
+ENC_A = {"family": "test", "architecture": "mcr-a", "weights": "random", "dim": 16}
+ENC_B = {"family": "test", "architecture": "mcr-b", "weights": "random", "dim": 16}
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """``(n, d)`` float32 random unit rows."""
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_store(path: Path, emb: np.ndarray, *, modality: str, encoder: dict[str, Any],
+                keys: Sequence[str] | None = None, metadata: dict[str, Sequence[Any]] | None = None,
+                dtype: str = "float32", parts: int = 1) -> Store:
+    """Write ``emb`` ``(N, D)`` as a store at ``path`` (``parts`` parts, keys ``k000000``... by default)."""
+    keys = list(keys) if keys is not None else [f"k{i:06d}" for i in range(len(emb))]
+    store = Store.create(path, modality=modality, encoder=encoder, dim=emb.shape[1], dtype=dtype)
+    bounds = np.linspace(0, len(emb), parts + 1).astype(int)
+    for i in range(parts):
+        s, e = bounds[i], bounds[i + 1]
+        meta = {k: list(v)[s:e] for k, v in metadata.items()} if metadata else None
+        store.append_part(keys[s:e], emb[s:e], metadata=meta, source=f"part{i}")
+    return store
+
+
+@pytest.fixture
+def make_store(tmp_path: Path) -> Callable[..., Store]:
+    """``make_store(name, emb, modality=..., encoder=..., keys=None, metadata=None, parts=1) -> Store``
+    in ``tmp_path / name``."""
+
+    def _make(name: str, emb: np.ndarray, **kwargs: Any) -> Store:
+        return write_store(tmp_path / name, emb, **kwargs)
+
+    return _make

@@ -1,0 +1,527 @@
+"""Memories and semantic completion (C-MCR section 3.1, "semantic enhancement").
+
+A *memory* is a store of the non-shared modality inside one MCR (CLIP image embeddings of
+unrelated images, CLAP audio embeddings of unrelated clips). The *completion* (pseudo embedding)
+of a query ``q`` is the softmax-weighted mean of the memory rows::
+
+    p(q) = sum_k softmax_k(<q, m_k> / tau) * m_k          (C-MCR, Eq. 1; tau = 0.01 by default)
+
+Three ways to compute it:
+
+* :func:`complete_exact` — exact, for any memory size: chunked *online softmax* (running max,
+  running denominator, running weighted sum), so RAM is bounded by ``chunk_rows x D`` plus the
+  query block, whatever the memory size. The memory may be an array or a :class:`Store`
+  (streamed part by part).
+* :func:`complete_topk` — approximate: FAISS retrieves the top-k memory rows of each query and
+  the softmax runs over those k only. With tau = 0.01 the weights of far rows are negligible, so
+  the two agree closely (see ``benchmarks/bench_connect.py``).
+* :class:`MemoryQueue` — a fixed-capacity FIFO of memory rows refilled from the memory store,
+  for memories larger than device memory during training.
+
+:func:`complete_store` computes the completions of a whole query store once (encoders are
+frozen) and writes them as a store keyed like the queries.
+
+This module imports neither ``cmcr.pipeline`` nor ``cmcr.trainer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from cmcr.stores.store import EMBEDDING_COLUMN, Store, _chunk_matrix, canonical_json
+
+from cmcr.errors import StoreMismatchError, StoreValidationError
+
+log = logging.getLogger(__name__)
+
+#: Default completion temperature tau_m (method.md section 1; C-MCR paper).
+DEFAULT_TEMPERATURE = 0.01
+#: Memory rows per chunk of the online softmax (RAM: chunk_rows x D x 4 bytes, 32 MiB at D=512).
+DEFAULT_CHUNK_ROWS = 16384
+#: Queries per block (RAM: query_rows x chunk_rows x 4 bytes of logits).
+DEFAULT_QUERY_ROWS = 1024
+#: Default number of neighbours of the approximate completion.
+DEFAULT_TOPK = 256
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------- memory
+@dataclass
+class Memory:
+    """A memory held in RAM: ``embeddings`` ``(M, D)`` (float16 or float32, unit rows), the store's
+    ``modality`` and encoder ``identity``, and the source store's ``fingerprint``."""
+
+    embeddings: np.ndarray
+    modality: str
+    identity: dict[str, Any]
+    fingerprint: str
+    path: str | None = None
+
+    @classmethod
+    def from_store(cls, store: Store | str | os.PathLike, *, dtype: str = "float32") -> Memory:
+        """Load a whole memory store into RAM (``(M, D)`` in ``dtype``).
+
+        Raises:
+            StoreValidationError: the store is empty.
+        """
+        store = store if isinstance(store, Store) else Store.open(store)
+        if store.num_rows == 0:
+            raise StoreValidationError(f"{store.path}: the memory store is empty; encode some {store.modality} first")
+        return cls(embeddings=store.embeddings(dtype=np.dtype(dtype)), modality=store.modality,
+                   identity=store.encoder, fingerprint=store.fingerprint(), path=str(store.path))
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+def _memory_chunks(memory: np.ndarray | Store | Memory, chunk_rows: int) -> Iterator[np.ndarray]:
+    """Yield ``(m, D)`` float32 chunks of the memory (a store is streamed part by part)."""
+    if isinstance(memory, Memory):
+        memory = memory.embeddings
+    if isinstance(memory, Store):
+        for batch in memory.iter_batches(batch_size=chunk_rows, dtype=np.float32):
+            yield batch.embeddings
+        return
+    for start in range(0, len(memory), chunk_rows):
+        yield np.asarray(memory[start:start + chunk_rows], dtype=np.float32)
+
+
+def _memory_len_dim(memory: np.ndarray | Store | Memory) -> tuple[int, int]:
+    if isinstance(memory, Store):
+        return memory.num_rows, memory.dim
+    arr = memory.embeddings if isinstance(memory, Memory) else memory
+    return int(arr.shape[0]), int(arr.shape[1])
+
+
+# ------------------------------------------------------------------------------ exact completion
+def online_softmax_completion(
+    queries: torch.Tensor, chunks: Iterator[torch.Tensor], temperature: float
+) -> torch.Tensor:
+    """Exact ``softmax(q Mᵀ / tau) M`` over a memory given as a stream of chunks.
+
+    Keeps, per query, the running maximum logit ``m``, the running denominator ``l = sum exp(s - m)``
+    and the running numerator ``acc = sum exp(s - m) * row``; when a chunk raises the maximum the
+    old sums are rescaled by ``exp(m_old - m_new)`` (the online softmax of Milakov & Gimelshein,
+    2018). The result equals the dense formula up to float32 rounding, for any memory size.
+
+    Args:
+        queries: ``(Q, D)`` float32 tensor.
+        chunks: iterator of ``(m_i, D)`` float32 tensors on the queries' device.
+        temperature: tau > 0.
+
+    Returns:
+        ``(Q, D)`` float32, not normalised.
+    """
+    q = queries / temperature
+    run_max = torch.full((q.shape[0], 1), -math.inf, device=q.device, dtype=torch.float32)
+    denom = torch.zeros((q.shape[0], 1), device=q.device, dtype=torch.float32)
+    acc = torch.zeros((q.shape[0], queries.shape[1]), device=q.device, dtype=torch.float32)
+    for chunk in chunks:
+        logits = q @ chunk.T  # (Q, m)
+        new_max = torch.maximum(run_max, logits.max(dim=1, keepdim=True).values)
+        scale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first chunk
+        weights = torch.exp(logits - new_max)
+        denom = denom * scale + weights.sum(dim=1, keepdim=True)
+        acc = acc * scale + weights @ chunk
+        run_max = new_max
+    return acc / denom
+
+
+def complete_exact(
+    queries: np.ndarray,
+    memory: np.ndarray | Store | Memory,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    query_rows: int = DEFAULT_QUERY_ROWS,
+    normalize: bool = True,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Exact semantic completion of ``queries`` from ``memory`` (C-MCR Eq. 1), bounded RAM.
+
+    Args:
+        queries: ``(Q, D)`` (or ``(D,)``) float array of unit rows from the memory's own MCR.
+        memory: ``(M, D)`` array, a :class:`Memory`, or a :class:`Store` (streamed chunk by chunk;
+            each query block re-reads the store, so use large ``query_rows`` for store memories).
+        temperature: tau_m (default 0.01, method.md section 1).
+        chunk_rows: memory rows per chunk (RAM bound).
+        query_rows: queries per block.
+        normalize: L2-normalise the pseudo embeddings (they are stored in cosine stores and the
+            trainer normalises them anyway after adding noise).
+        device: torch device for the arithmetic (``"auto"``: CUDA when present).
+
+    Returns:
+        ``(Q, D)`` float32 pseudo embeddings (``(D,)`` for a single query).
+
+    Raises:
+        StoreMismatchError: query and memory dims differ.
+        ValueError: ``temperature <= 0``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    single = np.ndim(queries) == 1
+    q_all = np.atleast_2d(np.array(queries, dtype=np.float32))  # a writable copy for torch
+    m_len, m_dim = _memory_len_dim(memory)
+    if q_all.shape[1] != m_dim:
+        raise StoreMismatchError(f"queries have dim {q_all.shape[1]}, the memory has dim {m_dim}")
+    if m_len == 0:
+        raise StoreValidationError("the memory is empty; completion needs at least one memory row")
+    dev = resolve_device(device)
+    out = np.empty_like(q_all)
+    cached: list[torch.Tensor] | None = None
+    # An in-RAM memory that fits in one chunk is moved to the device once for all query blocks.
+    if not isinstance(memory, Store) and m_len <= chunk_rows:
+        cached = [torch.from_numpy(np.require(c, np.float32, ["C", "W"])).to(dev)
+                  for c in _memory_chunks(memory, chunk_rows)]
+    with torch.no_grad():
+        for start in range(0, len(q_all), query_rows):
+            q = torch.from_numpy(q_all[start:start + query_rows]).to(dev)
+            chunks = iter(cached) if cached is not None else (
+                torch.from_numpy(np.require(c, np.float32, ["C", "W"])).to(dev)
+                for c in _memory_chunks(memory, chunk_rows))
+            p = online_softmax_completion(q, chunks, temperature)
+            if normalize:
+                p = torch.nn.functional.normalize(p, dim=1)
+            out[start:start + len(q)] = p.cpu().numpy()
+    return out[0] if single else out
+
+
+def complete_dense(queries: np.ndarray, memory: np.ndarray, *, temperature: float = DEFAULT_TEMPERATURE,
+                   normalize: bool = True) -> np.ndarray:
+    """Reference completion ``softmax(q Mᵀ / tau) M`` in one dense float64 step (small inputs only;
+    used by the tests and the benchmark). Returns ``(Q, D)`` float32."""
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float64))
+    m = np.asarray(memory, dtype=np.float64)
+    logits = q @ m.T / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    w = np.exp(logits)
+    w /= w.sum(axis=1, keepdims=True)
+    p = w @ m
+    if normalize:
+        p /= np.linalg.norm(p, axis=1, keepdims=True)
+    return p.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ top-k completion
+def build_memory_index(memory: np.ndarray, *, kind: str = "auto", seed: int = 0) -> Any:
+    """A FAISS inner-product index over ``memory`` ``(M, D)`` for :func:`complete_topk`.
+
+    ``kind``: ``"flat"`` (exact search), ``"hnsw"`` (HNSW32, fast approximate search) or
+    ``"auto"`` (flat up to 200 000 rows, HNSW above).
+    """
+    import faiss
+
+    x = np.ascontiguousarray(memory, dtype=np.float32)
+    d = x.shape[1]
+    if kind == "auto":
+        kind = "flat" if len(x) <= 200_000 else "hnsw"
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        faiss.cvar.rand_seed = seed  # type: ignore[attr-defined]
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 40
+        index.hnsw.efSearch = 128
+    else:
+        raise ValueError(f"unknown memory index kind {kind!r}: use auto, flat or hnsw")
+    index.add(x)
+    return index
+
+
+def complete_topk(
+    queries: np.ndarray,
+    memory: np.ndarray | Memory,
+    *,
+    k: int = DEFAULT_TOPK,
+    temperature: float = DEFAULT_TEMPERATURE,
+    index: Any = None,
+    query_rows: int = 8192,
+    normalize: bool = True,
+) -> np.ndarray:
+    """Approximate completion: softmax over the top-``k`` memory rows of each query only.
+
+    Args:
+        queries: ``(Q, D)`` float array.
+        memory: ``(M, D)`` array (rows are gathered by id) or a :class:`Memory`.
+        k: neighbours per query (clipped to M).
+        temperature: tau_m.
+        index: a FAISS index over ``memory`` (``search(x, k) -> (scores, ids)``) or an object with
+            ``search_arrays(x, k)`` (e.g. :class:`cmcr.stores.index.StoreIndex`); built with
+            :func:`build_memory_index` when ``None``.
+        query_rows: queries per FAISS search call.
+        normalize: L2-normalise the result.
+
+    Returns:
+        ``(Q, D)`` float32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    mem = memory.embeddings if isinstance(memory, Memory) else memory
+    single = np.ndim(queries) == 1
+    q_all = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    if q_all.shape[1] != mem.shape[1]:
+        raise StoreMismatchError(f"queries have dim {q_all.shape[1]}, the memory has dim {mem.shape[1]}")
+    k = max(1, min(int(k), len(mem)))
+    if index is None:
+        index = build_memory_index(mem)
+    out = np.empty_like(q_all)
+    for start in range(0, len(q_all), query_rows):
+        q = q_all[start:start + query_rows]
+        if hasattr(index, "search_arrays"):
+            scores, ids = index.search_arrays(q, k)
+        else:
+            scores, ids = index.search(q, k)
+        scores = np.asarray(scores, dtype=np.float64)
+        ids = np.asarray(ids)
+        valid = ids >= 0  # FAISS pads with -1 when fewer than k results exist
+        logits = np.where(valid, scores / temperature, -np.inf)
+        logits -= logits.max(axis=1, keepdims=True)
+        w = np.exp(logits)
+        w /= w.sum(axis=1, keepdims=True)
+        rows = np.asarray(mem[np.where(valid, ids, 0).reshape(-1)], dtype=np.float32).reshape(len(q), k, -1)
+        p = np.einsum("qk,qkd->qd", w.astype(np.float32), rows)
+        if normalize:
+            p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        out[start:start + len(q)] = p
+    return out[0] if single else out
+
+
+# ------------------------------------------------------------------------------ completion store
+def completion_params(method: str, temperature: float, k: int | None, query_store: Store,
+                      memory_store: Store) -> dict[str, Any]:
+    """The parameters recorded in (and checked against) a completion store's ``extra.completion``."""
+    return {
+        "method": method,
+        "temperature": float(temperature),
+        "k": int(k) if method == "topk" and k is not None else None,
+        "query_store": {"path": str(query_store.path), "fingerprint": query_store.fingerprint(),
+                        "modality": query_store.modality},
+        "memory_store": {"path": str(memory_store.path), "fingerprint": memory_store.fingerprint(),
+                         "modality": memory_store.modality, "rows": memory_store.num_rows},
+    }
+
+
+def complete_store(
+    query_store: Store | str | os.PathLike,
+    memory_store: Store | str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    method: str = "exact",
+    temperature: float = DEFAULT_TEMPERATURE,
+    k: int = DEFAULT_TOPK,
+    batch_rows: int = 65536,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    memory_in_ram: bool | None = None,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    progress: Any = None,
+) -> Store:
+    """Complete every row of ``query_store`` from ``memory_store`` and write the pseudo embeddings
+    as a store keyed like the queries (one part per block of ``batch_rows`` queries; a rerun
+    resumes after the last finished block).
+
+    The output store has the memory's modality, encoder identity, preprocessing and dim, dtype
+    float32, and ``extra = {"pseudo": True, "completion": completion_params(...)}`` so it can never
+    be mistaken for real embeddings of that modality.
+
+    Args:
+        query_store: shared-modality store of one MCR (e.g. CLAP text).
+        memory_store: memory store of the same MCR (e.g. CLAP audio): same encoder identity and dim,
+            another modality.
+        out_path: output store folder.
+        method: ``"exact"`` (:func:`complete_exact`) or ``"topk"`` (:func:`complete_topk`).
+        temperature: tau_m; k: neighbours of ``"topk"``.
+        batch_rows: queries per part.
+        chunk_rows: memory rows per chunk of the exact completion.
+        memory_in_ram: hold the memory in RAM (default: when it is under 2 GiB as float32);
+            otherwise the exact method streams it from disk for every query block.
+        device: torch device of the exact completion.
+        overwrite: replace an output store made with other parameters.
+        progress: optional callable ``progress(done_rows, total_rows)``.
+
+    Returns:
+        The completion :class:`Store`.
+
+    Raises:
+        StoreMismatchError: the memory comes from another encoder or dim than the queries, has the
+            queries' modality, or an existing output store was made with other parameters.
+    """
+    qs = query_store if isinstance(query_store, Store) else Store.open(query_store)
+    ms = memory_store if isinstance(memory_store, Store) else Store.open(memory_store)
+    if canonical_json(qs.encoder) != canonical_json(ms.encoder):
+        raise StoreMismatchError(
+            f"memory store {ms.path} was made by encoder {canonical_json(ms.encoder)}, but the query store "
+            f"{qs.path} by {canonical_json(qs.encoder)}; a memory must come from the same MCR (encoder) as "
+            f"the queries it completes"
+        )
+    if qs.dim != ms.dim:
+        raise StoreMismatchError(f"query store {qs.path} has dim {qs.dim}, memory store {ms.path} has dim {ms.dim}")
+    if qs.modality == ms.modality:
+        raise StoreMismatchError(
+            f"memory store {ms.path} holds {ms.modality!r} like the query store {qs.path}; the memory must hold "
+            f"the other modality of the MCR (e.g. audio for CLAP text queries)"
+        )
+    if method not in ("exact", "topk"):
+        raise ValueError(f"completion method must be 'exact' or 'topk', got {method!r}")
+    params = completion_params(method, temperature, k, qs, ms)
+    out_path = Path(out_path)
+    out = _open_completion_store(out_path, ms, params, overwrite)
+    done = out.done_sources()
+    total = qs.num_rows
+    if memory_in_ram is None:
+        memory_in_ram = ms.num_rows * ms.dim * 4 <= 2 << 30
+    need_blocks = [(s, min(s + batch_rows, total)) for s in range(0, total, batch_rows)
+                   if f"queries:{s}-{min(s + batch_rows, total)}" not in done]
+    if not need_blocks:
+        return out
+    memory: np.ndarray | Store = ms.embeddings(dtype=np.float32) if (memory_in_ram or method == "topk") else ms
+    index = build_memory_index(memory) if method == "topk" else None  # type: ignore[arg-type]
+    pos = 0
+    finished = total - sum(e - s for s, e in need_blocks)
+    for batch in qs.iter_batches(batch_size=batch_rows, dtype=np.float32):
+        start, end = pos, pos + len(batch.keys)
+        pos = end
+        source = f"queries:{start}-{end}"
+        if source in done:
+            continue
+        if method == "exact":
+            # A streamed memory is re-read once per query block: use large blocks for it.
+            query_rows = 8192 if isinstance(memory, Store) else DEFAULT_QUERY_ROWS
+            pseudo = complete_exact(batch.embeddings, memory, temperature=temperature, chunk_rows=chunk_rows,
+                                    query_rows=query_rows, device=device)
+        else:
+            pseudo = complete_topk(batch.embeddings, memory, k=k, temperature=temperature, index=index)
+        out.append_part(batch.keys, pseudo, source=source)
+        finished += end - start
+        if progress is not None:
+            progress(finished, total)
+    return out
+
+
+def _open_completion_store(path: Path, memory: Store, params: dict[str, Any], overwrite: bool) -> Store:
+    if (path / "manifest.json").exists():
+        existing = Store.open(path)
+        old = (existing.manifest.get("extra") or {}).get("completion") or {}
+        same = (canonical_json({k: v for k, v in old.items() if k not in ("query_store", "memory_store")})
+                == canonical_json({k: v for k, v in params.items() if k not in ("query_store", "memory_store")})
+                and old.get("query_store", {}).get("fingerprint") == params["query_store"]["fingerprint"]
+                and old.get("memory_store", {}).get("fingerprint") == params["memory_store"]["fingerprint"])
+        if same:
+            return existing
+        if not overwrite:
+            raise StoreMismatchError(
+                f"{path} holds completions made with other parameters or stores ({canonical_json(old)}), "
+                f"expected {canonical_json(params)}; remove it or pass overwrite=True / --overwrite"
+            )
+        shutil.rmtree(path)
+    # The batching of an earlier, unfinished run may differ: a rerun with another batch_rows would
+    # produce overlapping sources, which append_part rejects by key (safe, never silently wrong).
+    return Store.create(path, modality=memory.modality, encoder=memory.encoder, dim=memory.dim,
+                        dtype="float32", preprocessing=memory.preprocessing,
+                        extra={"pseudo": True, "completion": params})
+
+
+# ---------------------------------------------------------------------------------- memory queue
+class MemoryQueue:
+    """A fixed-capacity FIFO of memory rows on the training device, refilled from a memory store.
+
+    For memories larger than device memory: the queue holds ``capacity`` rows; :meth:`advance`
+    drops the ``n`` oldest rows and appends the next ``n`` rows of the store (cycling through the
+    store, reshuffled with ``seed`` on every pass). Completions against :attr:`tensor` are
+    completions against a moving window of the memory (cf. MoCo's queue).
+
+    Args:
+        store: the memory store.
+        capacity: rows held (clipped to the store size).
+        device: torch device.
+        seed: shuffling seed (recorded by the trainer).
+        read_rows: rows read from the store per refill read.
+    """
+
+    def __init__(self, store: Store, capacity: int, *, device: str | torch.device = "cpu", seed: int = 0,
+                 read_rows: int = 65536):
+        if store.num_rows == 0:
+            raise StoreValidationError(f"{store.path}: the memory store is empty")
+        if capacity <= 0:
+            raise ValueError(f"queue capacity must be positive, got {capacity}")
+        self.store = store
+        self.capacity = int(min(capacity, store.num_rows))
+        self.device = resolve_device(device)
+        self.read_rows = read_rows
+        self._rng = np.random.default_rng(seed)
+        self._pass = 0
+        self._stream = self._rows()
+        self._pending: np.ndarray | None = None
+        self.tensor = torch.empty((self.capacity, store.dim), dtype=torch.float32, device=self.device)
+        self._head = 0  # index of the oldest row
+        self.tensor[:] = torch.from_numpy(self._take(self.capacity)).to(self.device)
+        self.rows_served = self.capacity
+
+    def _rows(self) -> Iterator[np.ndarray]:
+        # Shuffle part order and rows within each read block per pass: RAM stays bounded by read_rows.
+        while True:
+            parts = list(self.store.parts)
+            order = self._rng.permutation(len(parts))
+            for i in order:
+                pf = pq.ParquetFile(self.store.path / parts[i].file, memory_map=True)
+                for rb in pf.iter_batches(batch_size=self.read_rows, columns=[EMBEDDING_COLUMN]):
+                    block = np.asarray(_chunk_matrix(rb.column(0), self.store.dim), dtype=np.float32)
+                    yield block[self._rng.permutation(len(block))]
+            self._pass += 1
+
+    def _take(self, n: int) -> np.ndarray:
+        out = []
+        have = 0
+        while have < n:
+            if self._pending is None or len(self._pending) == 0:
+                self._pending = next(self._stream)
+            take = self._pending[: n - have]
+            self._pending = self._pending[len(take):]
+            out.append(take)
+            have += len(take)
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def advance(self, n: int) -> None:
+        """Replace the ``n`` oldest rows by the next ``n`` rows of the store (``n`` clipped to capacity)."""
+        n = int(min(n, self.capacity))
+        if n <= 0:
+            return
+        new = torch.from_numpy(np.ascontiguousarray(self._take(n))).to(self.device)
+        idx = (torch.arange(n, device=self.device) + self._head) % self.capacity
+        self.tensor[idx] = new
+        self._head = (self._head + n) % self.capacity
+        self.rows_served += n
+
+    @property
+    def passes(self) -> int:
+        """Completed passes over the store."""
+        return self._pass
+
+    def complete(self, queries: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
+        """Exact completion of ``queries`` ``(B, D)`` float32 against the rows now in the queue;
+        returns ``(B, D)`` float32, L2-normalised, without gradient."""
+        with torch.no_grad():
+            p = online_softmax_completion(queries.float(), iter([self.tensor]), temperature)
+            return torch.nn.functional.normalize(p, dim=1)
