@@ -1,0 +1,75 @@
+"""Image decoding (CPU side, runs in DataLoader workers).
+
+One documented path from file bytes to an RGB PIL image, whatever the mode:
+
+* the file is opened with PIL and fully loaded (``Image.load``): truncated files raise instead of
+  returning a half-grey picture (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False); zero-byte files,
+  non-images and decompression bombs (more than :data:`MAX_PIXELS` pixels) raise
+  :class:`~cmcr.pipeline.audio.SampleError` — they never hang a worker;
+* EXIF orientation is applied (``ImageOps.exif_transpose``), as a viewer would show the image;
+* the first frame of animated files is used;
+* modes with transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a ``transparency`` entry, ``RGBa``)
+  are converted to ``RGBA`` and alpha-composited over a fixed background (white, ``BACKGROUND``);
+* 16/32-bit greyscale (``I;16``, ``I``) is scaled to 8 bits by its nominal range (``I;16``: / 257,
+  ``I``: clipped to 0..65535 then / 257), float (``F``) is clipped to 0..255;
+* everything else (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``) goes through
+  ``Image.convert("RGB")``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from cmcr.pipeline.audio import SampleError
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
+BACKGROUND = (255, 255, 255)
+MAX_PIXELS = 178_956_970  # PIL's own bomb limit (2 * Image.MAX_IMAGE_PIXELS default)
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Convert any PIL image to 8-bit ``RGB`` (see the module docstring for the rules)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(a, 0, 65535) / 257.0
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.clip(np.asarray(img, dtype=np.float64), 0, 255)
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """Decode image file bytes into an 8-bit RGB PIL image.
+
+    Raises:
+        SampleError: zero-byte, truncated, not an image, or too many pixels (names ``what``).
+    """
+    if not data:
+        raise SampleError(f"{what}: zero-byte image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_PIXELS:
+                raise SampleError(f"{what}: {img.width}x{img.height} pixels is above the limit {MAX_PIXELS}")
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return to_rgb(img)
+    except SampleError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise SampleError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from e

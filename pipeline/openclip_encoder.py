@@ -1,0 +1,166 @@
+"""open_clip adapter: image and text embeddings from any open_clip architecture.
+
+Weights: a pretrained tag (open_clip downloads it where a hub is reachable), a local checkpoint
+file (identity records ``sha256:<hex>``), or ``random`` (explicit; seeded). Architectures are
+open_clip's built-in configs plus the JSON configs in ``pipeline/model_configs`` (e.g.
+``cmcr-tiny-clip``, a 3.4 M-parameter ViT for tests and demos).
+
+Image path: :func:`cmcr.pipeline.images.decode_image` (any PIL mode -> RGB, alpha over white), then
+open_clip's own eval transform for the model (resize shortest side, centre crop, normalise).
+Text path: :func:`cmcr.pipeline.text.decode_text`, then the model's tokenizer; captions longer than
+the context length are truncated by the tokenizer and flagged per row (``truncated``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from cmcr.pipeline.encoders import MODEL_CONFIG_DIR, Encoder, EncoderSpec
+from cmcr.pipeline.images import BACKGROUND, decode_image
+from cmcr.pipeline.text import decode_text
+
+from cmcr.errors import EncoderError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TAG = "openai"
+_registered = False
+
+
+def _open_clip():
+    global _registered
+    import open_clip
+
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+    return open_clip
+
+
+class ImagePreprocessor:
+    """Picklable ``bytes -> ((3, H, W) float32 tensor, {"width", "height"})`` for one model."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def __call__(self, raw: bytes) -> tuple[Any, dict[str, Any]]:
+        img = decode_image(raw)
+        return self.transform(img), {"width": img.width, "height": img.height}
+
+
+class OpenClipTextPreprocessor:
+    """Picklable ``caption -> ((L,) int64 token ids, {"text", "truncated"})``."""
+
+    def __init__(self, tokenizer: Any, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, raw: bytes | str) -> tuple[Any, dict[str, Any]]:
+        text = decode_text(raw)
+        ids = self.tokenizer([text], context_length=self.context_length)[0]
+        if hasattr(self.tokenizer, "encode"):  # SimpleTokenizer: BPE tokens + <start> + <end>
+            n = len(self.tokenizer.encode(text)) + 2
+        else:  # HF tokenizers: count with the wrapped tokenizer
+            n = len(self.tokenizer.tokenizer(text)["input_ids"])
+        return ids, {"text": text, "truncated": bool(n > self.context_length)}
+
+
+class OpenClipEncoder(Encoder):
+    """open_clip model adapter (modalities ``image`` and ``text``)."""
+
+    family = "open_clip"
+    modalities = ("image", "text")
+
+    def __init__(self, spec: EncoderSpec, device: str = "cpu", precision: str = "fp32"):
+        super().__init__(device=device, precision=precision)
+        import torch
+
+        open_clip = _open_clip()
+        self.spec = spec
+        arch = spec.architecture
+        if arch not in open_clip.list_models():
+            raise EncoderError(
+                f"unknown open_clip architecture {arch!r}; known: e.g. ViT-B-32, ViT-L-14, RN50, "
+                f"cmcr-tiny-clip (see open_clip.list_models())"
+            )
+        weights = spec.weights or DEFAULT_TAG
+        ckpt = spec.checkpoint
+        if spec.is_random:
+            torch.manual_seed(spec.seed)
+            pretrained = None
+            self._weights_id = "random"
+        elif ckpt is not None:
+            if not ckpt.is_file():
+                raise EncoderError(f"open_clip checkpoint {ckpt} does not exist; pass an existing file "
+                                   f"(open_clip:{arch}@/path/ckpt.pt) or a pretrained tag")
+            from cmcr.stores.store import sha256_file
+
+            pretrained = str(ckpt)
+            self._weights_id = "sha256:" + sha256_file(ckpt)
+        else:
+            pretrained = weights
+            self._weights_id = weights
+        try:
+            model = open_clip.create_model(arch, pretrained=pretrained, device=device,
+                                           pretrained_image=False, pretrained_text=False)
+        except Exception as e:  # download failures, bad checkpoints, unknown tags
+            raise EncoderError(
+                f"cannot build open_clip {arch} with weights {weights!r} ({type(e).__name__}: {e}). "
+                f"Offline? Download the checkpoint elsewhere and pass open_clip:{arch}@/path/ckpt.pt; "
+                f"use @random only for tests"
+            ) from e
+        model.eval()
+        self.model = model
+        self.architecture = arch
+        self.dim = int(model.text_projection.shape[1] if hasattr(model, "text_projection")
+                       and model.text_projection is not None else model.visual.output_dim)
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        pp_cfg = open_clip.get_model_preprocess_cfg(model)
+        self._pp_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp_cfg.items()}
+        self._transform = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
+        self._tokenizer = open_clip.get_tokenizer(arch)
+        self.context_length = int(getattr(self._tokenizer, "context_length", None) or model.context_length)
+
+    def identity(self) -> dict[str, Any]:
+        ident: dict[str, Any] = {"family": self.family, "architecture": self.architecture,
+                                 "weights": self._weights_id, "dim": self.dim}
+        if self.spec.is_random:
+            ident["seed"] = self.spec.seed
+        return ident
+
+    def preprocessing(self, modality: str) -> dict[str, Any]:
+        self.check_modality(modality)
+        if modality == "image":
+            return {"decode": "PIL, exif_transpose, first frame; alpha composited over background",
+                    "background": list(BACKGROUND), "transform": "open_clip image_transform_v2 (eval)",
+                    **self._pp_cfg}
+        return {"tokenizer": type(self._tokenizer).__name__, "context_length": self.context_length,
+                "clean": "NFC, whitespace collapsed", "truncation": "tokenizer truncates; flagged per row"}
+
+    def preprocessor(self, modality: str):
+        self.check_modality(modality)
+        if modality == "image":
+            return ImagePreprocessor(self._transform)
+        return OpenClipTextPreprocessor(self._tokenizer, self.context_length)
+
+    def forward(self, modality: str, batch: Any) -> Any:
+        if modality == "image":
+            return self.model.encode_image(batch)
+        return self.model.encode_text(batch)
+
+    def num_parameters(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+
+def save_random_checkpoint(architecture: str, path: str, seed: int = 0) -> np.ndarray | None:
+    """Write a random-init open_clip checkpoint (``{"state_dict": ...}``) — for tests and demos."""
+    import torch
+
+    open_clip = _open_clip()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(architecture, pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return None
