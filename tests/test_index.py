@@ -1,0 +1,174 @@
+"""Tests of cmcr.stores.index: the pure planner, building/tuning, stale detection, search checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from cmcr.stores.index import Hit, build_index, open_index, plan_index
+
+from cmcr.errors import StoreIndexError
+from tests.fixtures_stores import clustered_embeddings
+
+GiB = 1024**3
+
+
+# ---------------------------------------------------------------------- plan_index (pure)
+def test_plan_small_store_is_exact():
+    p = plan_index(5_000, 512, 2 * GiB)
+    assert p["kind"] == "flat" and p["factory"] == "Flat"
+    assert p["estimated_memory_bytes"] == 5_000 * 512 * 4
+    assert "exact" in p["reason"]
+
+
+def test_plan_mid_size_is_hnsw_and_large_is_ivf():
+    mid = plan_index(300_000, 512, 2 * GiB)
+    assert mid["kind"] == "hnsw" and mid["params"]["M"] == 32
+    big = plan_index(1_000_000, 512, 2 * GiB)
+    assert big["kind"] == "ivf"
+    assert big["factory"] == f"IVF{big['params']['nlist']},SQfp16"
+    nlist = big["params"]["nlist"]
+    assert nlist & (nlist - 1) == 0 and 1000 <= nlist <= 4096  # power of two near 2*sqrt(N)
+    assert big["estimated_memory_bytes"] <= 2 * GiB
+
+
+def test_plan_flat_too_big_for_budget_falls_through():
+    # 50k x 512 float32 = 100 MiB exact; a 64 MiB budget forces a compressed index
+    p = plan_index(50_000, 512, 64 * 1024**2)
+    assert p["kind"] in ("hnsw", "ivf") and p["estimated_memory_bytes"] <= 64 * 1024**2
+
+
+def test_plan_code_shrinks_with_budget():
+    rows, dim = 2_000_000, 512
+    codes = [plan_index(rows, dim, b)["params"]["code"] for b in (8 * GiB, 1.5 * GiB, GiB // 2)]
+    assert codes == ["SQfp16", "SQ8", "PQ"]
+    pq = plan_index(rows, dim, GiB // 2)
+    assert dim % pq["params"]["pq_m"] == 0
+    assert pq["estimated_memory_bytes"] <= GiB // 2
+
+
+def test_plan_is_monotone_in_rows_and_pure():
+    kinds = [plan_index(r, 256, 2 * GiB)["kind"] for r in (10, 100_000, 100_001, 500_000, 500_001, 10**8)]
+    assert kinds == ["flat", "flat", "hnsw", "hnsw", "ivf", "ivf"]
+    assert plan_index(123_456, 64, GiB) == plan_index(123_456, 64, GiB)
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(ValueError, match="rows >= 1"):
+        plan_index(0, 16, GiB)
+    with pytest.raises(ValueError, match="unknown index kind"):
+        plan_index(10, 16, GiB, kind="annoy")
+    with pytest.raises(ValueError, match="too small"):
+        plan_index(10**9, 512, 1024**2)
+
+
+def test_plan_forced_kind():
+    assert plan_index(10, 16, GiB, kind="ivf")["kind"] == "ivf"
+    assert plan_index(10**7, 16, 100 * GiB, kind="flat")["kind"] == "flat"
+
+
+# ---------------------------------------------------------------------- build / open / search
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_build_tune_and_search(store_factory, kind):
+    store = store_factory(n=4000, dim=32)
+    info = build_index(store, kind=kind, sample_queries=200, progress=False)
+    assert info["kind"] == kind and info["rows"] == 4000 and info["dim"] == 32
+    assert info["recall_at_10"] >= 0.95 and info["target_reached"]
+    assert info["recall_queries"] == 200
+    assert info["store_fingerprint"] == store.fingerprint()
+    on_disk = json.loads((store.path / "index" / "index.json").read_text())
+    assert on_disk == info
+    assert (store.path / "index" / info["file"]).stat().st_size == info["file_bytes"]
+    if kind == "ivf":
+        assert "nprobe" in info["params"] and info["tuning"][-1]["nprobe"] == info["params"]["nprobe"]
+    if kind == "hnsw":
+        assert info["params"]["efSearch"] >= 11
+
+    index = open_index(store)
+    x = store.embeddings(np.float32)
+    scores, rows = index.search_arrays(x[:5], k=10)
+    assert scores.shape == (5, 10) and scores.dtype == np.float32 and rows.dtype == np.int64
+    assert rows[:, 0].tolist() == [0, 1, 2, 3, 4]  # each row finds itself first
+    assert np.all(np.diff(scores, axis=1) <= 1e-5)  # best first
+    hits = index.search(x[3], k=3)
+    assert len(hits) == 1 and len(hits[0]) == 3
+    h = hits[0][0]
+    assert isinstance(h, Hit) and h.key == "image-000003" and h.row == 3
+    assert h.metadata == {"label": 3, "caption": "item 3"}
+    assert abs(h.score - 1.0) < 5e-3
+
+
+def test_search_matches_exact_bruteforce(store_factory):
+    store = store_factory(n=500, dim=16)
+    build_index(store, progress=False)
+    x = store.embeddings(np.float32)
+    q = clustered_embeddings(7, 16, seed=5) * 3.0  # un-normalised queries are normalised
+    scores, rows = open_index(store, mmap=False).search_arrays(q, k=5)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    ref = np.argsort(-(qn @ x.T), axis=1)[:, :5]
+    assert (rows == ref).mean() > 0.97  # float16 ties may swap
+    np.testing.assert_allclose(scores[:, 0], np.max(qn @ x.T, axis=1), atol=1e-4)
+
+
+def test_query_checks(store_factory):
+    store = store_factory(n=100, dim=16)
+    build_index(store, progress=False)
+    index = open_index(store)
+    with pytest.raises(StoreIndexError, match=r"shape \(Q, 16\)"):
+        index.search_arrays(np.ones((2, 8), np.float32))
+    bad = np.ones((3, 16), np.float32)
+    bad[2, 4] = np.nan
+    with pytest.raises(StoreIndexError, match="query row 2 holds NaN"):
+        index.search_arrays(bad)
+    with pytest.raises(StoreIndexError, match="all zeros"):
+        index.search_arrays(np.zeros((1, 16)))
+    with pytest.raises(StoreIndexError, match="k must be"):
+        index.search_arrays(np.ones(16), k=0)
+    # float64, Fortran-ordered input is accepted and converted
+    q = np.asfortranarray(np.ones((2, 16), dtype=np.float64))
+    s, r = index.search_arrays(q, k=3)
+    assert s.shape == (2, 3)
+    # k larger than the store: missing results are -1 and dropped from hits
+    s, r = index.search_arrays(np.ones(16), k=150)
+    assert (r[0] == -1).sum() == 50 and np.isneginf(s[0][r[0] == -1]).all()
+    assert len(index.search(np.ones(16), k=150)[0]) == 100
+
+
+def test_missing_and_stale_index(store_factory):
+    store = store_factory(n=300, dim=16, parts=1)
+    with pytest.raises(StoreIndexError, match="no index"):
+        open_index(store)
+    build_index(store, progress=False)
+    store.append_part(["new-1"], clustered_embeddings(1, 16, seed=9),
+                      metadata={"label": [1], "caption": ["x"]}, source="later")
+    with pytest.raises(StoreIndexError, match="stale"):
+        open_index(store)
+    info = build_index(store, progress=False)
+    assert info["rows"] == 301
+    assert len(list((store.path / "index").glob("*.faiss"))) == 1  # the old file was removed
+    assert open_index(store).search(clustered_embeddings(1, 16, seed=9), k=1)[0][0].key == "new-1"
+
+
+def test_empty_store_and_tiny_budget(store_factory, tmp_path):
+    from cmcr.stores.store import Store
+
+    empty = Store.create(tmp_path / "empty", modality="text", encoder={"family": "t"}, dim=8)
+    with pytest.raises(StoreIndexError, match="empty"):
+        build_index(empty, progress=False)
+    store = store_factory(n=100, dim=16)
+    with pytest.raises(StoreIndexError, match="too small"):
+        build_index(store, memory_budget_bytes=10, progress=False)
+
+
+def test_l2_store_scores_are_distances(tmp_path):
+    from cmcr.stores.store import Store
+
+    x = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32) * 2
+    store = Store.create(tmp_path / "l2", modality="image", encoder={"family": "t"}, dim=8, dtype="float32",
+                         normalized=False, metric="l2")
+    store.append_part([f"k{i}" for i in range(200)], x)
+    build_index(store, progress=False)
+    s, r = open_index(store).search_arrays(x[:3] + 0.01, k=2)  # not normalised for l2
+    assert r[:, 0].tolist() == [0, 1, 2]
+    assert np.all(s[:, 0] < s[:, 1]) and np.all(s[:, 0] < 0.01)
