@@ -1,0 +1,557 @@
+"""Import embeddings made by any other model (ULIP, ImageBind, in-house...) as a store.
+
+Two input layouts:
+
+* ``.npy`` files holding ``(N, D)`` float rows (read with ``np.load(mmap_mode="r")``, so a file
+  larger than RAM streams), plus keys (``--keys`` file: ``.txt`` one per line, ``.csv`` or
+  ``.parquet`` with a key column) and optional metadata (``.csv``/``.parquet``, row-aligned with
+  the ``.npy`` rows; a key column there must agree with the keys).
+* ``.parquet`` files with a key column and an embedding column (``list<float>`` or
+  ``fixed_size_list<float>[D]``, any float width); every other column becomes metadata (or
+  the ones named). Read with ``ParquetFile.iter_batches``, so RAM stays bounded.
+
+Rows are checked (width, NaN/Inf, unique non-empty keys, unit norm for a cosine store),
+L2-normalised on request (``normalize=True``, recorded in the manifest as
+``extra.import.normalized_on_import``) and written as store parts of ``part_rows`` rows.
+
+Atomicity and resume: the store is built in ``<out>/../.<out name>.importing`` and renamed to
+``<out>`` when complete. A killed import leaves that folder behind; rerunning the same import
+(same inputs and options) resumes it, skipping parts already written (each part's ``source`` is
+``<file>:<first row>-<end row>``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+from cmcr.stores.index import rows_progress
+from cmcr.stores.store import DTYPES, INPUT_NORM_TOLERANCE, MANIFEST, Store, canonical_json
+
+from cmcr.errors import InputDataError, StoreError, StoreValidationError
+
+log = logging.getLogger(__name__)
+
+#: Target size of one part in the store dtype; parts never exceed ``MAX_PART_ROWS`` rows.
+PART_BYTES = 512 * 1024**2
+MAX_PART_ROWS = 1_000_000
+_CHECK_BLOCK = 65536
+
+
+@dataclass
+class _Chunk:
+    """Rows of one future part: ``emb`` (n, D) any float dtype, keys, metadata table, row offset."""
+
+    file: Path
+    start: int  # first row inside ``file``
+    keys: list[str]
+    emb: np.ndarray
+    metadata: pa.Table | None
+
+
+# ---------------------------------------------------------------------- small readers
+def _read_table(path: Path, key_column: str | None = None) -> pa.Table:
+    """Read a CSV or Parquet file as a table (a CSV key column is read as strings)."""
+    if not path.exists():
+        raise InputDataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pq.read_table(path)
+        if suffix in (".csv", ".tsv"):
+            types = {key_column: pa.string()} if key_column else {}
+            parse = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            return pcsv.read_csv(path, parse_options=parse, convert_options=pcsv.ConvertOptions(column_types=types))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputDataError(f"{path}: cannot read ({e})") from e
+    raise InputDataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .parquet")
+
+
+def read_keys(path: str | os.PathLike, key_column: str = "key") -> list[str]:
+    """Keys from ``.txt`` (one per line), ``.csv``/``.tsv`` or ``.parquet`` (column ``key_column``,
+    or the only column).
+
+    Raises:
+        InputDataError: missing file or column (the message lists the columns found).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.exists():
+            raise InputDataError(f"{path}: file not found")
+        return [line.rstrip("\r\n") for line in path.read_text().splitlines()]
+    table = _read_table(path, key_column)
+    if key_column in table.column_names:
+        col = table.column(key_column)
+    elif table.num_columns == 1:
+        col = table.column(0)
+    else:
+        raise InputDataError(
+            f"{path}: no key column {key_column!r}; columns are {table.column_names} (pass --key-column NAME)"
+        )
+    return _keys_to_list(col, path)
+
+
+def _keys_to_list(col: pa.ChunkedArray | pa.Array, where: Any) -> list[str]:
+    if col.null_count:
+        i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputDataError(f"{where}: key of row {i} is empty (null); every row needs a unique key")
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        col = pc.cast(col, pa.string())
+    return col.to_pylist()
+
+
+def _check_keys(keys: Sequence[str], where: Any) -> None:
+    seen: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if not k:
+            raise InputDataError(f"{where}: key of row {i} is empty; every row needs a unique key")
+        j = seen.setdefault(k, i)
+        if j != i:
+            raise InputDataError(f"{where}: duplicate key {k!r} at rows {j} and {i}; keys must be unique")
+
+
+def _embedding_width(field: pa.Field, path: Path, sample: pa.ChunkedArray | None) -> int:
+    t = field.type
+    if pa.types.is_fixed_size_list(t):
+        if not pa.types.is_floating(t.value_type):
+            raise InputDataError(f"{path}: column {field.name!r} holds {t.value_type}, expected floats")
+        return int(t.list_size)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        if not pa.types.is_floating(t.value_type):
+            raise InputDataError(f"{path}: column {field.name!r} holds {t.value_type}, expected floats")
+        lengths = pc.list_value_length(sample).drop_null() if sample is not None else pa.array([])
+        if len(lengths) == 0:
+            raise InputDataError(f"{path}: column {field.name!r} has no non-null rows to read the dim from")
+        return int(lengths[0].as_py())
+    raise InputDataError(
+        f"{path}: column {field.name!r} has type {t}; expected list<float> or fixed_size_list<float>[D]"
+    )
+
+
+def _list_matrix(col: pa.Array | pa.ChunkedArray, dim: int, path: Path, first_row: int, keys: list[str]) -> np.ndarray:
+    """``(n, dim)`` float matrix of a list / fixed-size-list column; errors name the file row."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if col.null_count:
+        i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputDataError(f"{path}: row {first_row + i} (key {keys[i]!r}) has no embedding (null)")
+    if pa.types.is_fixed_size_list(col.type):
+        if col.type.list_size != dim:
+            raise InputDataError(f"{path}: embeddings have {col.type.list_size} values, expected {dim}")
+        values = col.values.slice(col.offset * dim, len(col) * dim)
+    else:
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(lengths != dim)
+        if len(bad):
+            i = int(bad[0])
+            raise InputDataError(
+                f"{path}: row {first_row + i} (key {keys[i]!r}) has {lengths[i]} values, expected {dim} "
+                f"(every embedding of a store has the same dim)"
+            )
+        values = col.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+# ---------------------------------------------------------------------- row checks
+def _clean_rows(
+    chunk: _Chunk, *, dtype: np.dtype, normalize: bool, need_unit: bool, skip_bad_rows: bool
+) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
+    """Check / normalise / cast one chunk in blocks. Returns (rows in ``dtype``, kept indices, failures)."""
+    n, dim = chunk.emb.shape
+    out = np.empty((n, dim), dtype=dtype)
+    bad: dict[int, str] = {}
+    for s in range(0, n, _CHECK_BLOCK):
+        block = np.array(chunk.emb[s:s + _CHECK_BLOCK], dtype=np.float32)
+        finite = np.isfinite(block).all(axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", np.where(finite[:, None], block, 0), np.where(finite[:, None], block, 0)))
+        problems: dict[int, str] = {}
+        for i in np.flatnonzero(~finite):
+            problems[int(i)] = "holds NaN or Inf"
+        if normalize:
+            for i in np.flatnonzero(finite & (norms == 0)):
+                problems[int(i)] = "is all zeros and cannot be L2-normalised"
+            block /= np.where(norms > 0, norms, 1)[:, None]
+        elif need_unit:
+            for i in np.flatnonzero(finite & (np.abs(norms - 1) > INPUT_NORM_TOLERANCE)):
+                problems[int(i)] = (f"has L2 norm {norms[i]:.6f}, but a cosine store needs unit rows; "
+                                    f"pass --normalize (normalize=True) to L2-normalise on import")
+        cast = block.astype(dtype)
+        if dtype == np.float16:
+            for i in np.flatnonzero(finite & ~np.isfinite(cast).all(axis=1)):
+                problems[int(i)] = "overflows float16 (|value| > 65504); import with --dtype float32"
+        out[s:s + len(block)] = cast
+        for i, why in problems.items():
+            bad[s + i] = why
+    failures: list[dict[str, str]] = []
+    if bad:
+        first = min(bad)
+        if not skip_bad_rows:
+            raise StoreValidationError(
+                f"{chunk.file}: row {chunk.start + first} (key {chunk.keys[first]!r}) {bad[first]} "
+                f"({len(bad)} bad row(s) in rows {chunk.start}-{chunk.start + n - 1}); fix the input or pass "
+                f"--skip-bad-rows to record them in the failures table"
+            )
+        for i in sorted(bad):
+            failures.append({"key": chunk.keys[i], "source": str(chunk.file), "stage": "import",
+                             "error": f"row {chunk.start + i} {bad[i]}"})
+    keep = [i for i in range(n) if i not in bad]
+    return out, keep, failures
+
+
+# ---------------------------------------------------------------------- chunk producers
+def _npy_shape(path: Path) -> tuple[np.ndarray, int, int]:
+    if not path.exists():
+        raise InputDataError(f"{path}: file not found")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise InputDataError(f"{path}: not a readable .npy file ({e})") from e
+    if arr.ndim != 2:
+        raise InputDataError(f"{path}: expected a 2-D (N, D) array, found shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InputDataError(f"{path}: expected float rows, found dtype {arr.dtype}")
+    return arr, int(arr.shape[0]), int(arr.shape[1])
+
+
+def _npy_chunks(
+    files: list[Path], keys: list[str], metadata: pa.Table | None, part_rows: int
+) -> Iterator[_Chunk]:
+    offset = 0
+    for path in files:
+        arr, n, _ = _npy_shape(path)
+        for s in range(0, n, part_rows):
+            e = min(n, s + part_rows)
+            meta = metadata.slice(offset + s, e - s) if metadata is not None else None
+            yield _Chunk(file=path, start=s, keys=keys[offset + s:offset + e], emb=arr[s:e], metadata=meta)
+        offset += n
+
+
+def _parquet_chunks(
+    files: list[Path], *, key_column: str | None, embedding_column: str, meta_columns: list[str], dim: int,
+    part_rows: int, batch_rows: int = 65536,
+) -> Iterator[_Chunk]:
+    for path in files:
+        pf = pq.ParquetFile(path)
+        cols = [c for c in [key_column, embedding_column, *meta_columns] if c]
+        pending: list[pa.RecordBatch] = []
+        pending_rows = 0
+        start = 0
+
+        def flush(batches: list[pa.RecordBatch], first: int, path: Path = path) -> _Chunk:
+            table = pa.Table.from_batches(batches)
+            n = table.num_rows
+            keys = (_keys_to_list(table.column(key_column), f"{path} (rows {first}-{first + n - 1})")
+                    if key_column else [f"{path.stem}/{first + i}" for i in range(n)])
+            emb = _list_matrix(table.column(embedding_column), dim, path, first, keys)
+            meta = table.select(meta_columns) if meta_columns else None
+            return _Chunk(file=path, start=first, keys=keys, emb=emb, metadata=meta)
+
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            pending.append(rb)
+            pending_rows += rb.num_rows
+            if pending_rows >= part_rows:
+                table_rows = pa.Table.from_batches(pending)
+                head = table_rows.slice(0, part_rows).to_batches()
+                tail = table_rows.slice(part_rows).to_batches()
+                yield flush(head, start)
+                start += part_rows
+                pending, pending_rows = tail, pending_rows - part_rows
+        if pending_rows:
+            yield flush(pending, start)
+
+
+# ---------------------------------------------------------------------- the import
+def _signature(files: list[Path], options: Mapping[str, Any]) -> str:
+    body = {"files": [(str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)) for f in files],
+            "options": options}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:16]
+
+
+def _keys_digest(keys: Sequence[str] | None) -> str | None:
+    if keys is None:
+        return None
+    return "sha256:" + hashlib.sha256("\n".join(map(str, keys)).encode()).hexdigest()[:16]
+
+
+def _expand_sources(sources: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    files: list[Path] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted([*p.glob("*.parquet"), *p.glob("*.npy")])
+            if not found:
+                raise InputDataError(f"{p}: folder holds no .npy or .parquet files")
+            files.extend(found)
+        elif not p.exists():
+            raise InputDataError(f"{p}: file not found")
+        else:
+            files.append(p)
+    if not files:
+        raise InputDataError("no input files given; pass .npy or .parquet files (or a folder of them)")
+    kinds = {f.suffix.lower() for f in files}
+    if not kinds <= {".npy", ".parquet"}:
+        raise InputDataError(f"unsupported input type(s) {sorted(kinds - {'.npy', '.parquet'})}: use .npy or .parquet")
+    if len(kinds) > 1:
+        raise InputDataError("mix of .npy and .parquet inputs; import them into separate calls (or convert one)")
+    return files
+
+
+def import_embeddings(
+    sources: Sequence[str | os.PathLike] | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    modality: str,
+    encoder: Mapping[str, Any],
+    normalize: bool = False,
+    keys: str | os.PathLike | Sequence[str] | None = None,
+    key_column: str = "key",
+    metadata: str | os.PathLike | pa.Table | None = None,
+    metadata_columns: Sequence[str] | None = None,
+    embedding_column: str = "embedding",
+    row_keys: bool = False,
+    dtype: str = "float16",
+    metric: str = "cosine",
+    preprocessing: Mapping[str, Any] | None = None,
+    part_rows: int | None = None,
+    skip_bad_rows: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> Store:
+    """Build a store at ``out`` from embeddings of another model.
+
+    Args:
+        sources: ``.npy`` files ``(N_i, D)`` (rows concatenated in the given order), or ``.parquet``
+            files with ``key_column`` and ``embedding_column``, or folders of them.
+        out: the store folder to create.
+        modality: ``3d``, ``image``, ``text``, ``audio``, ``video``...
+        encoder: model identity, at least ``family`` (e.g. ``{"family": "ulip2", "architecture":
+            "PointBERT", "weights": "ULIP-2-PointBERT-...pt"}``). ``dim`` is added from the data if
+            absent and must match it if present. Use the same identity for every modality of one model.
+        normalize: L2-normalise rows (recorded as ``extra.import.normalized_on_import``). Without
+            it a cosine store refuses rows whose norm is not 1 (within 1e-3).
+        keys: for ``.npy`` inputs: a ``.txt``/``.csv``/``.parquet`` keys file or a list of N keys.
+            When absent, the keys come from ``metadata``'s ``key_column``.
+        key_column: key column of the keys / metadata / Parquet input files.
+        metadata: for ``.npy`` inputs: ``.csv``/``.parquet`` (or a table) with one row per
+            embedding, in the same order.
+        metadata_columns: metadata columns to keep (default: every column but key / embedding).
+        embedding_column: embedding column of Parquet inputs.
+        row_keys: no keys available: use ``<file stem>/<row>`` as keys (stable only while the
+            files do not change).
+        dtype: storage dtype ``float16`` (default) or ``float32``.
+        metric: ``cosine`` (unit rows) or ``inner_product`` / ``l2`` (rows stored as given).
+        preprocessing: preprocessing the source model used (recorded; e.g. ``{"points": 10000}``).
+        part_rows: rows per part (default: ~512 MiB per part, at most 1,000,000 rows).
+        skip_bad_rows: record NaN/Inf, zero or un-normalised rows in the failures table instead of
+            stopping.
+        overwrite: replace an existing store at ``out`` (only once the new one is complete).
+        progress: show a rich progress bar.
+        command: the command line (provenance).
+
+    Returns:
+        The new :class:`Store` (opened at ``out``).
+
+    Raises:
+        InputDataError: unreadable inputs, missing columns, wrong dims, key count mismatch,
+            duplicate or empty keys (messages name the file and row).
+        StoreValidationError: NaN/Inf or un-normalised rows (file, row and key named).
+        StoreError: ``out`` already holds a store and ``overwrite`` is False.
+    """
+    out = Path(out)
+    files = _expand_sources(sources)
+    is_npy = files[0].suffix.lower() == ".npy"
+    if (out / MANIFEST).exists() and not overwrite:
+        raise StoreError(f"{out} already holds a store; choose another folder or pass --overwrite")
+    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise StoreError(f"{out} exists and is not a store; choose an empty or new folder")
+    if dtype not in DTYPES:
+        raise InputDataError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    meta_cols_wanted = list(metadata_columns) if metadata_columns is not None else None
+
+    # -- discover dim, keys, metadata (cheap: shapes, key columns)
+    meta_table: pa.Table | None = None
+    key_list: list[str] = []
+    meta_cols: list[str] = []
+    if is_npy:
+        shapes = [(f, *_npy_shape(f)[1:]) for f in files]
+        dims = {d for _, _, d in shapes}
+        if len(dims) > 1:
+            raise InputDataError("input .npy files differ in width: " +
+                                 ", ".join(f"{f.name}: {d}" for f, _, d in shapes) + "; they must share one dim")
+        dim = dims.pop()
+        total = sum(n for _, n, _ in shapes)
+        where_rows = " + ".join(f"{f.name} ({n})" for f, n, _ in shapes)
+        if metadata is not None:
+            meta_table = metadata if isinstance(metadata, pa.Table) else _read_table(Path(metadata), key_column)
+            if meta_table.num_rows != total:
+                raise InputDataError(
+                    f"{metadata if not isinstance(metadata, pa.Table) else 'metadata'}: {meta_table.num_rows} rows, "
+                    f"but the embeddings have {total} rows ({where_rows}); metadata needs one row per embedding"
+                )
+        if keys is not None:
+            key_list = read_keys(keys, key_column) if isinstance(keys, (str, os.PathLike)) else [str(k) for k in keys]
+            key_src = str(keys) if isinstance(keys, (str, os.PathLike)) else "keys"
+        elif meta_table is not None and key_column in meta_table.column_names:
+            key_list = _keys_to_list(meta_table.column(key_column), metadata)
+            key_src = str(metadata)
+        elif row_keys:
+            key_list = [f"{f.stem}/{i}" for f, n, _ in shapes for i in range(n)]
+            key_src = "row numbers"
+        else:
+            raise InputDataError(
+                "no keys for the .npy rows: pass --keys FILE (.txt/.csv/.parquet), a --metadata file with a "
+                f"{key_column!r} column, or --row-keys to use '<file stem>/<row>'"
+            )
+        if len(key_list) != total:
+            raise InputDataError(
+                f"{key_src}: {len(key_list)} keys, but the embeddings have {total} rows ({where_rows}); "
+                f"there must be exactly one key per row"
+            )
+        _check_keys(key_list, key_src)
+        if meta_table is not None:
+            if key_column in meta_table.column_names and keys is not None:
+                mk = _keys_to_list(meta_table.column(key_column), metadata)
+                diff = next((i for i, (a, b) in enumerate(zip(mk, key_list, strict=True)) if a != b), None)
+                if diff is not None:
+                    raise InputDataError(
+                        f"{metadata}: row {diff} has key {mk[diff]!r} but {key_src} has {key_list[diff]!r}; "
+                        f"metadata rows must be in the same order as the embeddings"
+                    )
+            available = [c for c in meta_table.column_names if c != key_column]
+            meta_cols = available if meta_cols_wanted is None else meta_cols_wanted
+            missing = [c for c in meta_cols if c not in available]
+            if missing:
+                raise InputDataError(f"{metadata}: no column(s) {missing}; columns are {meta_table.column_names}")
+            meta_table = meta_table.select(meta_cols) if meta_cols else None
+        elif meta_cols_wanted:
+            raise InputDataError("--metadata-column given without a --metadata file")
+    else:
+        if keys is not None or metadata is not None:
+            raise InputDataError("--keys / --metadata apply to .npy inputs; Parquet inputs carry their own columns")
+        dim = None
+        schema_cols: list[str] | None = None
+        all_keys: list[str] = []
+        for f in files:
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as e:  # pyarrow raises several types for corrupt files
+                raise InputDataError(f"{f}: not a readable Parquet file ({e})") from e
+            schema = pf.schema_arrow
+            if embedding_column not in schema.names:
+                raise InputDataError(
+                    f"{f}: no embedding column {embedding_column!r}; columns are {schema.names} "
+                    f"(pass --embedding-column NAME)"
+                )
+            if not row_keys and key_column not in schema.names:
+                raise InputDataError(
+                    f"{f}: no key column {key_column!r}; columns are {schema.names} "
+                    f"(pass --key-column NAME, or --row-keys)"
+                )
+            sample = None
+            if not pa.types.is_fixed_size_list(schema.field(embedding_column).type) and pf.metadata.num_rows:
+                sample = next(pf.iter_batches(batch_size=64, columns=[embedding_column])).column(0)
+            d = _embedding_width(schema.field(embedding_column), f, sample)
+            if dim is not None and d != dim:
+                raise InputDataError(f"{f}: embeddings have {d} values, {files[0]} has {dim}; they must share one dim")
+            dim = d
+            others = [c for c in schema.names if c not in (embedding_column, key_column)]
+            cols = others if meta_cols_wanted is None else meta_cols_wanted
+            missing = [c for c in cols if c not in schema.names]
+            if missing:
+                raise InputDataError(f"{f}: no column(s) {missing}; columns are {schema.names}")
+            if schema_cols is not None and cols != schema_cols:
+                raise InputDataError(f"{f}: metadata columns {cols} differ from {files[0]}'s {schema_cols}")
+            schema_cols = cols
+            if not row_keys:
+                all_keys.extend(_keys_to_list(pq.read_table(f, columns=[key_column]).column(key_column), f))
+        if not row_keys:
+            _check_keys(all_keys, " + ".join(str(f) for f in files))
+        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        meta_cols = schema_cols or []
+        del all_keys
+    assert dim is not None
+
+    identity = dict(encoder)
+    if "dim" in identity and int(identity["dim"]) != dim:
+        raise InputDataError(f"encoder identity says dim {identity['dim']}, the embeddings have {dim} values per row")
+    identity.setdefault("dim", dim)
+    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    part_rows = int(part_rows or max(1, min(MAX_PART_ROWS, PART_BYTES // (dim * itemsize))))
+    options = {"modality": modality, "encoder": identity, "normalize": normalize, "dtype": dtype, "metric": metric,
+               "keys": str(keys) if isinstance(keys, (str, os.PathLike)) else _keys_digest(keys),
+               "key_column": key_column, "metadata": str(metadata) if isinstance(metadata, (str, os.PathLike))
+               else None, "metadata_columns": meta_cols, "embedding_column": embedding_column,
+               "row_keys": row_keys, "part_rows": part_rows, "skip_bad_rows": skip_bad_rows,
+               "preprocessing": dict(preprocessing or {})}
+    signature = _signature(files, options)
+    import_record = {"sources": [str(f) for f in files], "normalized_on_import": bool(normalize),
+                     "keys": options["keys"], "metadata": options["metadata"], "signature": signature}
+
+    # -- build in a temp store folder next to ``out`` (resumable), rename when complete
+    tmp = out.parent / f".{out.name}.importing"
+    store: Store | None = None
+    if (tmp / MANIFEST).exists():
+        try:
+            store = Store.open(tmp, validate="fast")
+            if (store.manifest.get("extra") or {}).get("import", {}).get("signature") != signature:
+                raise StoreError("different import")
+            log.info("resuming the import in %s (%d rows already written)", tmp, store.num_rows)
+        except StoreError:
+            shutil.rmtree(tmp)
+            store = None
+    elif tmp.exists():
+        shutil.rmtree(tmp)
+    if store is None:
+        store = Store.create(tmp, modality=modality, encoder=identity, dim=dim, dtype=dtype,
+                             normalized=metric == "cosine" or normalize, metric=metric,
+                             preprocessing=preprocessing, extra={"import": import_record}, command=command)
+    done = store.done_sources()
+    need_unit = store.normalized
+    chunks = (_npy_chunks(files, key_list, meta_table, part_rows) if is_npy else
+              _parquet_chunks(files, key_column=None if row_keys else key_column,
+                              embedding_column=embedding_column, meta_columns=meta_cols, dim=dim,
+                              part_rows=part_rows))
+    with rows_progress(progress) as bar:
+        task = bar.add_task(f"importing into {out.name}", total=total)
+        for chunk in chunks:
+            n = len(chunk.keys)
+            source = f"{chunk.file}:{chunk.start}-{chunk.start + n}"
+            if source in done:
+                bar.advance(task, n)
+                continue
+            rows, keep, failures = _clean_rows(chunk, dtype=np.dtype(DTYPES[dtype]), normalize=normalize,
+                                               need_unit=need_unit, skip_bad_rows=skip_bad_rows)
+            meta = chunk.metadata
+            if len(keep) != n:
+                take = np.asarray(keep, dtype=np.int64)
+                rows = rows[take]
+                meta = meta.take(pa.array(take)) if meta is not None else None
+            store.append_part([chunk.keys[i] for i in keep], rows, metadata=meta, source=source,
+                              failures=failures)
+            bar.advance(task, n)
+    if store.num_rows == 0 and total:
+        raise StoreValidationError(f"every row of {[str(f) for f in files]} was rejected; see {tmp}/failures.parquet")
+
+    # -- publish: rename the finished temp store to ``out`` (the old store, if any, goes last)
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return Store.open(out)
