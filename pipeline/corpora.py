@@ -1,0 +1,329 @@
+"""Corpus readers: turn folders, caption/path lists, CSV/JSONL tables and existing webdataset tars
+into :class:`CorpusEntry` records (one sample each, with a stable key) for the shard writer.
+
+Rules (documented in docs/encode.md):
+
+* **folder** (recursive, sorted): modality from the file extension (image / audio / text); other
+  files are skipped and reported. Key = the path relative to the folder, without extension, made
+  safe by :func:`safe_key`; when two files differ only by extension (``a.jpg``, ``a.png``) both keys
+  get the extension appended (``a_jpg``, ``a_png``). ``label`` = the name of the file's parent
+  folder when it is inside a sub-folder.
+* **text file** (``.txt``/``.lst``, one entry per line): a line that names an existing file (absolute
+  or relative to the list's folder) with a known extension is a path (key from the path relative to
+  the list's folder, or the absolute path); any other non-blank line is a caption
+  (key ``<list stem>/<line number, 7 digits>``). Blank lines are skipped silently; lines that look
+  like paths (media extension, no spaces) but do not exist are skipped and reported.
+* **CSV / JSONL**: one row per sample. The text column (``--text-column``; auto: text, caption,
+  sentence) makes a caption sample; else the path column (``--path-column``; auto: path, file,
+  filename, file_name, image, audio, filepath) names a media file relative to the table's folder.
+  Key = ``--key-column`` value if given, else the path-derived key (path rows) or
+  ``<table stem>/<row number, 7 digits>`` (text rows). ``label`` column -> label; every other column
+  goes to the per-sample metadata.
+* **tar** (existing webdataset shards): samples are re-read (members grouped by key, webdataset's
+  rule: key = member name up to the first dot of its last path component) and resharded; their
+  keys are made safe, their ``json`` metadata kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmcr.pipeline.audio import AUDIO_EXTENSIONS
+from cmcr.pipeline.images import IMAGE_EXTENSIONS
+from cmcr.pipeline.text import TEXT_EXTENSIONS
+
+from cmcr.errors import InputDataError
+
+MODALITY_OF_EXTENSION: dict[str, str] = {
+    **{e: "image" for e in IMAGE_EXTENSIONS},
+    **{e: "audio" for e in AUDIO_EXTENSIONS},
+    **{e: "text" for e in TEXT_EXTENSIONS},
+}
+TEXT_COLUMNS = ("text", "caption", "sentence")
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "image", "audio")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
+_WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def safe_key(name: str) -> str:
+    """A stable, webdataset- and filesystem-safe key from a relative path (without extension) or id.
+
+    Keeps ``[A-Za-z0-9_-/]``; drops empty, ``.`` and ``..`` path components; replaces anything else
+    with ``_`` and then appends ``-<first 8 hex of sha1(name)>`` so that two names that differ only
+    in replaced characters never collide. The same name always gives the same key.
+    """
+    s = str(name).replace("\\", "/")
+    parts = [p for p in s.split("/") if p not in ("", ".", "..")]
+    joined = "/".join(parts)
+    clean = _UNSAFE.sub("_", joined)
+    if clean != joined or not clean:
+        clean = f"{clean}-{hashlib.sha1(s.encode()).hexdigest()[:8]}".lstrip("-") or "empty"
+    return clean
+
+
+@dataclass
+class CorpusEntry:
+    """One sample of a corpus.
+
+    Attributes:
+        key: stable safe key (unique within its modality after the shard writer's checks).
+        modality: ``image`` / ``audio`` / ``text``.
+        ext: extension of the payload inside the shard (``jpg``, ``flac``, ``txt``...).
+        path: file to read the payload from (media), or ``None`` when ``data`` holds it.
+        data: payload bytes (captions, resharded samples).
+        meta: per-sample metadata: ``source`` (where it came from), ``label``, other columns.
+    """
+
+    key: str
+    modality: str
+    ext: str
+    path: Path | None = None
+    data: bytes | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def payload(self) -> bytes:
+        """The payload bytes (reads ``path`` if needed)."""
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        return self.path.read_bytes()
+
+
+@dataclass
+class Skipped:
+    """An input entry that did not become a sample, and why."""
+
+    source: str
+    reason: str
+
+
+def _ext(p: Path | str) -> str:
+    return Path(p).suffix.lower().lstrip(".")
+
+
+def _media_entries(files: list[tuple[Path, str]], label_of: Any) -> Iterator[CorpusEntry]:
+    """Entries for (file, relative name) pairs; keys from the relative name without extension."""
+    stems: dict[str, int] = {}
+    for _, rel in files:
+        k = safe_key(str(Path(rel).with_suffix("")))
+        stems[k] = stems.get(k, 0) + 1
+    for path, rel in files:
+        ext = _ext(path)
+        k = safe_key(str(Path(rel).with_suffix("")))
+        if stems[k] > 1:
+            k = f"{k}_{ext}"
+        yield CorpusEntry(key=k, modality=MODALITY_OF_EXTENSION[ext], ext=ext, path=path,
+                          meta={"source": rel, "label": label_of(rel)})
+
+
+def read_folder(root: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
+    """Every media file under ``root`` (recursive, sorted); unknown extensions go to ``skipped``."""
+    files = []
+    for p in sorted(root.rglob("*")):
+        if p.is_dir() or any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        rel = p.relative_to(root).as_posix()
+        if _ext(p) not in MODALITY_OF_EXTENSION:
+            skipped.append(Skipped(rel, f"unknown extension {p.suffix or '(none)'}"))
+            continue
+        files.append((p, rel))
+
+    def label(rel: str) -> str | None:
+        parts = rel.split("/")
+        return parts[-2] if len(parts) > 1 else None
+
+    yield from _media_entries(files, label)
+
+
+def _looks_like_path(line: str) -> bool:
+    return _ext(line) in MODALITY_OF_EXTENSION and " " not in line and _ext(line) not in TEXT_EXTENSIONS
+
+
+def read_list(path: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
+    """A text file with one media path or one caption per line (see the module docstring)."""
+    base = path.parent
+    media: list[tuple[Path, str]] = []
+    captions: list[CorpusEntry] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            cand = Path(line) if Path(line).is_absolute() else base / line
+            if _looks_like_path(line):
+                if cand.is_file():
+                    rel = line if not Path(line).is_absolute() else cand.as_posix()
+                    media.append((cand, rel))
+                else:
+                    skipped.append(Skipped(f"{path.name}:{n}", f"file not found: {cand}"))
+                continue
+            captions.append(CorpusEntry(key=f"{safe_key(path.stem)}/{n:07d}", modality="text", ext="txt",
+                                        data=line.encode(), meta={"source": f"{path.name}:{n}", "label": None}))
+    yield from _media_entries(media, lambda rel: None)
+    yield from captions
+
+
+def _table_rows(path: Path) -> Iterator[dict[str, Any]]:
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputDataError(f"{path}:{n}: not valid JSON ({e}); fix or remove the line") from e
+                    if not isinstance(row, dict):
+                        raise InputDataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+                    yield row
+        return
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        yield from csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+
+
+def read_table(
+    path: Path,
+    skipped: list[Skipped],
+    *,
+    text_column: str | None = None,
+    path_column: str | None = None,
+    key_column: str | None = None,
+    label_column: str = "label",
+) -> Iterator[CorpusEntry]:
+    """CSV / TSV / JSONL rows -> entries (see the module docstring).
+
+    Raises:
+        InputDataError: no usable text/path column, or a named column is missing (names the columns found).
+    """
+    rows = list(_table_rows(path))
+    if not rows:
+        return
+    columns = list(rows[0].keys())
+    for name, col in (("--text-column", text_column), ("--path-column", path_column), ("--key-column", key_column)):
+        if col is not None and col not in columns:
+            raise InputDataError(f"{path}: {name} {col!r} is not a column; columns are {columns}")
+    if text_column is None and path_column is None:
+        text_column = next((c for c in TEXT_COLUMNS if c in columns), None)
+        if text_column is None:
+            path_column = next((c for c in PATH_COLUMNS if c in columns), None)
+    if text_column is None and path_column is None:
+        raise InputDataError(
+            f"{path}: no text column ({', '.join(TEXT_COLUMNS)}) or path column ({', '.join(PATH_COLUMNS)}) "
+            f"among {columns}; name one with --text-column or --path-column"
+        )
+    used = {text_column, path_column, key_column, label_column}
+    stem = safe_key(path.stem)
+    seen: set[str] = set()
+    for n, row in enumerate(rows, start=1):
+        where = f"{path.name}:{n}"
+        extra = {k: v for k, v in row.items() if k not in used}
+        label = row.get(label_column)
+        label = None if label in (None, "") else str(label)
+        if text_column is not None:
+            value = row.get(text_column)
+            key = safe_key(str(row[key_column])) if key_column else f"{stem}/{n:07d}"
+            entry = CorpusEntry(key=key, modality="text", ext="txt", data=str(value or "").encode(),
+                                meta={"source": where, "label": label, **extra})
+        else:
+            value = str(row.get(path_column) or "")
+            p = Path(value) if Path(value).is_absolute() else path.parent / value
+            if not value or not p.is_file():
+                skipped.append(Skipped(where, f"file not found: {p}"))
+                continue
+            ext = _ext(p)
+            if ext not in MODALITY_OF_EXTENSION:
+                skipped.append(Skipped(where, f"unknown extension .{ext} of {p}"))
+                continue
+            key = safe_key(str(row[key_column])) if key_column else safe_key(str(Path(value).with_suffix("")))
+            entry = CorpusEntry(key=key, modality=MODALITY_OF_EXTENSION[ext], ext=ext, path=p,
+                                meta={"source": value, "label": label, "row": where, **extra})
+        if (entry.modality, entry.key) in seen:
+            skipped.append(Skipped(where, f"duplicate key {entry.key!r} (an earlier row has it); "
+                                          f"use --key-column with unique values"))
+            continue
+        seen.add((entry.modality, entry.key))
+        yield entry
+
+
+def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
+    """Stream a webdataset tar: one dict per sample, ``{"__key__": key, ext: bytes, ...}``.
+
+    Members are grouped by key as webdataset does (consecutive members sharing the key).
+    Raises ``tarfile.TarError`` / ``OSError`` on a corrupt or truncated tar.
+    """
+    current: dict[str, Any] | None = None
+    with tarfile.open(path, mode="r|*") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            m = _WDS_NAME.match(member.name)
+            if not m:
+                continue
+            key, ext = m.group(1), m.group(2).lower()
+            f = tf.extractfile(member)
+            data = f.read() if f is not None else b""
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[ext] = data
+    if current is not None:
+        yield current
+
+
+def read_tar(path: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
+    """Samples of an existing webdataset tar, for resharding (keys made safe, ``json`` kept)."""
+    try:
+        for sample in iter_tar_samples(path):
+            key = sample["__key__"]
+            meta: dict[str, Any] = {}
+            if "json" in sample:
+                try:
+                    meta = json.loads(sample["json"])
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    meta = {}
+            payload = [e for e in sample if e in MODALITY_OF_EXTENSION]
+            if not payload:
+                skipped.append(Skipped(f"{path.name}:{key}", f"no media member (found {sorted(sample)[1:]})"))
+                continue
+            ext = payload[0]
+            meta.setdefault("source", meta.get("source") or f"{path.name}:{key}")
+            meta.setdefault("label", None)
+            yield CorpusEntry(key=safe_key(key), modality=MODALITY_OF_EXTENSION[ext], ext=ext,
+                              data=sample[ext], meta=meta)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        skipped.append(Skipped(str(path), f"unreadable tar ({type(e).__name__}: {e}); samples after the error lost"))
+
+
+def read_corpus(source: Path, skipped: list[Skipped], **table_kwargs: Any) -> Iterator[CorpusEntry]:
+    """Dispatch on what ``source`` is: folder, list file, table, or tar.
+
+    Raises:
+        InputDataError: ``source`` does not exist or is of an unknown kind.
+    """
+    source = Path(source)
+    if source.is_dir():
+        return read_folder(source, skipped)
+    if not source.is_file():
+        raise InputDataError(f"input {source} does not exist; pass a folder, a .txt list, a .csv/.jsonl table or .tar")
+    suffix = source.suffix.lower()
+    if suffix in LIST_SUFFIXES:
+        return read_list(source, skipped)
+    if suffix in TABLE_SUFFIXES:
+        return read_table(source, skipped, **table_kwargs)
+    if suffix == ".tar" or source.name.endswith((".tar.gz", ".tgz")):
+        return read_tar(source, skipped)
+    raise InputDataError(
+        f"input {source}: unknown kind {suffix!r}; expected a folder, {LIST_SUFFIXES}, {TABLE_SUFFIXES} or .tar"
+    )
+
+

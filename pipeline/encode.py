@@ -1,0 +1,548 @@
+"""The encode loop behind ``cmcr encode``: webdataset shards -> one store part per shard.
+
+Per-shard work is split into reusable functions (a Ray Data engine can call them per block):
+
+* :func:`iter_shard_samples` — read a shard's samples (``{"__key__", ext: bytes, ...}``);
+* :func:`prepare_sample` / :func:`prepare_batch` — pick the payload, decode + preprocess on the CPU
+  (one bad sample becomes a failure record, never an exception);
+* :func:`embed_items` — one forward pass on the device; if the batch fails, each sample is retried
+  alone so that only the bad one fails; non-finite rows become failures;
+* :func:`metadata_table` — the fixed per-modality metadata columns (:data:`METADATA_SCHEMAS`);
+* :func:`write_part` — append the shard's rows and failures to the store atomically;
+* :func:`encode_shard` — all of the above for one shard in one process.
+
+:func:`encode_shards` runs them with a torch DataLoader: workers read every shard and each
+decodes/preprocesses and collates a stride of its batches (batch ``b`` goes to worker
+``b % num_workers``), so even a single shard keeps all workers busy; the main process embeds
+batches as they arrive and writes a shard's part once all its batches are in (rows in shard order,
+independent of the number of workers). Finished parts are skipped on a rerun
+(``Store.done_sources``); the part of a shard killed midway is simply never written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tarfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from cmcr.pipeline.audio import AUDIO_EXTENSIONS, SampleError
+from cmcr.pipeline.corpora import iter_tar_samples
+from cmcr.pipeline.encoders import Encoder
+from cmcr.pipeline.images import IMAGE_EXTENSIONS
+from cmcr.pipeline.text import TEXT_EXTENSIONS
+from cmcr.stores.store import Store
+from torch.utils.data import DataLoader, IterableDataset
+
+from cmcr.errors import InputDataError
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "text": TEXT_EXTENSIONS}
+_COMMON = [("source", pa.string()), ("label", pa.string())]
+#: Metadata columns of a store, per modality (same in every part; nulls where unknown).
+METADATA_SCHEMAS: dict[str, pa.Schema] = {
+    "image": pa.schema([*_COMMON, ("width", pa.int32()), ("height", pa.int32()), ("meta_json", pa.string())]),
+    "audio": pa.schema([*_COMMON, ("duration_s", pa.float64()), ("sample_rate_in", pa.int32()),
+                        ("channels", pa.int32()), ("silent", pa.bool_()), ("cropped", pa.bool_()),
+                        ("padded", pa.bool_()), ("meta_json", pa.string())]),
+    "text": pa.schema([*_COMMON, ("text", pa.string()), ("truncated", pa.bool_()), ("meta_json", pa.string())]),
+}
+_META_SKIP = {"key", "modality", "source", "label"}
+
+
+# ----------------------------------------------------------------------------------- reading
+def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand shard arguments: folders (their ``*.tar``, sorted), tar files, globs, brace ranges.
+
+    Raises:
+        InputDataError: nothing found (names what was looked at).
+    """
+    import glob
+
+    from braceexpand import braceexpand
+
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    out: list[Path] = []
+    for item in items:
+        for s in braceexpand(str(item)):
+            p = Path(s)
+            if p.is_dir():
+                out.extend(sorted(p.glob("*.tar")))
+            elif p.is_file():
+                out.append(p)
+            else:
+                hits = sorted(glob.glob(s))
+                if not hits:
+                    raise InputDataError(f"no shards at {s}: pass a folder of .tar shards, tar files or a glob "
+                                         f"(make them with `cmcr shard`)")
+                out.extend(Path(h) for h in hits)
+    if not out:
+        raise InputDataError(f"no .tar shards found in {items}; make them with `cmcr shard`")
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def shard_source(path: str | os.PathLike) -> str:
+    """The store ``source`` of a shard (its absolute path): a rerun skips shards with a part."""
+    return str(Path(path).resolve())
+
+
+def iter_shard_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The samples of one webdataset shard, in tar order (see :func:`cmcr.pipeline.corpora.iter_tar_samples`)."""
+    return iter_tar_samples(Path(path))
+
+
+# ----------------------------------------------------------------------------------- preprocessing
+@dataclass
+class Prepared:
+    """Preprocessed samples of one batch (CPU side).
+
+    Attributes:
+        keys: N keys; items: N model inputs (tensors or dicts); infos: N per-row facts from the
+        preprocessor; metas: N per-sample metadata dicts from the shard; failures: records of samples
+        that failed; decode_s: seconds spent decoding + preprocessing.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)
+    infos: list[dict[str, Any]] = field(default_factory=list)
+    metas: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    decode_s: float = 0.0
+
+
+def sample_meta(sample: dict[str, Any]) -> dict[str, Any]:
+    """The per-sample ``json`` member of a shard sample as a dict (empty if absent or invalid)."""
+    raw = sample.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+        return meta if isinstance(meta, dict) else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def sample_payload(sample: dict[str, Any], modality: str) -> bytes:
+    """The member of a shard sample that holds the ``modality`` payload.
+
+    Raises:
+        SampleError: no member with an extension of that modality.
+    """
+    for ext in PAYLOAD_EXTENSIONS[modality]:
+        if ext in sample:
+            return sample[ext]
+    found = sorted(k for k in sample if not k.startswith("__"))
+    raise SampleError(f"sample {sample.get('__key__')!r} has no {modality} member (found {found})")
+
+
+def prepare_sample(sample: dict[str, Any], preprocess: Callable[[Any], tuple[Any, dict]], modality: str,
+                   source: str, out: Prepared) -> None:
+    """Decode + preprocess one shard sample into ``out`` (or add a failure record)."""
+    key = str(sample.get("__key__"))
+    meta = sample_meta(sample)
+    t = time.perf_counter()
+    try:
+        item, info = preprocess(sample_payload(sample, modality))
+    except SampleError as e:
+        out.failures.append({"key": key, "source": source, "stage": "decode", "error": str(e)})
+    except Exception as e:  # a bug or an unexpected library error must not kill the shard either
+        out.failures.append({"key": key, "source": source, "stage": "decode",
+                             "error": f"{type(e).__name__}: {e}"})
+    else:
+        out.keys.append(key)
+        out.items.append(item)
+        out.infos.append(info)
+        out.metas.append(meta)
+    out.decode_s += time.perf_counter() - t
+
+
+def prepare_batch(samples: Sequence[dict[str, Any]], preprocess: Callable[[Any], tuple[Any, dict]],
+                  modality: str, source: str) -> Prepared:
+    """:func:`prepare_sample` over a list of samples."""
+    out = Prepared()
+    for s in samples:
+        prepare_sample(s, preprocess, modality, source, out)
+    return out
+
+
+def collate_items(items: Sequence[Any]) -> Any:
+    """Stack preprocessed items: tensors -> ``(B, ...)``; dicts of tensors -> dict of ``(B, ...)``."""
+    if isinstance(items[0], dict):
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return torch.stack(list(items))
+
+
+# ----------------------------------------------------------------------------------- embedding
+def embed_items(encoder: Encoder, modality: str, keys: Sequence[str], items: Sequence[Any], source: str,
+                batch: Any = None) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Embed preprocessed items; a failing batch is retried sample by sample.
+
+    Args:
+        batch: the already collated items (optional; saves a collate when workers did it).
+
+    Returns:
+        ``(emb, ok, failures)``: ``emb`` ``(M, D)`` float32 L2-normalised rows of the items that
+        succeeded, ``ok`` ``(N,)`` bool mask over ``items``, failure records (stage ``embed``).
+    """
+    n = len(items)
+    if n == 0:
+        return np.zeros((0, encoder.dim), np.float32), np.zeros(0, bool), []
+    failures: list[dict[str, Any]] = []
+    try:
+        emb = encoder.embed(modality, batch if batch is not None else collate_items(items))
+        ok = np.ones(n, bool)
+    except Exception as e:
+        if n == 1:
+            return (np.zeros((0, encoder.dim), np.float32), np.zeros(1, bool),
+                    [{"key": keys[0], "source": source, "stage": "embed", "error": f"{type(e).__name__}: {e}"}])
+        log.warning("batch of %d from %s failed in the model (%s); retrying one by one", n, source, e)
+        rows, ok = [], np.zeros(n, bool)
+        for i in range(n):
+            e1, ok1, f1 = embed_items(encoder, modality, [keys[i]], [items[i]], source)
+            failures += f1
+            if ok1[0]:
+                rows.append(e1[0])
+                ok[i] = True
+        emb = np.stack(rows) if rows else np.zeros((0, encoder.dim), np.float32)
+        return emb, ok, failures
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():
+        for i in np.flatnonzero(~finite):
+            failures.append({"key": keys[i], "source": source, "stage": "embed",
+                             "error": "the model returned NaN/Inf for this sample"})
+        ok &= finite
+        emb = emb[finite]
+    return np.ascontiguousarray(emb, dtype=np.float32), ok, failures
+
+
+# ----------------------------------------------------------------------------------- writing
+def metadata_table(modality: str, infos: Sequence[dict[str, Any]], metas: Sequence[dict[str, Any]]) -> pa.Table:
+    """The store metadata columns (:data:`METADATA_SCHEMAS`) for N rows.
+
+    ``source`` and ``label`` come from the shard's per-sample json, the modality columns from the
+    preprocessor's per-row info, and every other json field goes to ``meta_json``.
+    """
+    schema = METADATA_SCHEMAS[modality]
+    cols: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for info, meta in zip(infos, metas, strict=True):
+        for name in schema.names:
+            if name == "meta_json":
+                rest = {k: v for k, v in meta.items() if k not in _META_SKIP}
+                cols[name].append(json.dumps(rest, sort_keys=True, default=str) if rest else None)
+            elif name in ("source", "label"):
+                v = meta.get(name)
+                cols[name].append(None if v is None else str(v))
+            else:
+                cols[name].append(info.get(name))
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *, overwrite: bool = False,
+               dtype: str = "float16", command: str | None = None) -> Store:
+    """Open (or create) the store for ``encoder``/``modality``.
+
+    Raises:
+        StoreMismatchError: a store made by another encoder identity / preprocessing / modality
+            exists at ``store_path`` and ``overwrite`` is False.
+    """
+    encoder.check_modality(modality)
+    return Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
+                                overwrite=overwrite, preprocessing=encoder.preprocessing(modality),
+                                dtype=dtype, command=command)
+
+
+@dataclass
+class ShardResult:
+    """Rows of one shard ready to be written as a part."""
+
+    source: str
+    keys: list[str] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    infos: list[dict[str, Any]] = field(default_factory=list)
+    metas: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+
+    def add(self, prepared: Prepared, emb: np.ndarray, ok: np.ndarray, failures: list[dict[str, Any]]) -> None:
+        idx = np.flatnonzero(ok)
+        self.keys += [prepared.keys[i] for i in idx]
+        self.infos += [prepared.infos[i] for i in idx]
+        self.metas += [prepared.metas[i] for i in idx]
+        if len(emb):
+            self.embeddings.append(emb)
+        self.failures += prepared.failures + failures
+        self.samples += len(prepared.keys) + len(prepared.failures)
+
+
+def write_part(store: Store, modality: str, result: ShardResult, dim: int) -> int:
+    """Append one shard's rows (and failure records) to the store as one atomic part; returns rows.
+
+    Keys already in the store (e.g. the same sample in two shards) become failures instead of
+    aborting the part.
+    """
+    keys, infos, metas = result.keys, result.infos, result.metas
+    emb = np.concatenate(result.embeddings) if result.embeddings else np.zeros((0, dim), np.float32)
+    failures = list(result.failures)
+    seen: set[str] = set()
+    existing = set(store.keys()) if store.num_rows else set()
+    keep = []
+    for i, k in enumerate(keys):
+        if k in existing or k in seen:
+            failures.append({"key": k, "source": result.source, "stage": "write",
+                             "error": "duplicate key: already in the store or earlier in this shard"})
+        else:
+            keep.append(i)
+            seen.add(k)
+    if len(keep) != len(keys):
+        keys = [keys[i] for i in keep]
+        infos = [infos[i] for i in keep]
+        metas = [metas[i] for i in keep]
+        emb = emb[keep]
+    store.append_part(keys, emb, metadata_table(modality, infos, metas), source=result.source, failures=failures)
+    return len(keys)
+
+
+def encode_shard(shard: str | os.PathLike, encoder: Encoder, modality: str, *, batch_size: int = 64) -> ShardResult:
+    """Read, preprocess and embed one shard in this process (no DataLoader); the caller writes it
+    with :func:`write_part`. A corrupt tar yields a ``read`` failure for the samples not reached."""
+    source = shard_source(shard)
+    pre = encoder.preprocessor(modality)
+    result = ShardResult(source=source)
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        prepared = prepare_batch(batch, pre, modality, source)
+        emb, ok, fails = embed_items(encoder, modality, prepared.keys, prepared.items, source)
+        result.add(prepared, emb, ok, fails)
+        batch.clear()
+
+    try:
+        for sample in iter_shard_samples(shard):
+            batch.append(sample)
+            if len(batch) >= batch_size:
+                flush()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        result.failures.append({"key": "", "source": source, "stage": "read", "error": f"unreadable shard: {e}"})
+    if batch:
+        flush()
+    return result
+
+
+# ----------------------------------------------------------------------------------- DataLoader
+class ShardBatches(IterableDataset):
+    """Iterable over preprocessed, collated batches of several shards (a torch IterableDataset).
+
+    Yields dicts: ``{"kind": "batch", "shard": i, "batch": b, "prepared": Prepared, "collated": ...}``
+    for the batches of this worker (``b % num_workers == worker_id``), and for every shard one
+    ``{"kind": "end", "shard": i, "batches": n, "error": str | None}`` per worker.
+    """
+
+    def __init__(self, shards: Sequence[Path], preprocess: Callable[[Any], tuple[Any, dict]], modality: str,
+                 batch_size: int):
+        self.shards = [Path(s) for s in shards]
+        self.preprocess = preprocess
+        self.modality = modality
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, shard in enumerate(self.shards):
+            source = shard_source(shard)
+            b, chunk, error = 0, [], None
+            try:
+                for sample in iter_shard_samples(shard):
+                    chunk.append(sample)
+                    if len(chunk) == self.batch_size:
+                        if b % nw == wid:
+                            yield self._batch(i, b, chunk, source)
+                        b, chunk = b + 1, []
+            except (tarfile.TarError, OSError, EOFError) as e:
+                error = f"unreadable shard ({type(e).__name__}: {e})"
+            if chunk:
+                if b % nw == wid:
+                    yield self._batch(i, b, chunk, source)
+                b += 1
+            yield {"kind": "end", "shard": i, "batches": b, "error": error}
+
+    def _batch(self, i: int, b: int, samples: list[dict[str, Any]], source: str) -> dict[str, Any]:
+        prepared = prepare_batch(samples, self.preprocess, self.modality, source)
+        collated = None
+        if prepared.items:
+            try:
+                collated = collate_items(prepared.items)
+            except Exception:  # mismatched shapes: the main process embeds one by one
+                collated = None
+        return {"kind": "batch", "shard": i, "batch": b, "prepared": prepared, "collated": collated}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+@dataclass
+class EncodeReport:
+    """Summary of :func:`encode_shards`.
+
+    Attributes:
+        store: store folder; rows: rows written in this run; failures: failure records in this run;
+        shards_done / shards_skipped / shards_failed: counts; samples: samples read;
+        decode_s: CPU seconds spent decoding + preprocessing (summed over workers);
+        wait_s: seconds the main process waited for data (the decode bottleneck, in wall time);
+        model_s: seconds in the forward pass; write_s: seconds writing parts; wall_s: total.
+    """
+
+    store: str
+    rows: int = 0
+    failures: int = 0
+    samples: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    shards_failed: int = 0
+    decode_s: float = 0.0
+    wait_s: float = 0.0
+    model_s: float = 0.0
+    write_s: float = 0.0
+    wall_s: float = 0.0
+    failure_examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.wall_s if self.wall_s > 0 else math.nan
+
+    @property
+    def model_busy(self) -> float:
+        """Fraction of wall time the forward pass was running."""
+        return self.model_s / self.wall_s if self.wall_s > 0 else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "failure_examples"}
+        d.update(samples_per_s=self.samples_per_s, model_busy=self.model_busy,
+                 failure_examples=self.failure_examples[:10])
+        return d
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("shards · {task.fields[samples]} samples · {task.fields[rate]:.1f}/s · "
+                               "{task.fields[failures]} failures · {task.fields[shard]}"),
+                    TimeElapsedColumn(), disable=not enabled, transient=False)
+
+
+def encode_shards(
+    shards: str | os.PathLike | Sequence[str | os.PathLike],
+    encoder: Encoder,
+    modality: str,
+    store_path: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+    dtype: str = "float16",
+    prefetch_factor: int = 4,
+    command: str | None = None,
+) -> EncodeReport:
+    """Encode webdataset shards into a store: one atomic part per shard; reruns resume.
+
+    Args:
+        shards: folder(s), tar file(s), glob or brace pattern (see :func:`list_shards`).
+        encoder: a loaded :class:`~cmcr.pipeline.encoders.Encoder`.
+        modality: ``image`` / ``audio`` / ``text`` (one the encoder embeds).
+        store_path: store folder (created if missing).
+        batch_size: samples per forward pass.
+        num_workers: DataLoader worker processes for decode/preprocess (0 = in the main process).
+        overwrite: replace a store made by another encoder identity/preprocessing instead of failing.
+        dtype: storage dtype of a new store (``float16`` or ``float32``).
+
+    Returns:
+        An :class:`EncodeReport` (rows, failures and where the time went).
+
+    Raises:
+        InputDataError: no shards; StoreMismatchError: the store was made by another encoder
+        (without ``overwrite``); EncoderError: the encoder cannot embed ``modality``.
+    """
+    t0 = time.perf_counter()
+    paths = list_shards(shards)
+    store = open_store(store_path, encoder, modality, overwrite=overwrite, dtype=dtype, command=command)
+    report = EncodeReport(store=str(store.path))
+    done = store.done_sources()
+    todo = [p for p in paths if shard_source(p) not in done]
+    report.shards_skipped = len(paths) - len(todo)
+    if not todo:
+        report.wall_s = time.perf_counter() - t0
+        return report
+
+    dataset = ShardBatches(todo, encoder.preprocessor(modality), modality, batch_size)
+    nw = max(0, int(num_workers))
+    loader = DataLoader(dataset, batch_size=None, num_workers=nw, worker_init_fn=_worker_init if nw else None,
+                        prefetch_factor=prefetch_factor if nw else None, persistent_workers=False,
+                        pin_memory=encoder.device.startswith("cuda"),
+                        multiprocessing_context="fork" if nw and os.name == "posix" else None)
+    n_workers = max(1, nw)
+    pending: dict[int, dict[str, Any]] = {}
+
+    with _progress(progress) as bar:
+        task = bar.add_task(f"encode {modality}", total=len(todo), samples=0, rate=0.0, failures=0, shard="")
+        it = iter(loader)
+        while True:
+            tw = time.perf_counter()
+            try:
+                msg = next(it)
+            except StopIteration:
+                break
+            report.wait_s += time.perf_counter() - tw
+            i = msg["shard"]
+            st = pending.setdefault(i, {"batches": {}, "ends": 0, "n": None, "error": None})
+            if msg["kind"] == "batch":
+                prepared: Prepared = msg["prepared"]
+                report.decode_s += prepared.decode_s
+                tm = time.perf_counter()
+                emb, ok, fails = embed_items(encoder, modality, prepared.keys, prepared.items,
+                                             shard_source(todo[i]), batch=msg["collated"])
+                report.model_s += time.perf_counter() - tm
+                st["batches"][msg["batch"]] = (prepared, emb, ok, fails)
+                report.samples += len(prepared.keys) + len(prepared.failures)
+            else:
+                st["ends"] += 1
+                st["n"] = msg["batches"]
+                st["error"] = st["error"] or msg["error"]
+            if st["ends"] == n_workers and len(st["batches"]) >= (st["n"] or 0):
+                result = ShardResult(source=shard_source(todo[i]))
+                for b in range(st["n"]):
+                    result.add(*st["batches"][b])
+                if st["error"]:
+                    report.shards_failed += 1
+                    fail = {"key": "", "source": result.source, "stage": "read", "error": st["error"]}
+                    store.add_failures([fail, *result.failures])
+                    report.failures += 1 + len(result.failures)
+                    report.failure_examples += [fail, *result.failures][:5]
+                    log.error("%s: %s; no part written (fix or remove the shard, then rerun)", todo[i], st["error"])
+                else:
+                    tw = time.perf_counter()
+                    report.rows += write_part(store, modality, result, encoder.dim)
+                    report.write_s += time.perf_counter() - tw
+                    report.failures += len(result.failures)
+                    report.failure_examples += result.failures[: max(0, 10 - len(report.failure_examples))]
+                    report.shards_done += 1
+                del pending[i]
+                elapsed = time.perf_counter() - t0
+                bar.update(task, advance=1, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),
+                           failures=report.failures, shard=todo[i].name)
+    if pending:  # a worker died: those shards have no part; a rerun retries them
+        log.error("%d shard(s) did not complete: %s", len(pending), [todo[i].name for i in pending])
+    report.wall_s = time.perf_counter() - t0
+    return report

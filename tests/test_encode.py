@@ -1,0 +1,144 @@
+"""The encode loop: messy inputs end to end, resume after a kill, determinism, identity checks, CLI."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+
+import cmcr.pipeline.encode as encode_mod
+import numpy as np
+import pytest
+from cmcr.pipeline.encode import encode_shards
+from cmcr.pipeline.encoders import load_encoder
+from cmcr.pipeline.shards import write_shards
+from cmcr.stores.store import Store
+
+from cmcr.cli import main
+from cmcr.errors import StoreMismatchError
+from tests.fixtures_encode import TINY_CLIP
+
+
+def _image_shards(messy_images, tmp_path, n=4):
+    return write_shards(messy_images["rgb.jpg"].parent, tmp_path / "shards", samples_per_shard=n).shards["image"]
+
+
+def test_messy_images_never_kill_a_shard(tiny_clip, messy_images, tmp_path):
+    shards = _image_shards(messy_images, tmp_path)
+    rep = encode_shards(shards, tiny_clip, "image", tmp_path / "store", batch_size=3, num_workers=2, progress=False)
+    assert rep.rows == 9 and rep.failures == 4 and rep.shards_done == len(shards)
+    store = Store.open(tmp_path / "store", modality="image", encoder=tiny_clip.identity(), validate="full")
+    fails = store.failures().to_pylist()
+    assert sorted(f["key"] for f in fails) == ["not_an_image", "truncated_jpg", "truncated_png", "zero"]
+    assert all(f["stage"] == "decode" and f["source"].endswith(".tar") and f["error"] for f in fails)
+    meta = store.metadata(["source", "width", "height", "label"]).to_pylist()
+    assert {m["width"] for m in meta} == {60} and {m["source"] for m in meta} >= {"rgba.png", "cmyk.jpg"}
+    assert store.manifest["preprocessing"]["background"] == [255, 255, 255]
+
+
+def test_text_failures_truncation_and_batch_of_one(tiny_clip, tmp_path):
+    lst = tmp_path / "caps.csv"
+    lst.write_text("caption\na dog\n   \n" + "a very long caption " * 30 + "\n,\nbirds singing\n")
+    shards = write_shards(lst, tmp_path / "shards").shards["text"]
+    rep = encode_shards(shards, tiny_clip, "text", tmp_path / "store", batch_size=1, num_workers=0, progress=False)
+    store = Store.open(tmp_path / "store")
+    assert rep.rows == 3 and rep.failures == 2
+    rows = store.metadata(["text", "truncated"]).to_pylist()
+    assert [r["truncated"] for r in rows] == [False, True, False]
+    assert rows[0]["text"] == "a dog"
+    assert {f["error"].split(": ", 1)[1] for f in store.failures().to_pylist()} == {"empty or whitespace-only caption"}
+    # the same text through encode() (query path) gives the stored row
+    q = tiny_clip.encode("text", ["a dog"])
+    np.testing.assert_allclose(store.embeddings(np.float32)[0], q[0], atol=2e-3)
+
+
+def test_identical_stores_for_any_worker_count(tiny_clip, messy_images, tmp_path):
+    shards = _image_shards(messy_images, tmp_path, n=5)
+    a = encode_shards(shards, tiny_clip, "image", tmp_path / "a", batch_size=2, num_workers=0, progress=False)
+    b = encode_shards(shards, tiny_clip, "image", tmp_path / "b", batch_size=2, num_workers=2, progress=False)
+    assert a.rows == b.rows == 9
+    sa, sb = Store.open(tmp_path / "a"), Store.open(tmp_path / "b")
+    assert sa.keys() == sb.keys()
+    np.testing.assert_array_equal(sa.embeddings(), sb.embeddings())
+    assert sa.metadata().equals(sb.metadata())
+
+
+def test_resume_after_kill_matches_a_clean_run(tiny_clip, messy_images, tmp_path, monkeypatch):
+    shards = _image_shards(messy_images, tmp_path, n=3)  # 5 shards
+    assert len(shards) == 5
+    clean = encode_shards(shards, tiny_clip, "image", tmp_path / "clean", batch_size=2, num_workers=2,
+                          progress=False)
+    real_write = encode_mod.write_part
+    calls = {"n": 0}
+
+    def dying_write(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed while the third part is being written
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(encode_mod, "write_part", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        encode_shards(shards, tiny_clip, "image", tmp_path / "resumed", batch_size=2, num_workers=2, progress=False)
+    monkeypatch.setattr(encode_mod, "write_part", real_write)
+    assert len(Store.open(tmp_path / "resumed").parts) == 2
+    rerun = encode_shards(shards, tiny_clip, "image", tmp_path / "resumed", batch_size=2, num_workers=2,
+                          progress=False)
+    assert rerun.shards_skipped == 2 and rerun.shards_done == 3
+    sc, sr = Store.open(tmp_path / "clean"), Store.open(tmp_path / "resumed", validate="full")
+    assert sc.keys() == sr.keys() and sr.num_rows == clean.rows
+    np.testing.assert_array_equal(sc.embeddings(), sr.embeddings())
+    assert sorted(sc.failures().column("key").to_pylist()) == sorted(sr.failures().column("key").to_pylist())
+    again = encode_shards(shards, tiny_clip, "image", tmp_path / "resumed", progress=False)
+    assert again.shards_skipped == 5 and again.rows == 0
+
+
+def test_other_identity_is_refused_unless_overwrite(tiny_clip, messy_images, tmp_path):
+    shards = _image_shards(messy_images, tmp_path, n=20)
+    encode_shards(shards, tiny_clip, "image", tmp_path / "store", num_workers=0, progress=False)
+    other = load_encoder("open_clip:cmcr-tiny-clip@random:1", device="cpu")
+    assert other.identity() != tiny_clip.identity()
+    with pytest.raises(StoreMismatchError, match="overwrite"):
+        encode_shards(shards, other, "image", tmp_path / "store", num_workers=0, progress=False)
+    rep = encode_shards(shards, other, "image", tmp_path / "store", num_workers=0, progress=False, overwrite=True)
+    assert rep.rows == 9 and Store.open(tmp_path / "store").encoder == other.identity()
+
+
+def test_corrupt_shard_is_reported_and_retried(tiny_clip, messy_images, tmp_path):
+    shards = _image_shards(messy_images, tmp_path, n=7)
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[: len(data) // 2])  # truncated tar
+    with pytest.raises(tarfile.TarError):
+        list(tarfile.open(shards[0]))
+    rep = encode_shards(shards, tiny_clip, "image", tmp_path / "store", num_workers=2, progress=False)
+    assert rep.shards_failed == 1 and rep.shards_done == 1
+    store = Store.open(tmp_path / "store")
+    assert len(store.parts) == 1
+    assert "read" in store.failures().column("stage").to_pylist()
+
+
+def test_cli_end_to_end_on_real_samples(sample_data, tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    for label in ("dog", "cat"):
+        shutil.copytree(sample_data / "images" / label, imgs / label)
+    caps = sample_data / "text" / "coco_captions_included_images.csv"
+    assert main(["shard", str(imgs), str(caps), "--out", str(tmp_path / "shards"), "-n", "4"]) == 0
+    for mod in ("image", "text"):
+        argv = ["encode", str(tmp_path / "shards" / mod), "--encoder", TINY_CLIP, "-m", mod,
+                "--store", str(tmp_path / mod), "-b", "3", "-j", "1", "--no-progress"]
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "rows written" in out and "model forward" in out
+    si, st = Store.open(tmp_path / "image", validate="full"), Store.open(tmp_path / "text", validate="full")
+    assert si.num_rows == 8 and si.failures().num_rows == 0
+    assert st.num_rows == 70
+    assert si.encoder == st.encoder  # one model identity for both modalities
+    assert si.preprocessing != st.preprocessing
+    assert set(si.metadata(["label"]).column("label").to_pylist()) == {"dog", "cat"}
+    x = si.embeddings(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=2e-3)
+    # a rerun skips everything
+    assert main(["encode", str(tmp_path / "shards" / "image"), "-e", TINY_CLIP, "-m", "image",
+                 "--store", str(tmp_path / "image"), "--no-progress"]) == 0
+    assert Store.open(tmp_path / "image").num_rows == 8
+    assert main(["encode", str(tmp_path / "nothing"), "-e", TINY_CLIP, "-m", "image",
+                 "--store", str(tmp_path / "x"), "--no-progress"]) == 2
