@@ -1,0 +1,456 @@
+"""`cmcr demo`: the whole product on the bundled real media, end to end.
+
+shard → encode (CLIP: captions + images; CLAP: captions + audio) → connect → project →
+evaluate (audio→image by shared label, with chance level; zero-shot across the two MCRs) →
+example searches (an audio file → top images; a caption → top audio clips) → the synthetic
+check → a Markdown and an HTML report with the retrieval table and thumbnails.
+
+Weights: pretrained when they can be had (an explicit ``--clip``/``--clap`` spec with a local
+checkpoint, the Hugging Face / open_clip cache, or a download where the hub is reachable);
+otherwise the demo says so loudly, runs random-init encoders of the same architectures so the
+pipeline still runs, and marks every output "random weights: not meaningful".
+
+The demo only glues the three rooms together; every step is a library call that the CLI
+commands expose too.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from cmcr.errors import CmcrError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"
+DEFAULT_CLIP = "open_clip:ViT-B-32"  # open_clip's default pretrained tag: openai
+DEFAULT_CLAP = "clap:HTSAT-tiny"  # laion_clap's 630k-audioset non-fusion checkpoint
+FAST_CLIP = "open_clip:cmcr-tiny-clip@random"
+FAST_CLAP = "clap:cmcr-tiny-clap@random"
+RANDOM_BANNER = "random weights: not meaningful"
+HUB_HOSTS = (("huggingface.co", 443),)
+AUDIO_QUERY = "audio/dog"  # folder of the example audio query
+TEXT_QUERY = "a dog barking loudly"
+PROMPT_TEMPLATE = "a photo or a sound of a {}."
+
+
+@dataclass
+class DemoOptions:
+    """Options of :func:`run_demo` (the CLI flags of ``cmcr demo``).
+
+    Attributes:
+        out: output folder (shards, stores, connector, report).
+        fast: tiny random-init encoders, 500 captions, few epochs (for tests; seconds, not minutes).
+        clip, clap: encoder specs (``None`` = pretrained defaults, or the tiny ones with ``fast``).
+        clap_tokenizer: folder with RoBERTa ``vocab.json`` + ``merges.txt`` for a real CLAP checkpoint.
+        captions: number of bundled captions used as the shared (text) corpus (``None`` = all 3,500).
+        epochs: connector training epochs (``None`` = 40, or 8 with ``fast``).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``...
+        synthetic: also run the synthetic check (ablations table).
+        num_workers: DataLoader workers for decoding.
+    """
+
+    out: Path = Path("demo-out")
+    fast: bool = False
+    clip: str | None = None
+    clap: str | None = None
+    clap_tokenizer: str | None = None
+    captions: int | None = None
+    epochs: int | None = None
+    device: str = "auto"
+    synthetic: bool = True
+    num_workers: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` measured (also written to ``<out>/demo.json``)."""
+
+    random_weights: bool
+    encoders: dict[str, str]
+    weight_notes: list[str]
+    counts: dict[str, int]
+    encode: dict[str, dict[str, Any]]
+    connect: dict[str, Any]
+    retrieval: list[dict[str, Any]]
+    zeroshot: list[dict[str, Any]]
+    searches: list[dict[str, Any]]
+    synthetic: list[dict[str, Any]]
+    seconds: dict[str, float] = field(default_factory=dict)
+    report_md: str = ""
+    report_html: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """True when the model hub answers a TCP connect within ``timeout_s`` seconds."""
+    for host, port in HUB_HOSTS:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _random_variant(spec: str) -> str:
+    return spec.split("@", 1)[0] + "@random"
+
+
+def load_demo_encoders(opts: DemoOptions, console: Console):
+    """Load the CLIP and CLAP encoders, falling back to random init (loudly) when weights are missing.
+
+    Returns:
+        ``(clip, clap, notes, random_weights)`` — the two :class:`~cmcr.pipeline.encoders.Encoder`,
+        human-readable notes on where weights came from, and whether any encoder is random-init.
+    """
+    from cmcr.pipeline.encoders import load_encoder
+
+    clip_spec = opts.clip or (FAST_CLIP if opts.fast else DEFAULT_CLIP)
+    clap_spec = opts.clap or (FAST_CLAP if opts.fast else DEFAULT_CLAP)
+    notes: list[str] = []
+    wants_download = any("@" not in s or not s.split("@", 1)[1].startswith(("/", ".", "~", "random"))
+                         for s in (clip_spec, clap_spec))
+    if wants_download and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+        # Without this, huggingface_hub retries with backoff for minutes before failing.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        notes.append("the model hub is unreachable: only local checkpoints and cached weights can be used")
+    encoders = []
+    for name, spec in (("CLIP", clip_spec), ("CLAP", clap_spec)):
+        try:
+            enc = load_encoder(spec, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
+        except (CmcrError, OSError, RuntimeError, ValueError) as e:
+            fallback = _random_variant(spec)
+            notes.append(f"{name}: pretrained weights for {spec!r} unavailable ({_first_line(e)}); "
+                         f"using random init {fallback!r}")
+            enc = load_encoder(fallback, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
+        encoders.append(enc)
+    random_weights = any(str(e.identity().get("weights", "")).startswith("random") for e in encoders)
+    if random_weights:
+        console.print(Panel.fit(
+            "[bold]No pretrained weights in use[/] for at least one encoder.\n"
+            "The pipeline runs end to end, but every number below is [bold red]" + RANDOM_BANNER + "[/].\n"
+            "Get real numbers with e.g. [cyan]--clip open_clip:ViT-B-32@/path/to/clip.pt "
+            "--clap clap:HTSAT-tiny@/path/to/630k-audioset-best.pt --clap-tokenizer /path/to/roberta-base[/]\n"
+            + "\n".join(f"• {n}" for n in notes),
+            title="[bold red]RANDOM WEIGHTS", border_style="red"))
+    return encoders[0], encoders[1], notes, random_weights
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def prepare_corpus(out: Path, n_captions: int | None) -> dict[str, Path]:
+    """Write the demo's inputs under ``<out>/corpus``: the caption table (first ``n_captions``
+    rows of the bundled subset) — images and audio are read from the bundled folders directly."""
+    corpus = out / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    src = SAMPLE_DATA / "text" / "coco_captions_subset.csv"
+    dst = corpus / "captions.csv"
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if n_captions is not None:
+        rows = rows[:n_captions]
+    tmp = dst.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["caption", "image_id"])
+        w.writeheader()
+        w.writerows({"caption": r["caption"], "image_id": r["image_id"]} for r in rows)
+    os.replace(tmp, dst)
+    return {"captions": dst, "images": SAMPLE_DATA / "images", "audio": SAMPLE_DATA / "audio"}
+
+
+def _labels(store) -> list[Any]:  # noqa: ANN001
+    return store.metadata(["label"]).column("label").to_pylist()
+
+
+def run_demo(opts: DemoOptions, console: Console | None = None,
+             step: Callable[[str], None] | None = None) -> DemoResult:
+    """Run the demo end to end and write ``<out>/report.md``, ``<out>/report.html``, ``<out>/demo.json``.
+
+    Raises:
+        CmcrError: a stage failed in a way the demo cannot recover from (the message names it).
+    """
+    from cmcr.pipeline.encode import encode_shards
+    from cmcr.pipeline.shards import write_shards
+    from cmcr.stores.store import Store
+    from cmcr.trainer.config import TrainConfig
+    from cmcr.trainer.connector import Connector
+    from cmcr.trainer.loop import train_connector
+    from cmcr.trainer.metrics import retrieval_metrics, zeroshot_accuracy
+
+    console = console or Console()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    def stage(name: str):
+        if step:
+            step(name)
+        console.rule(f"[bold]{name}")
+        return time.perf_counter()
+
+    t = stage("1/7 weights")
+    clip, clap, notes, random_weights = load_demo_encoders(opts, console)
+    encoders = {name: json.dumps(enc.identity(), sort_keys=True) for name, enc in (("clip", clip), ("clap", clap))}
+    seconds["weights"] = time.perf_counter() - t
+
+    t = stage("2/7 shard")
+    n_captions = opts.captions if opts.captions is not None else (500 if opts.fast else None)
+    inputs = prepare_corpus(out, n_captions)
+    shard_dir = out / "shards"
+    reports = {
+        "text": write_shards([inputs["captions"]], shard_dir / "captions", samples_per_shard=1000, modality="text"),
+        "image": write_shards([inputs["images"]], shard_dir / "images", samples_per_shard=64, modality="image"),
+        "audio": write_shards([inputs["audio"]], shard_dir / "audio", samples_per_shard=64, modality="audio"),
+    }
+    counts = {m: r.counts.get(m, 0) for m, r in reports.items()}
+    console.print(f"shards: {counts['text']} captions, {counts['image']} images, {counts['audio']} audio clips")
+    seconds["shard"] = time.perf_counter() - t
+
+    t = stage("3/7 encode")
+    stores_dir = out / "stores"
+    plan = [("clip_text", clip, "text"), ("clip_image", clip, "image"),
+            ("clap_text", clap, "text"), ("clap_audio", clap, "audio")]
+    encode_reports: dict[str, dict[str, Any]] = {}
+    for name, enc, modality in plan:
+        rep = encode_shards(reports[modality].shards[modality], enc, modality, stores_dir / name,
+                            batch_size=64 if modality == "text" else 16, num_workers=opts.num_workers,
+                            overwrite=True, progress=True, command="cmcr demo")
+        encode_reports[name] = rep.to_json()
+        console.print(f"{name}: {rep.rows} rows, {rep.failures} failures, {rep.samples_per_s:.1f} samples/s")
+    seconds["encode"] = time.perf_counter() - t
+
+    t = stage("4/7 connect")
+    cfg = TrainConfig(epochs=opts.epochs or (8 if opts.fast else 40), batch_size=256, device=opts.device,
+                      seed=opts.seed, name_a="clip", name_b="clap")
+    connect = train_connector(stores_dir / "clip_text", stores_dir / "clap_text", stores_dir / "clip_image",
+                              stores_dir / "clap_audio", out / "connector", cfg, overwrite=True, progress=True)
+    connector = Connector.load(out / "connector")
+    seconds["connect"] = time.perf_counter() - t
+
+    t = stage("5/7 project + evaluate")
+    images, audio = Store.open(stores_dir / "clip_image"), Store.open(stores_dir / "clap_audio")
+    z_img = connector.project("A", images.embeddings(np.float32), identity=images.encoder, modality="image")
+    z_aud = connector.project("B", audio.embeddings(np.float32), identity=audio.encoder, modality="audio")
+    img_labels, aud_labels = _labels(images), _labels(audio)
+    retrieval = []
+    for direction, q, ql, g, gl in (("audio->image", z_aud, aud_labels, z_img, img_labels),
+                                    ("image->audio", z_img, img_labels, z_aud, aud_labels)):
+        keep = [i for i, lab in enumerate(ql) if lab in set(gl)]
+        m = retrieval_metrics(q[keep], g, [ql[i] for i in keep], gl)
+        retrieval.append({"direction": direction, "positives": "same label", "queries": len(keep),
+                          "queries_without_positive": len(ql) - len(keep), **_flat(m)})
+    zeroshot = _zeroshot(clip, clap, connector, z_img, img_labels, z_aud, aud_labels, zeroshot_accuracy)
+    _print_table(console, "retrieval in the connected space (labels shared across modalities)", retrieval,
+                 random_weights)
+    _print_table(console, "zero-shot classification across the two MCRs", zeroshot, random_weights)
+    seconds["evaluate"] = time.perf_counter() - t
+
+    t = stage("6/7 search")
+    searches = _example_searches(clip, connector, images, audio, z_img, z_aud)
+    for s in searches:
+        console.print(f"[bold]{s['query']}[/] → " + ", ".join(f"{h['key']} ({h['label']}, {h['score']:.3f})"
+                                                             for h in s["hits"][:5]))
+    seconds["search"] = time.perf_counter() - t
+
+    synthetic: list[dict[str, Any]] = []
+    if opts.synthetic:
+        t = stage("7/7 synthetic check")
+        synthetic = _synthetic(out / "synthetic", opts.fast)
+        _print_table(console, "synthetic check: audio→image with known true pairs", synthetic, False)
+        seconds["synthetic"] = time.perf_counter() - t
+
+    result = DemoResult(random_weights=random_weights, encoders=encoders, weight_notes=notes, counts=counts,
+                        encode=encode_reports,
+                        connect={"connector": str(connect["connector"]), "metrics": connect["metrics"],
+                                 "data": connect["data"], "device": connect["device"]},
+                        retrieval=retrieval, zeroshot=zeroshot, searches=searches, synthetic=synthetic,
+                        seconds={k: round(v, 2) for k, v in seconds.items()})
+    write_reports(result, out)
+    console.print(f"\nreport: {result.report_md} and {result.report_html}")
+    if random_weights:
+        console.print(f"[bold red]{RANDOM_BANNER.upper()}[/]: the encoders were random-init; see the notes above.")
+    return result
+
+
+def _flat(m: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in m.items() if k != "chance" and not isinstance(v, (dict, list))}
+    for k, v in (m.get("chance") or {}).items():
+        row[f"chance_{k}"] = v
+    return row
+
+
+def _zeroshot(clip, clap, connector, z_img, img_labels, z_aud, aud_labels, zeroshot_accuracy):  # noqa: ANN001
+    """Class prompts through one MCR's text encoder, items of the other MCR's modality."""
+    rows = []
+    for text_enc, side, items, labels, what in ((clip, "A", z_aud, aud_labels, "audio (CLAP) vs CLIP-text prompts"),
+                                                 (clap, "B", z_img, img_labels, "images (CLIP) vs CLAP-text prompts")):
+        classes = sorted({lab for lab in labels if lab})
+        prompts = [PROMPT_TEMPLATE.format(c.replace("_", " ")) for c in classes]
+        z_cls = connector.project(side, text_enc.encode("text", prompts), identity=text_enc.identity(),
+                                  modality="text")
+        acc = zeroshot_accuracy(items, labels, z_cls, classes)
+        rows.append({"task": what, "classes": len(classes), "items": len(labels), **_flat(acc)})
+    return rows
+
+
+def _example_searches(clip, connector, images, audio, z_img, z_aud) -> list[dict[str, Any]]:  # noqa: ANN001
+    img_keys, aud_keys = images.keys(), audio.keys()
+    img_meta = images.metadata(["label", "source"]).to_pylist()
+    aud_meta = audio.metadata(["label", "source"]).to_pylist()
+    q_row = next((i for i, m in enumerate(aud_meta) if AUDIO_QUERY in str(m.get("source"))), 0)
+    z_txt = connector.project("A", clip.encode("text", [TEXT_QUERY]), identity=clip.identity(), modality="text")
+
+    def top(q: np.ndarray, gallery: np.ndarray, keys: list[str], meta: list[dict], k: int = 5) -> list[dict]:
+        scores = gallery @ q
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [{"key": keys[i], "score": float(scores[i]), "label": meta[i].get("label"),
+                 "source": meta[i].get("source")} for i in order]
+
+    return [
+        {"query": f"audio {aud_meta[q_row].get('source')} (label {aud_meta[q_row].get('label')}) → images",
+         "kind": "audio->image", "hits": top(z_aud[q_row], z_img, img_keys, img_meta)},
+        {"query": f"caption {TEXT_QUERY!r} (CLIP text) → audio clips", "kind": "text->audio",
+         "hits": top(z_txt[0], z_aud, aud_keys, aud_meta)},
+    ]
+
+
+def _synthetic(out: Path, fast: bool) -> list[dict[str, Any]]:
+    from cmcr.trainer.synthetic import SyntheticSpec, run_synthetic_check
+
+    spec = SyntheticSpec()
+    return run_synthetic_check(out, spec)
+
+
+def _print_table(console: Console, title: str, rows: list[dict[str, Any]], random_weights: bool) -> None:
+    if not rows:
+        return
+    table = Table(title=title + (f"  [red]({RANDOM_BANNER})[/]" if random_weights else ""))
+    cols = [c for c in rows[0] if not isinstance(rows[0][c], (dict, list))]
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in cols])
+    console.print(table)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+# ---------------------------------------------------------------------------- reports
+def _thumbnail(source: str | None, dst_dir: Path, key: str) -> str | None:
+    if not source or not Path(source).is_file():
+        return None
+    try:
+        from PIL import Image
+
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        name = key.replace("/", "__") + ".jpg"
+        with Image.open(source) as im:
+            im = im.convert("RGB")
+            im.thumbnail((128, 128))
+            im.save(dst_dir / name, quality=85)
+        return f"{dst_dir.name}/{name}"
+    except OSError:
+        return None
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_none_\n"
+    cols = [c for c in rows[0] if not isinstance(rows[0][c], (dict, list))]
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(result: DemoResult, out: Path) -> None:
+    """Write ``report.md``, ``report.html`` (thumbnails in ``report_files/``) and ``demo.json``."""
+    files = out / "report_files"
+    if files.exists():
+        shutil.rmtree(files)
+    for s in result.searches:
+        for h in s["hits"]:
+            h["thumbnail"] = _thumbnail(h.get("source"), files, h["key"]) if s["kind"].endswith("image") else None
+    banner = f"**{RANDOM_BANNER.upper()}** — the encoders were random-init.\n\n" if result.random_weights else ""
+    md = [f"# cmcr demo report\n\n{banner}"]
+    md.append("Encoders:\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result.encoders.items()) + "\n")
+    if result.weight_notes:
+        md.append("\nNotes on weights:\n\n" + "\n".join(f"- {n}" for n in result.weight_notes) + "\n")
+    md.append(f"\nCorpus: {result.counts.get('text', 0)} captions (shared modality), {result.counts.get('image', 0)} "
+              f"images (CLIP memory), {result.counts.get('audio', 0)} audio clips (CLAP memory). No audio–image "
+              f"pair is used for training; evaluation pairs audio and images by their shared label.\n")
+    md.append("\n## Retrieval (connected space)\n\n" + _md_table(result.retrieval))
+    md.append("\n## Zero-shot classification across the two MCRs\n\n" + _md_table(result.zeroshot))
+    md.append("\n## Example searches\n")
+    for s in result.searches:
+        md.append(f"\n**{s['query']}**\n\n| rank | key | label | score | |\n| --- | --- | --- | --- | --- |\n")
+        for r, h in enumerate(s["hits"], 1):
+            img = f"![]({h['thumbnail']})" if h.get("thumbnail") else ""
+            md.append(f"| {r} | {h['key']} | {h['label']} | {h['score']:.3f} | {img} |\n")
+    if result.synthetic:
+        md.append("\n## Synthetic check (known true pairs; ablations)\n\n" + _md_table(result.synthetic))
+    md.append("\n## Time (seconds)\n\n" + _md_table([result.seconds]))
+    md_text = "".join(md)
+    (out / "report.md").write_text(md_text)
+    result.report_md = str(out / "report.md")
+
+    def h_table(rows: list[dict[str, Any]]) -> str:
+        if not rows:
+            return "<p><em>none</em></p>"
+        cols = [c for c in rows[0] if not isinstance(rows[0][c], (dict, list))]
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+                       for r in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>cmcr demo report</title><style>"
+             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px}.warn{color:#b00;font-weight:bold}</style></head><body>",
+             "<h1>cmcr demo report</h1>"]
+    if result.random_weights:
+        parts.append(f"<p class='warn'>{RANDOM_BANNER.upper()} — the encoders were random-init.</p>")
+    parts.append("<h2>Retrieval (connected space)</h2>" + h_table(result.retrieval))
+    parts.append("<h2>Zero-shot classification across the two MCRs</h2>" + h_table(result.zeroshot))
+    parts.append("<h2>Example searches</h2>")
+    for s in result.searches:
+        parts.append(f"<h3>{html.escape(s['query'])}</h3><table><tr><th>rank</th><th>key</th><th>label</th>"
+                     "<th>score</th><th></th></tr>")
+        for r, h in enumerate(s["hits"], 1):
+            img = f"<img src='{html.escape(h['thumbnail'])}'>" if h.get("thumbnail") else ""
+            parts.append(f"<tr><td>{r}</td><td>{html.escape(h['key'])}</td><td>{html.escape(str(h['label']))}</td>"
+                         f"<td>{h['score']:.3f}</td><td>{img}</td></tr>")
+        parts.append("</table>")
+    if result.synthetic:
+        parts.append("<h2>Synthetic check (known true pairs; ablations)</h2>" + h_table(result.synthetic))
+    parts.append("<h2>Time (seconds)</h2>" + h_table([result.seconds]) + "</body></html>")
+    (out / "report.html").write_text("".join(parts))
+    result.report_html = str(out / "report.html")
+    tmp = out / "demo.json.tmp"
+    tmp.write_text(json.dumps(result.to_json(), indent=2, default=str))
+    os.replace(tmp, out / "demo.json")
