@@ -47,3 +47,25 @@ def make_store(tmp_path: Path) -> Callable[..., Store]:
         return write_store(tmp_path / name, emb, **kwargs)
 
     return _make
+
+
+TINY_SPEC = dict(dim=16, latent_dim=4, hidden=32, classes=5, n_shared=240, n_memory_a=300, n_memory_b=300,
+                 n_eval=60, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Paths of a tiny synthetic MCR pair's stores (see :func:`cmcr.trainer.synthetic.generate_synthetic_stores`);
+    shared by the session: tests must not write into these stores."""
+    from cmcr.trainer.synthetic import SyntheticSpec, generate_synthetic_stores
+
+    return generate_synthetic_stores(tmp_path_factory.mktemp("tiny_synthetic"), SyntheticSpec(**TINY_SPEC))
+
+
+def tiny_config(**changes: Any):  # noqa: ANN201
+    """A training config that runs in well under a second on the tiny synthetic stores."""
+    from cmcr.trainer.config import TrainConfig
+
+    base = TrainConfig(hidden_dim=32, out_dim=16, epochs=2, batch_size=64, lr=2e-3, device="cpu",
+                       val_fraction=0.1, name_a="mcr-a", name_b="mcr-b")
+    return base.replace(**changes)

@@ -1,0 +1,390 @@
+"""The C-MCR training loop: stores in, connector folder out.
+
+Library entry point :func:`train_connector` (used by ``cmcr connect`` and the demo)::
+
+    from cmcr.trainer.loop import train_connector
+    result = train_connector("st/clip_text", "st/clap_text", "st/clip_image", "st/clap_audio",
+                             "runs/clip-clap", config=load_config(None, epochs=10))
+    result["metrics"]          # final metrics (also in runs/clip-clap/connector.json)
+
+Output folder::
+
+    connector.safetensors, connector.json   the connector (written at the end)
+    checkpoints/epoch-NNNN.pt              one per epoch (the newest ``keep_checkpoints`` kept)
+    metrics.jsonl                          one JSON line per epoch
+    loss_curve.png                         training loss and held-out recall@1 per epoch (written at the end)
+    completions/A, completions/B           pseudo embeddings (stores keyed like the shared stores)
+
+Seeds are recorded; ``resume=True`` continues from the newest checkpoint when the training
+settings and the stores' fingerprints are unchanged (``epochs`` may grow). A non-finite loss
+stops the run with :class:`TrainingError` and leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cmcr.stores.memory import MemoryQueue, resolve_device
+from cmcr.stores.store import Store, atomic_write_bytes, canonical_json
+from cmcr.trainer import losses
+from cmcr.trainer.config import TrainConfig
+from cmcr.trainer.connector import Connector, SideInfo
+from cmcr.trainer.data import (
+    ConnectStores,
+    PairData,
+    batch_rows,
+    load_pairs,
+    open_connect_stores,
+    split_pairs,
+    steps_per_epoch,
+)
+from cmcr.trainer.metrics import retrieval_metrics
+from cmcr.trainer.projector import build_projector, projector_architecture
+
+from cmcr.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE = "loss_curve.png"
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay from 1 to ``min_ratio``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class _Rows:
+    """Row-aligned arrays served as float32 device tensors (whole arrays moved to a CUDA device
+    once when they fit comfortably; otherwise gathered per batch from host RAM)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], device: torch.device):
+        self.device = device
+        on_device = False
+        if device.type == "cuda":
+            need = sum(a.shape[0] * a.shape[1] * 4 for a in arrays.values())
+            free, _ = torch.cuda.mem_get_info(device)
+            on_device = need < 0.5 * free
+        self.on_device = on_device
+        self.arrays: dict[str, Any] = (
+            {k: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(device) for k, v in arrays.items()}
+            if on_device else arrays)
+
+    def get(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        if self.on_device:
+            return self.arrays[name][torch.from_numpy(rows).to(self.device)]
+        return torch.from_numpy(np.asarray(self.arrays[name][rows], dtype=np.float32)).to(self.device)
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted((folder / CHECKPOINT_DIR).glob("epoch-*.pt"))
+
+
+def _save_checkpoint(folder: Path, state: dict[str, Any], keep: int) -> Path:
+    ck = folder / CHECKPOINT_DIR
+    ck.mkdir(parents=True, exist_ok=True)
+    path = ck / f"epoch-{state['epoch']:04d}.pt"
+    tmp = ck / f".tmp-{path.name}-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in _checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _write_history(folder: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(folder / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history).encode())
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: str | Path) -> None:
+    """Write a PNG of the per-epoch losses (and held-out recall@1 when recorded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name in ("loss", "inter_shared", "inter_pseudo", "intra"):
+        vals = [r.get(name) for r in history]
+        if any(v for v in vals):
+            ax.plot(epochs, vals, marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    val = [r.get("val_shared_R@1") for r in history]
+    if any(v is not None for v in val):
+        ax2 = ax.twinx()
+        ax2.plot(epochs, val, color="black", linestyle="--", label="held-out shared R@1")
+        ax2.set_ylabel("held-out recall@1")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title("C-MCR training")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".tmp-{Path(path).name}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _validate(proj_a: torch.nn.Module, proj_b: torch.nn.Module, data: PairData, rows: np.ndarray,
+              device: torch.device) -> dict[str, float]:
+    """Held-out metrics: A->B recall@1 / mAP of the shared pairs (and of the pseudo pairs)."""
+    if len(rows) < 2:
+        return {}
+    out: dict[str, float] = {}
+    proj_a.eval()
+    proj_b.eval()
+    pairs = [("shared", data.s_a, data.s_b)]
+    if data.p_a is not None and data.p_b is not None:
+        pairs.append(("pseudo", data.p_a, data.p_b))
+    with torch.no_grad():
+        for name, xa, xb in pairs:
+            za = proj_a(torch.from_numpy(np.asarray(xa[rows], dtype=np.float32)).to(device)).cpu().numpy()
+            zb = proj_b(torch.from_numpy(np.asarray(xb[rows], dtype=np.float32)).to(device)).cpu().numpy()
+            m = retrieval_metrics(za, zb, list(range(len(rows))), list(range(len(rows))), ks=(1, 5))
+            out[f"val_{name}_R@1"] = m["R@1"]
+            out[f"val_{name}_mAP"] = m["mAP"]
+    proj_a.train()
+    proj_b.train()
+    return out
+
+
+def train_connector(
+    shared_a: Store | str | Path,
+    shared_b: Store | str | Path,
+    memory_a: Store | str | Path,
+    memory_b: Store | str | Path,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | Callable[[dict[str, Any]], None] = False,
+) -> dict[str, Any]:
+    """Train a C-MCR connector from four stores and write it to ``out_dir``.
+
+    Args:
+        shared_a, shared_b: the shared modality encoded by MCR A and MCR B (joined by key).
+        memory_a, memory_b: each MCR's memory (its other modality), same encoder as its shared store.
+        out_dir: output folder (see the module docstring).
+        config: a :class:`TrainConfig` (defaults from method.md when ``None``).
+        resume: continue from the newest checkpoint in ``out_dir``.
+        overwrite: start over, deleting checkpoints/metrics of an earlier run in ``out_dir``.
+        progress: ``True`` for a rich progress bar (loss, pairs/s), or a callable receiving one
+            dict per step (``epoch``, ``step``, ``loss``, ``pairs_per_s``).
+
+    Returns:
+        ``{"connector": path, "metrics": final metrics, "history": per-epoch rows, "data": join
+        report, "config": config dict, "device": str}``.
+
+    Raises:
+        StoreMismatchError: the stores do not form a valid setting (see :func:`open_connect_stores`).
+        TrainingError: a non-finite loss (last good checkpoint kept), a resume that does not match
+            the checkpoint, or an earlier run in ``out_dir`` without ``resume``/``overwrite``.
+    """
+    cfg = config or TrainConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = _checkpoints(out)
+    if existing and not resume:
+        if not overwrite:
+            raise TrainingError(
+                f"{out} already holds checkpoints of a training run ({existing[-1].name}); pass resume=True "
+                f"(--resume) to continue it or overwrite=True (--overwrite) to start over"
+            )
+        shutil.rmtree(out / CHECKPOINT_DIR)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+    stores = open_connect_stores(shared_a, shared_b, memory_a, memory_b)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % (2**32))
+
+    reporter = _Reporter(progress)
+    data = load_pairs(stores, cfg, out, progress=reporter.completion if progress else None)
+    train_rows, val_rows = split_pairs(len(data), cfg)
+    if len(train_rows) < 2:
+        raise TrainingError(f"only {len(train_rows)} training pair(s) after the held-out split; need >= 2")
+    arrays = {"s_a": data.s_a, "s_b": data.s_b}
+    if data.p_a is not None and data.p_b is not None:
+        arrays.update(p_a=data.p_a, p_b=data.p_b)
+    rows = _Rows(arrays, device)
+
+    dim_a, dim_b = stores.shared_a.dim, stores.shared_b.dim
+    proj_a = build_projector(dim_a, cfg).to(device)
+    proj_b = build_projector(dim_b, cfg).to(device)
+    params = list(proj_a.parameters()) + list(proj_b.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_steps = steps_per_epoch(len(train_rows), cfg.batch_size)
+    total_steps = cfg.epochs * n_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    noise_gen = torch.Generator(device=device)
+    noise_gen.manual_seed(cfg.seed)
+    store_info = stores.describe()
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+
+    if resume and existing:
+        ckpt = torch.load(existing[-1], map_location=device, weights_only=False)
+        if canonical_json(ckpt["config"]) != canonical_json(cfg.training_fields()):
+            raise TrainingError(
+                f"{existing[-1]}: the checkpoint was trained with other settings {canonical_json(ckpt['config'])}; "
+                f"resume with the same config (only epochs/device may change) or pass --overwrite"
+            )
+        old_fp = {k: v["fingerprint"] for k, v in ckpt["stores"].items()}
+        new_fp = {k: v["fingerprint"] for k, v in store_info.items()}
+        if old_fp != new_fp:
+            raise TrainingError(f"{existing[-1]}: the stores changed since the checkpoint ({old_fp} -> {new_fp}); "
+                                f"resume needs the same stores, or pass --overwrite")
+        proj_a.load_state_dict(ckpt["projector_a"])
+        proj_b.load_state_dict(ckpt["projector_b"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        noise_gen.set_state(ckpt["noise_generator"].to("cpu") if device.type == "cpu" else ckpt["noise_generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_epoch = int(ckpt["epoch"])
+        history = list(ckpt["history"])
+        _write_history(out, history)
+        log.info("resuming from %s (epoch %d of %d)", existing[-1], start_epoch, cfg.epochs)
+    elif resume:
+        log.info("no checkpoint in %s: starting a new run", out)
+
+    queues: dict[str, MemoryQueue] = {}
+    if cfg.use_completion and cfg.completion == "queue":
+        queues = {"A": MemoryQueue(stores.memory_a, cfg.queue_capacity, device=device, seed=cfg.seed),
+                  "B": MemoryQueue(stores.memory_b, cfg.queue_capacity, device=device, seed=cfg.seed + 1)}
+
+    proj_a.train()
+    proj_b.train()
+    reporter.start(total_steps, start_epoch * n_steps)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            sums = {"loss": 0.0, "inter_shared": 0.0, "inter_pseudo": 0.0, "intra": 0.0}
+            seen = 0
+            for step, idx in enumerate(batch_rows(train_rows, cfg.batch_size, cfg.seed, epoch)):
+                s_a, s_b = rows.get("s_a", idx), rows.get("s_b", idx)
+                p_a = p_b = None
+                if "p_a" in rows.arrays:
+                    p_a, p_b = rows.get("p_a", idx), rows.get("p_b", idx)
+                elif queues:
+                    p_a = queues["A"].complete(s_a, cfg.memory_temperature)
+                    p_b = queues["B"].complete(s_b, cfg.memory_temperature)
+                    queues["A"].advance(len(idx))
+                    queues["B"].advance(len(idx))
+                loss, parts = losses.cmcr_loss(proj_a, proj_b, s_a, s_b, p_a, p_b, temperature=cfg.temperature,
+                                               noise_std=cfg.noise_std, intra_weight=cfg.intra_weight,
+                                               generator=noise_gen)
+                if not math.isfinite(parts["loss"]):
+                    last = _checkpoints(out)
+                    raise TrainingError(
+                        f"non-finite loss ({parts}) at epoch {epoch + 1}, step {step + 1}; training stopped. The last "
+                        f"good checkpoint is {last[-1] if last else 'none (first epoch)'}. Lower the learning rate "
+                        f"(lr={cfg.lr}) or raise the temperature (temperature={cfg.temperature}), then rerun with "
+                        f"--resume"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                for k in sums:
+                    sums[k] += parts[k] * len(idx)
+                seen += len(idx)
+                reporter.step(epoch + 1, cfg.epochs, parts["loss"], seen / max(time.perf_counter() - t0, 1e-9))
+            seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()},
+                                   "lr": scheduler.get_last_lr()[0], "pairs": seen, "seconds": round(seconds, 4),
+                                   "pairs_per_s": seen / max(seconds, 1e-9)}
+            row.update(_validate(proj_a, proj_b, data, val_rows, device))
+            history.append(row)
+            _save_checkpoint(out, {
+                "epoch": epoch + 1, "projector_a": proj_a.state_dict(), "projector_b": proj_b.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "noise_generator": noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "config": cfg.training_fields(), "stores": store_info, "history": history,
+            }, cfg.keep_checkpoints)
+            _write_history(out, history)
+    finally:
+        reporter.stop()
+        if history:  # also after a failure: the curve up to the last good epoch
+            plot_loss_curve(history, out / LOSS_CURVE)
+
+    final = dict(history[-1]) if history else {}
+    final["val_pairs"] = int(len(val_rows))
+    final["train_pairs"] = int(len(train_rows))
+    connector = make_connector(proj_a, proj_b, stores, cfg, data, final)
+    connector.save(out)
+    return {"connector": str(out), "fingerprint": connector.fingerprint, "metrics": final, "history": history,
+            "data": data.join, "config": cfg.to_dict(), "device": str(device)}
+
+
+def make_connector(proj_a: torch.nn.Module, proj_b: torch.nn.Module, stores: ConnectStores, cfg: TrainConfig,
+                   data: PairData, metrics: dict[str, Any]) -> Connector:
+    """Wrap trained projectors (moved to CPU, eval mode) and their provenance in a :class:`Connector`."""
+    shared = stores.shared_modality
+    sides = {
+        "A": SideInfo(mcr=cfg.name_a, encoder=stores.shared_a.encoder,
+                      modalities=[shared, stores.memory_a.modality], input_dim=stores.shared_a.dim,
+                      shared_modality=shared),
+        "B": SideInfo(mcr=cfg.name_b, encoder=stores.shared_b.encoder,
+                      modalities=[shared, stores.memory_b.modality], input_dim=stores.shared_b.dim,
+                      shared_modality=shared),
+    }
+    arch = {"A": projector_architecture(stores.shared_a.dim, cfg),
+            "B": projector_architecture(stores.shared_b.dim, cfg)}
+    return Connector(sides=sides, projectors={"A": proj_a.cpu().eval(), "B": proj_b.cpu().eval()},
+                     architecture=arch, training={**cfg.to_dict(), "torch": torch.__version__},
+                     stores=stores.describe(), metrics=metrics, data=data.join)
+
+
+class _Reporter:
+    """Rich progress bar (loss, pairs/s), or a user callback, or nothing."""
+
+    def __init__(self, progress: bool | Callable[[dict[str, Any]], None]):
+        self.callback = progress if callable(progress) else None
+        self.bar = None
+        self.task = None
+        if progress is True:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}"),
+                                TextColumn("{task.fields[rate]:,.0f} pairs/s"), TimeRemainingColumn())
+
+    def completion(self, side: str, done: int, total: int) -> None:
+        if self.callback:
+            self.callback({"stage": "completion", "side": side, "done": done, "total": total})
+        elif self.bar is not None:
+            log.info("completion %s: %d/%d", side, done, total)
+
+    def start(self, total: int, done: int) -> None:
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=total, completed=done, loss=float("nan"), rate=0.0)
+
+    def step(self, epoch: int, epochs: int, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=f"epoch {epoch}/{epochs}", loss=loss, rate=rate)
+        elif self.callback:
+            self.callback({"stage": "train", "epoch": epoch, "loss": loss, "pairs_per_s": rate})
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
