@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 from cmcr.pipeline.audio import AUDIO_EXTENSIONS, SampleError
 from cmcr.pipeline.corpora import iter_tar_samples
-from cmcr.pipeline.encoders import Encoder
+from cmcr.pipeline.encoders import Encoder, collate_items
 from cmcr.pipeline.images import IMAGE_EXTENSIONS
 from cmcr.pipeline.text import TEXT_EXTENSIONS
 from cmcr.stores.store import Store
@@ -174,13 +174,6 @@ def prepare_batch(samples: Sequence[dict[str, Any]], preprocess: Callable[[Any],
     for s in samples:
         prepare_sample(s, preprocess, modality, source, out)
     return out
-
-
-def collate_items(items: Sequence[Any]) -> Any:
-    """Stack preprocessed items: tensors -> ``(B, ...)``; dicts of tensors -> dict of ``(B, ...)``."""
-    if isinstance(items[0], dict):
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-    return torch.stack(list(items))
 
 
 # ----------------------------------------------------------------------------------- embedding

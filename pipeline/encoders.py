@@ -112,6 +112,15 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def collate_items(items: Sequence[Any]) -> Any:
+    """Stack preprocessed items: tensors -> ``(B, ...)``; dicts of tensors -> dict of ``(B, ...)``."""
+    import torch
+
+    if isinstance(items[0], dict):
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return torch.stack(list(items))
+
+
 class Encoder:
     """Base class of encoder adapters (see the module docstring for the division of work).
 
@@ -162,9 +171,7 @@ class Encoder:
 
     def collate(self, modality: str, items: Sequence[Any]) -> Any:
         """Stack preprocessed items into one model input batch (CPU tensors)."""
-        import torch
-
-        return torch.stack(list(items))
+        return collate_items(items)
 
     # -- device side ------------------------------------------------------------------------
     def forward(self, modality: str, batch: Any) -> Any:

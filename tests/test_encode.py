@@ -142,3 +142,22 @@ def test_cli_end_to_end_on_real_samples(sample_data, tmp_path, capsys):
     assert Store.open(tmp_path / "image").num_rows == 8
     assert main(["encode", str(tmp_path / "nothing"), "-e", TINY_CLIP, "-m", "image",
                  "--store", str(tmp_path / "x"), "--no-progress"]) == 2
+
+
+def test_messy_audio_end_to_end_with_clap(tiny_clap, messy_audio, sample_data, tmp_path):
+    for f in sorted((sample_data / "audio" / "dog").glob("*.ogg"))[:2]:  # two real clips too
+        shutil.copy(f, messy_audio["mono_48k.wav"].parent / f.name)
+    shards = write_shards(messy_audio["mono_48k.wav"].parent, tmp_path / "shards", 5).shards["audio"]
+    rep = encode_shards(shards, tiny_clap, "audio", tmp_path / "store", batch_size=4, num_workers=2, progress=False)
+    store = Store.open(tmp_path / "store", modality="audio", encoder=tiny_clap.identity(), validate="full")
+    bad = {"nan", "inf", "zero_length", "zero_bytes", "garbage"}
+    assert rep.rows == 8 and sorted(store.failures().column("key").to_pylist()) == sorted(bad)
+    rows = {r["key"]: r for r in store.metadata(["duration_s", "silent", "channels", "cropped"]).to_pylist()}
+    assert rows["silent"]["silent"] is True and rows["mono_48k"]["silent"] is False
+    assert rows["six_channel_16k"]["channels"] == 6 and rows["long_13s_8k"]["cropped"] is True
+    assert rows["long_13s_8k"]["duration_s"] == pytest.approx(13.0)
+    assert store.preprocessing["sample_rate"] == 48000 and store.preprocessing["clip_seconds"] == 10.0
+    again = encode_shards(shards, tiny_clap, "audio", tmp_path / "again", batch_size=4, num_workers=0,
+                          progress=False)
+    assert again.rows == 8
+    np.testing.assert_array_equal(store.embeddings(), Store.open(tmp_path / "again").embeddings())
