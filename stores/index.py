@@ -64,8 +64,9 @@ HNSW_MAX_ROWS = 500_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 #: nlist ~= IVF_NLIST_FACTOR * sqrt(N), rounded to a power of two (autofaiss uses 4-16 x sqrt(N)
-#: on big machines; 2 keeps training and assignment affordable on a few CPU cores).
-IVF_NLIST_FACTOR = 2.0
+#: on big machines; 1 keeps k-means training and list assignment affordable on a few CPU cores,
+#: at the price of a larger nprobe, which the recall tuning finds).
+IVF_NLIST_FACTOR = 1.0
 #: Training points per IVF list (FAISS warns below 39).
 IVF_TRAIN_PER_LIST = 64
 #: Largest number of training points read from the store.
@@ -122,7 +123,7 @@ def plan_index(
 
     1. ``rows <= flat_max_rows`` and the flat index (4·dim bytes/row) fits: ``flat`` (exact).
     2. ``rows <= hnsw_max_rows`` and HNSW32 with float16 vectors fits: ``hnsw``.
-    3. Otherwise ``ivf`` with ``nlist`` = power of two near ``2·sqrt(rows)`` (at most rows/39) and
+    3. Otherwise ``ivf`` with ``nlist`` = power of two near ``sqrt(rows)`` (at most rows/39) and
        the richest code that fits what the budget leaves per row: float16 (``SQfp16``, 2·dim B),
        8-bit scalar (``SQ8``, dim B) or product quantisation (``PQ{m}x8``, m B with m | dim).
 

@@ -29,7 +29,7 @@ def test_plan_mid_size_is_hnsw_and_large_is_ivf():
     assert big["kind"] == "ivf"
     assert big["factory"] == f"IVF{big['params']['nlist']},SQfp16"
     nlist = big["params"]["nlist"]
-    assert nlist & (nlist - 1) == 0 and 1000 <= nlist <= 4096  # power of two near 2*sqrt(N)
+    assert nlist & (nlist - 1) == 0 and 512 <= nlist <= 2048  # power of two near sqrt(N)
     assert big["estimated_memory_bytes"] <= 2 * GiB
 
 
