@@ -1,9 +1,302 @@
-"""`cmcr` commands of this group (see cmcr/cli.py). Work in progress."""
+"""`cmcr connect`, `project`, `search`, `eval retrieval`, `eval zeroshot`, `bench synthetic`.
+
+Thin: parse, call :mod:`cmcr.trainer` / :mod:`cmcr.stores`, report with rich. Only ``search``
+(media or text query) and ``eval zeroshot`` load an encoder (:mod:`cmcr.pipeline.encoders`).
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from cmcr.errors import CmcrError, ConnectorError, InputDataError
+
+console = Console()
+
+eval_app = typer.Typer(help="Evaluate connected spaces: retrieval and zero-shot classification.",
+                       no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks and controlled checks.", no_args_is_help=True)
+
+
+def _print_json(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def connect(
+    shared_a: Path = typer.Option(..., "--shared-a", help="Shared-modality store of MCR A (e.g. CLIP text)."),
+    shared_b: Path = typer.Option(..., "--shared-b", help="Shared store of MCR B (e.g. CLAP text), same keys."),
+    memory_a: Path = typer.Option(..., "--memory-a", help="Memory store of MCR A (e.g. CLIP images)."),
+    memory_b: Path = typer.Option(..., "--memory-b", help="Memory store of MCR B (e.g. CLAP audio)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (connector, checkpoints, metrics)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML config (defaults: trainer/configs/default.toml)."),
+    name_a: str | None = typer.Option(None, help="Name of MCR A in the connector (e.g. clip)."),
+    name_b: str | None = typer.Option(None, help="Name of MCR B in the connector (e.g. clap)."),
+    epochs: int | None = typer.Option(None, help="Training epochs."),
+    batch_size: int | None = typer.Option(None, help="Pairs per batch."),
+    lr: float | None = typer.Option(None, help="AdamW learning rate."),
+    noise_std: float | None = typer.Option(None, help="Gaussian noise sigma (0 disables)."),
+    intra_weight: float | None = typer.Option(None, help="Weight lambda of the intra-MCR term (0 disables)."),
+    temperature: float | None = typer.Option(None, help="InfoNCE temperature tau_c."),
+    memory_temperature: float | None = typer.Option(None, help="Completion temperature tau_m."),
+    completion: str | None = typer.Option(None, help="exact | topk | queue."),
+    no_completion: bool = typer.Option(False, "--no-completion", help="Ablation: train on shared pairs only."),
+    seed: int | None = typer.Option(None, help="Random seed (recorded)."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda[:N]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over, discarding an earlier run in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train a C-MCR connector from four stores (no encoder is loaded).
+
+    Example: cmcr connect --shared-a st/clip_text --shared-b st/clap_text --memory-a st/clip_image
+    --memory-b st/clap_audio --out runs/clip-clap --name-a clip --name-b clap --epochs 20
+    """
+    from cmcr.trainer.config import load_config
+    from cmcr.trainer.loop import train_connector
+
+    cfg = load_config(config, name_a=name_a, name_b=name_b, epochs=epochs, batch_size=batch_size, lr=lr,
+                      noise_std=noise_std, intra_weight=intra_weight, temperature=temperature,
+                      memory_temperature=memory_temperature, completion=completion, seed=seed, device=device,
+                      use_completion=False if no_completion else None)
+    result = train_connector(shared_a, shared_b, memory_a, memory_b, out, cfg, resume=resume, overwrite=overwrite,
+                             progress=not as_json)
+    if as_json:
+        _print_json({k: result[k] for k in ("connector", "fingerprint", "metrics", "data", "device")})
+        return
+    d = result["data"]
+    console.print(f"pairs: {d['pairs']} (keys only in A: {d['only_a']}, only in B: {d['only_b']})")
+    m = result["metrics"]
+    console.print(f"connector {result['fingerprint']} written to {result['connector']} — final loss "
+                  f"{m.get('loss', float('nan')):.4f}" + (f", held-out shared R@1 {m['val_shared_R@1']:.3f}"
+                                                         if "val_shared_R@1" in m else ""))
+    console.print(f"metrics: {Path(out) / 'metrics.jsonl'}, loss curve: {Path(out) / 'loss_curve.png'}")
+
+
+def project(
+    connector: Path = typer.Argument(..., help="Connector folder (from `cmcr connect`)."),
+    store: Path = typer.Argument(..., help="Store to project (its encoder picks the side)."),
+    out: Path = typer.Argument(..., help="Output store folder."),
+    no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS index."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, different output store."),
+) -> None:
+    """Project a store into the connected space (new store + FAISS index).
+
+    Example: cmcr project runs/clip-clap st/esc50_audio st/esc50_audio.cmcr
+    """
+    from cmcr.trainer.evaluate import project_store
+
+    s = project_store(connector, store, out, index=not no_index, overwrite=overwrite)
+    console.print(f"{s.num_rows} rows of {store} projected by side {s.encoder['side']} ({s.encoder['mcr']}) "
+                  f"into {out}")
+
+
+def search(
+    connector: Path = typer.Option(..., "--connector", "-c", help="Connector folder."),
+    gallery: Path = typer.Option(..., "--gallery", "-g", help="Projected store to search (`cmcr project`)."),
+    media: Path | None = typer.Option(None, "--media", help="Query file (image or audio) to encode."),
+    text: str | None = typer.Option(None, "--text", help="Query text to encode."),
+    key: str | None = typer.Option(None, "--key", help="Query by the key of a row of --store."),
+    store: Path | None = typer.Option(None, "--store", help="Store holding --key (raw or projected)."),
+    encoder: str | None = typer.Option(None, "--encoder", help="Encoder spec for --media/--text (see `cmcr encode`)."),
+    modality: str | None = typer.Option(None, "--modality", help="Modality of --media (image/audio); guessed."),
+    k: int = typer.Option(10, "-k", help="Number of results."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+) -> None:
+    """Search a projected store with a media file, a text or a key of a store.
+
+    Example: cmcr search -c runs/clip-clap -g st/vggss_image.cmcr --media dog.wav --encoder clap:HTSAT-tiny:ckpt.pt
+    """
+    from cmcr.stores.store import Store
+    from cmcr.trainer.connector import Connector, is_projected
+    from cmcr.trainer.evaluate import check_same_space
+
+    conn = Connector.load(connector)
+    g = Store.open(gallery)
+    if not (is_projected(g.encoder) and g.encoder.get("connector") == conn.fingerprint):
+        raise ConnectorError(f"{gallery} was not projected by connector {connector} ({conn.fingerprint}); run "
+                             f"`cmcr project {connector} <store> {gallery}` first")
+    given = sum(x is not None for x in (media, text, key))
+    if given != 1:
+        raise InputDataError("give exactly one query: --media FILE, --text TEXT or --key KEY (with --store)")
+    if key is not None:
+        if store is None:
+            raise InputDataError("--key needs --store (the store holding that key)")
+        s = Store.open(store)
+        row = s.rows_of([key])
+        emb = s.embeddings(np.float32)[row]
+        if is_projected(s.encoder):
+            check_same_space(s, g)
+            q = emb
+        else:
+            side = conn.side_for(s.encoder, s.modality)
+            q = conn.project(side, emb, identity=s.encoder, modality=s.modality)
+        query = {"key": key, "store": str(store)}
+    else:
+        if encoder is None:
+            raise InputDataError("--media/--text need --encoder (the encoder spec of one connector side)")
+        from cmcr.pipeline.encoders import load_encoder
+
+        enc = load_encoder(encoder)
+        mod = "text" if text is not None else (modality or _guess_modality(media))
+        raw = enc.encode(mod, [text if text is not None else str(media)])
+        side = conn.side_for(enc.identity(), mod)
+        q = conn.project(side, raw, identity=enc.identity(), modality=mod)
+        query = {"text": text} if text is not None else {"media": str(media), "modality": mod}
+    hits = _search(g, q, k)
+    if as_json:
+        _print_json({"query": query, "gallery": str(gallery), "hits": hits})
+        return
+    table = Table(title=f"top {k} in {gallery} for {query}")
+    table.add_column("rank")
+    table.add_column("key")
+    table.add_column("score")
+    table.add_column("metadata")
+    for i, h in enumerate(hits, 1):
+        table.add_row(str(i), h["key"], f"{h['score']:.4f}", json.dumps(h["metadata"], default=str)[:80])
+    console.print(table)
+
+
+def _guess_modality(path: Path | None) -> str:
+    suffix = (path.suffix if path else "").lower()
+    if suffix in (".wav", ".flac", ".ogg", ".mp3"):
+        return "audio"
+    if suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"):
+        return "image"
+    raise InputDataError(f"cannot tell the modality of {path}; pass --modality image|audio")
+
+
+def _search(gallery, q: np.ndarray, k: int) -> list[dict]:  # noqa: ANN001
+    """Top-k hits through the store's FAISS index, or exactly when it has none."""
+    try:
+        from cmcr.stores.index import open_index
+
+        index = open_index(gallery)
+        return [{"key": h.key, "score": float(h.score), "row": int(h.row), "metadata": h.metadata}
+                for h in index.search(np.atleast_2d(q), k=k)[0]]
+    except (ImportError, CmcrError):
+        emb = gallery.embeddings(np.float32)
+        scores = emb @ np.atleast_2d(q)[0]
+        top = np.argsort(-scores, kind="stable")[:k]
+        keys = gallery.keys()
+        meta = gallery.metadata().to_pylist()
+        return [{"key": keys[i], "score": float(scores[i]), "row": int(i),
+                 "metadata": {c: v for c, v in meta[i].items() if c != "key"}} for i in top]
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    query: Path = typer.Argument(..., help="Query store (projected, e.g. audio)."),
+    gallery: Path = typer.Argument(..., help="Gallery store in the same space (e.g. projected images)."),
+    by: str = typer.Option("key", "--by", help="Positives by shared 'key' or by shared 'label'."),
+    label_column: str = typer.Option("label", help="Metadata column holding labels (with --by label)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Retrieval from a query store into a gallery store: R@1/5/10, mAP, pool size, chance level.
+
+    Example: cmcr eval retrieval st/vggss_audio.cmcr st/vggss_image.cmcr --by key --json
+    """
+    from cmcr.trainer.evaluate import evaluate_retrieval
+
+    r = evaluate_retrieval(query, gallery, by=by, label_column=label_column)
+    if as_json:
+        _print_json(r)
+        return
+    table = Table(title=f"{r['direction']} retrieval, positives by {r['positives_by']}, pool {r['pool']}, "
+                        f"{r['queries']} queries")
+    for col in ("metric", "value", "chance"):
+        table.add_column(col)
+    for name in ("R@1", "R@5", "R@10", "mAP"):
+        table.add_row(name, f"{r[name]:.4f}", f"{r['chance'][name]:.4f}")
+    console.print(table)
+
+
+@eval_app.command("zeroshot")
+def eval_zeroshot(
+    connector: Path = typer.Option(..., "--connector", "-c", help="Connector folder."),
+    store: Path = typer.Option(..., "--store", "-s", help="Projected store with a label column."),
+    classes: str = typer.Option(..., "--classes", help="Comma-separated class names, or a file with one per line."),
+    encoder: str = typer.Option(..., "--encoder", help="Text encoder spec of one connector side."),
+    prompt: str = typer.Option("a sound of a {}.", "--prompt", help="Prompt template ({} = class name)."),
+    label_column: str = typer.Option("label", help="Metadata column with the true class."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Zero-shot classification: class prompts -> text encoder -> connector side -> nearest class.
+
+    Example: cmcr eval zeroshot -c runs/clip-clap -s st/esc50_audio.cmcr --classes classes.txt
+    --encoder clip:ViT-B-32:openai --prompt "a photo of a {}."
+    """
+    from cmcr.pipeline.encoders import load_encoder
+    from cmcr.trainer.connector import Connector
+    from cmcr.trainer.evaluate import evaluate_zeroshot
+
+    names = _class_names(classes)
+    conn = Connector.load(connector)
+    enc = load_encoder(encoder)
+    raw = enc.encode("text", [prompt.format(n) for n in names])
+    side = conn.side_for(enc.identity(), "text")
+    zc = conn.project(side, raw, identity=enc.identity(), modality="text")
+    r = evaluate_zeroshot(store, zc, names, label_column=label_column)
+    r.update({"prompt": prompt, "side": side})
+    if as_json:
+        _print_json(r)
+        return
+    console.print(f"zero-shot on {store} ({r['items']} items, {r['classes']} classes, prompt {prompt!r}, text side "
+                  f"{side}): top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f} (chance {r['chance']['top1']:.4f} / "
+                  f"{r['chance']['top5']:.4f})")
+
+
+def _class_names(classes: str) -> list[str]:
+    p = Path(classes)
+    if p.exists():
+        names = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+    else:
+        names = [x.strip() for x in classes.split(",") if x.strip()]
+    if not names:
+        raise InputDataError(f"no class names in {classes!r}")
+    return names
+
+
+@bench_app.command("synthetic")
+def bench_synthetic(
+    out: Path = typer.Option(Path("cmcr-synthetic"), "--out", "-o", help="Work folder (stores, connectors)."),
+    seed: int = typer.Option(0, help="Generator and training seed."),
+    n_shared: int = typer.Option(3000, help="Shared corpus size (captions encoded by both MCRs)."),
+    n_memory: int = typer.Option(3000, help="Memory size of each MCR."),
+    n_eval: int = typer.Option(500, help="Held-out true (audio, image) pairs (the retrieval pool)."),
+    epochs: int = typer.Option(15, help="Training epochs per variant."),
+    variants: str = typer.Option("full,no_completion,no_noise,no_intra", help="Comma-separated variants."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """Controlled check: two synthetic MCRs with a shared latent; audio->image retrieval with ablations.
+
+    Example: cmcr bench synthetic --out /tmp/syn --epochs 15
+    """
+    from cmcr.trainer.synthetic import SyntheticSpec, run_synthetic_check, synthetic_config
+
+    spec = SyntheticSpec(seed=seed, n_shared=n_shared, n_memory_a=n_memory, n_memory_b=n_memory, n_eval=n_eval)
+    table = run_synthetic_check(out, spec, synthetic_config(seed=seed, epochs=epochs),
+                                tuple(v.strip() for v in variants.split(",") if v.strip()))
+    if as_json:
+        _print_json(table)
+        return
+    t = Table(title=f"synthetic check: audio->image retrieval, pool {n_eval} (chance R@1 {1 / n_eval:.4f})")
+    for col in ("variant", "R@1", "R@5", "mAP", "chance R@1", "image->audio R@1", "zero-shot top-1", "s"):
+        t.add_column(col)
+    for r in table:
+        t.add_row(r["variant"], f"{r['R@1']:.3f}", f"{r['R@5']:.3f}", f"{r['mAP']:.3f}", f"{r['chance_R@1']:.4f}",
+                  f"{r['image_to_audio_R@1']:.3f}", f"{r['zeroshot_top1']:.3f}", f"{r['seconds']:.1f}")
+    console.print(t)
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the root app."""
+    app.command("connect")(connect)
+    app.command("project")(project)
+    app.command("search")(search)
+    app.add_typer(eval_app, name="eval")
+    app.add_typer(bench_app, name="bench")
