@@ -31,11 +31,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from cmcr.errors import EncoderError
 from cmcr.pipeline.audio import AudioPolicy, load_audio_bytes
 from cmcr.pipeline.encoders import MODEL_CONFIG_DIR, Encoder, EncoderSpec
 from cmcr.pipeline.text import decode_text
-
-from cmcr.errors import EncoderError
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmcr.errors import InputDataError
 from cmcr.pipeline.audio import AUDIO_EXTENSIONS
 from cmcr.pipeline.images import IMAGE_EXTENSIONS
 from cmcr.pipeline.text import TEXT_EXTENSIONS
-
-from cmcr.errors import InputDataError
 
 MODALITY_OF_EXTENSION: dict[str, str] = {
     **{e: "image" for e in IMAGE_EXTENSIONS},

@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from cmcr.errors import InputDataError
 from cmcr.pipeline.audio import AUDIO_EXTENSIONS, SampleError
 from cmcr.pipeline.corpora import iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
 from cmcr.pipeline.images import IMAGE_EXTENSIONS
 from cmcr.pipeline.text import TEXT_EXTENSIONS
 from cmcr.stores.store import Store
-from torch.utils.data import DataLoader, IterableDataset
-
-from cmcr.errors import InputDataError
 
 log = logging.getLogger(__name__)
 
@@ -278,17 +278,23 @@ class ShardResult:
         self.samples += len(prepared.keys) + len(prepared.failures)
 
 
-def write_part(store: Store, modality: str, result: ShardResult, dim: int) -> int:
+def write_part(store: Store, modality: str, result: ShardResult, dim: int,
+               existing: set[str] | None = None) -> int:
     """Append one shard's rows (and failure records) to the store as one atomic part; returns rows.
 
     Keys already in the store (e.g. the same sample in two shards) become failures instead of
     aborting the part.
+
+    Args:
+        existing: the store's keys, kept by a caller that writes many parts (updated in place);
+            read from the store when ``None``.
     """
     keys, infos, metas = result.keys, result.infos, result.metas
     emb = np.concatenate(result.embeddings) if result.embeddings else np.zeros((0, dim), np.float32)
     failures = list(result.failures)
     seen: set[str] = set()
-    existing = set(store.keys()) if store.num_rows else set()
+    if existing is None:
+        existing = set(store.keys()) if store.num_rows else set()
     keep = []
     for i, k in enumerate(keys):
         if k in existing or k in seen:
@@ -303,6 +309,7 @@ def write_part(store: Store, modality: str, result: ShardResult, dim: int) -> in
         metas = [metas[i] for i in keep]
         emb = emb[keep]
     store.append_part(keys, emb, metadata_table(modality, infos, metas), source=result.source, failures=failures)
+    existing.update(keys)
     return len(keys)
 
 
@@ -487,6 +494,8 @@ def encode_shards(
                         multiprocessing_context="fork" if nw and os.name == "posix" else None)
     n_workers = max(1, nw)
     pending: dict[int, dict[str, Any]] = {}
+    existing_keys: set[str] = set(store.keys()) if store.num_rows else set()
+    live_failures = 0
 
     with _progress(progress) as bar:
         task = bar.add_task(f"encode {modality}", total=len(todo), samples=0, rate=0.0, failures=0, shard="")
@@ -509,6 +518,10 @@ def encode_shards(
                 report.model_s += time.perf_counter() - tm
                 st["batches"][msg["batch"]] = (prepared, emb, ok, fails)
                 report.samples += len(prepared.keys) + len(prepared.failures)
+                live_failures += len(prepared.failures) + len(fails)
+                elapsed = time.perf_counter() - t0
+                bar.update(task, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),
+                           failures=live_failures, shard=todo[i].name)
             else:
                 st["ends"] += 1
                 st["n"] = msg["batches"]
@@ -526,7 +539,7 @@ def encode_shards(
                     log.error("%s: %s; no part written (fix or remove the shard, then rerun)", todo[i], st["error"])
                 else:
                     tw = time.perf_counter()
-                    report.rows += write_part(store, modality, result, encoder.dim)
+                    report.rows += write_part(store, modality, result, encoder.dim, existing_keys)
                     report.write_s += time.perf_counter() - tw
                     report.failures += len(result.failures)
                     report.failure_examples += result.failures[: max(0, 10 - len(report.failure_examples))]

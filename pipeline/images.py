@@ -22,8 +22,9 @@ import io
 import warnings
 
 import numpy as np
-from cmcr.pipeline.audio import SampleError
 from PIL import Image, ImageOps
+
+from cmcr.pipeline.audio import SampleError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 BACKGROUND = (255, 255, 255)

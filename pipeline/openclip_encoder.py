@@ -17,11 +17,11 @@ import logging
 from typing import Any
 
 import numpy as np
+
+from cmcr.errors import EncoderError
 from cmcr.pipeline.encoders import MODEL_CONFIG_DIR, Encoder, EncoderSpec
 from cmcr.pipeline.images import BACKGROUND, decode_image
 from cmcr.pipeline.text import decode_text
-
-from cmcr.errors import EncoderError
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmcr.pipeline.corpora import CorpusEntry, Skipped, read_corpus
-
 from cmcr.errors import InputDataError
+from cmcr.pipeline.corpora import CorpusEntry, Skipped, read_corpus
 
 log = logging.getLogger(__name__)
 

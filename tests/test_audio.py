@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cmcr.pipeline.audio import (
     AudioPolicy,
     SampleError,
@@ -12,7 +13,6 @@ from cmcr.pipeline.audio import (
     preprocess_waveform,
     to_mono_float,
 )
-
 from tests.fixtures_encode import tone
 
 POLICY = AudioPolicy(sample_rate=48000, clip_seconds=1.0)

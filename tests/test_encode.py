@@ -5,16 +5,16 @@ from __future__ import annotations
 import shutil
 import tarfile
 
-import cmcr.pipeline.encode as encode_mod
 import numpy as np
 import pytest
+
+import cmcr.pipeline.encode as encode_mod
+from cmcr.cli import main
+from cmcr.errors import StoreMismatchError
 from cmcr.pipeline.encode import encode_shards
 from cmcr.pipeline.encoders import load_encoder
 from cmcr.pipeline.shards import write_shards
 from cmcr.stores.store import Store
-
-from cmcr.cli import main
-from cmcr.errors import StoreMismatchError
 from tests.fixtures_encode import TINY_CLIP
 
 

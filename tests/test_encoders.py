@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-from cmcr.pipeline.encoders import load_encoder, parse_spec
 
 from cmcr.errors import EncoderError
+from cmcr.pipeline.encoders import load_encoder, parse_spec
 from tests.fixtures_encode import TINY_CLAP, tone, write_tiny_bpe_tokenizer, write_wav
 
 

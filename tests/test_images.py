@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from cmcr.pipeline.audio import SampleError
 from cmcr.pipeline.images import decode_image, to_rgb
-from PIL import Image
 
 GOOD = ["rgb.jpg", "rgba.png", "la.png", "palette_transparent.png", "palette.gif", "cmyk.jpg",
         "grey.png", "grey16.png", "bilevel.png"]

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from cmcr.pipeline.corpora import iter_tar_samples, safe_key
-from cmcr.pipeline.shards import write_shards
 
 from cmcr.cli import main
 from cmcr.errors import InputDataError
+from cmcr.pipeline.corpora import iter_tar_samples, safe_key
+from cmcr.pipeline.shards import write_shards
 from tests.fixtures_encode import tone, write_wav
 
 

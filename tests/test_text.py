@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cmcr.pipeline.audio import SampleError
 from cmcr.pipeline.text import decode_text
 
