@@ -30,6 +30,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
 from cmcr.stores.index import build_index, open_index, plan_index
 from cmcr.stores.store import Store
 

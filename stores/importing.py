@@ -36,10 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
-from cmcr.stores.index import rows_progress
-from cmcr.stores.store import DTYPES, INPUT_NORM_TOLERANCE, MANIFEST, Store, canonical_json
 
 from cmcr.errors import InputDataError, StoreError, StoreValidationError
+from cmcr.stores.index import rows_progress
+from cmcr.stores.store import DTYPES, INPUT_NORM_TOLERANCE, MANIFEST, Store, canonical_json
 
 log = logging.getLogger(__name__)
 

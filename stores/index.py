@@ -45,9 +45,9 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
-from cmcr.stores.store import Store, _now, atomic_write_json
 
 from cmcr.errors import StoreIndexError
+from cmcr.stores.store import Store, _now, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -377,21 +377,28 @@ def build_index(
         del xt
         train_seconds = time.perf_counter() - t
 
+    # the recall queries (sampled store rows) are picked up during the add pass: no extra read
+    q = int(min(sample_queries, n))
+    query_rows = np.sort(rng.choice(n, size=q, replace=False))
+    queries = np.empty((q, dim), dtype=np.float32)
     t = time.perf_counter()
+    start, filled = 0, 0
     with rows_progress(progress) as bar:
         task = bar.add_task(f"indexing {store.path.name} ({plan['factory']})", total=n)
         for batch in store.iter_batches(batch_rows, dtype=np.float32):
-            index.add(batch.embeddings)
-            bar.advance(task, len(batch.keys))
+            x = batch.embeddings
+            index.add(x)
+            lo, hi = np.searchsorted(query_rows, [start, start + len(x)])
+            queries[filled:filled + hi - lo] = x[query_rows[lo:hi] - start]
+            filled += hi - lo
+            start += len(x)
+            bar.advance(task, len(x))
     add_seconds = time.perf_counter() - t
     if index.ntotal != n:
         raise StoreIndexError(f"{store.path}: index holds {index.ntotal} rows after adding, store has {n}")
 
     # -- tune the search-time knob against exact search (autofaiss: "measured recall beside the index")
     t = time.perf_counter()
-    q = int(min(sample_queries, n))
-    query_rows = np.sort(rng.choice(n, size=q, replace=False))
-    queries = _gather_rows(store, query_rows, batch_rows)
     if store.metric == "cosine":
         queries = _prepare_queries(queries, dim, normalize=True)
     k_eval = min(RECALL_K + 1, n)

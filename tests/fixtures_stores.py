@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from cmcr.stores.store import Store
 
 TEST_ENCODER = {"family": "test", "architecture": "random", "weights": "none"}

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from cmcr.stores.index import open_index
-from cmcr.stores.store import Store
 
 from cmcr.cli import main
 from cmcr.cli_store import _parse_bytes
+from cmcr.stores.index import open_index
+from cmcr.stores.store import Store
 from tests.fixtures_stores import clustered_embeddings
 
 

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from cmcr.stores.index import Hit, build_index, open_index, plan_index
 
 from cmcr.errors import StoreIndexError
+from cmcr.stores.index import Hit, build_index, open_index, plan_index
 from tests.fixtures_stores import clustered_embeddings
 
 GiB = 1024**3

@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from cmcr.errors import InputDataError, StoreError, StoreValidationError
 from cmcr.stores import importing
 from cmcr.stores.importing import import_embeddings
 from cmcr.stores.store import Store
-
-from cmcr.errors import InputDataError, StoreError, StoreValidationError
 from tests.fixtures_stores import clustered_embeddings
 
 ULIP = {"family": "ulip2", "architecture": "PointBERT", "weights": "ULIP-2-PointBERT-10k.pt"}
