@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cmcr.errors import InputDataError, StoreError, StoreValidationError
 from cmcr.stores import importing
@@ -172,3 +174,23 @@ def test_killed_import_resumes(tmp_path, monkeypatch):
 
 
 importing_clean = importing._clean_rows
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 40), d=st.integers(1, 9), part_rows=st.integers(1, 50), parquet=st.booleans())
+def test_import_round_trip_property(tmp_path_factory, n, d, part_rows, parquet):
+    """Whatever the sizes and part split, an import reads back the same keys and (normalised) rows in order."""
+    tmp = tmp_path_factory.mktemp("rt")
+    x = np.random.default_rng(n * 100 + d).standard_normal((n, d)).astype(np.float32) + 0.1
+    keys = [f"k{(i * 7919) % 100003}" for i in range(n)]  # unique, not sorted
+    if parquet:
+        pq.write_table(pa.table({"key": keys, "embedding": x.tolist()}), tmp / "in.parquet")
+        src, kw = tmp / "in.parquet", {}
+    else:
+        np.save(tmp / "in.npy", x)
+        src, kw = tmp / "in.npy", {"keys": keys}
+    s = import_embeddings(src, tmp / "s", modality="text", encoder={"family": "p"}, normalize=True,
+                          dtype="float32", part_rows=part_rows, progress=False, **kw)
+    assert s.keys() == keys
+    assert len(s.parts) == -(-n // part_rows)
+    np.testing.assert_allclose(s.embeddings(), x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
