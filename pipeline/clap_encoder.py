@@ -325,6 +325,8 @@ class ClapEncoder(Encoder):
             raise EncoderError(f"tokenizer has {len(self.tokenizer)} tokens but the text tower only "
                                f"{roberta['vocab_size']}")
         torch.manual_seed(spec.seed)
+        # HTSAT calls torch.meshgrid without indexing= when built and in forward (harmless, noisy)
+        warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
         try:
             with _offline_text_tower(roberta), _htsat_size(htsat):
                 model, model_cfg = cf.create_model(amodel, "roberta", pretrained="", precision="fp32",
@@ -345,8 +347,6 @@ class ClapEncoder(Encoder):
                     f"{result.unexpected_keys[:5]} ({len(result.unexpected_keys)}); is it a checkpoint of this "
                     f"architecture (HTSAT-tiny: 630k-*.pt, HTSAT-base: music_*.pt)?")
         model.eval()
-        # HTSAT calls torch.meshgrid without indexing= on every forward (harmless, noisy)
-        warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
         self.model = model
         self.dim = int(model_cfg["joint_embed_shape"]) if "joint_embed_shape" in model_cfg else int(
             model.audio_projection[-1].out_features)
