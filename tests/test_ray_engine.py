@@ -1,0 +1,169 @@
+"""The Ray Data engine of ``cmcr encode``: same store as the local engine, actor deaths retried,
+a failed job leaves only complete parts and a rerun finishes it, missing ray says how to install.
+
+Ray runs in local mode (``ray.init(num_cpus=2)`` once per module); each Ray test starts one or two
+pipelines (actor start-up dominates: a few seconds each).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmcr.errors import ConfigError
+from cmcr.pipeline.encode import encode_shards, shard_source
+from cmcr.pipeline.ray_engine import (
+    INSTALL_HINT,
+    EncoderActor,
+    RayEngineError,
+    _actor_device,
+    encode_shards_ray,
+    import_ray,
+)
+from cmcr.pipeline.shards import write_shards
+from cmcr.stores.store import Store
+from tests.fixtures_encode import TINY_CLIP
+
+RAY_OPTS = {"batch_size": 3, "replicas": 2, "cpus_per_replica": 0.5, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """Ray started on this machine (2 CPUs, no dashboard, loopback only) for this module."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _shards(messy_images, tmp_path: Path, n: int = 4, corrupt: bool = True) -> list[Path]:
+    """Messy-image shards (13 files, 4 bad) + one truncated tar at the end when ``corrupt``."""
+    shards = write_shards(messy_images["rgb.jpg"].parent, tmp_path / "shards", samples_per_shard=n).shards["image"]
+    if corrupt:
+        bad = tmp_path / "shards" / "image" / "shard-999999.tar"
+        data = shards[0].read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+        with pytest.raises(tarfile.TarError):
+            list(tarfile.open(bad))
+        shards = [*shards, bad]
+    return shards
+
+
+def _failures(store: Store) -> list[tuple]:
+    # PIL's messages name the BytesIO object by its address: the same failure reads differently per process
+    return sorted((f["key"], f["source"], f["stage"], re.sub(r"0x[0-9a-f]+", "0x", f["error"]))
+                  for f in store.failures().to_pylist())
+
+
+def assert_same_store(local: Path, ray_path: Path, sources: set[str] | None = None) -> None:
+    """Same keys, same rows per part (order within a part), same vectors, metadata and failures."""
+    a, b = Store.open(local, validate="full"), Store.open(ray_path, validate="full")
+    assert a.manifest["encoder"] == b.manifest["encoder"] and a.preprocessing == b.preprocessing
+    parts_a = {p.source: p for p in a.parts}
+    parts_b = {p.source: p for p in b.parts}
+    want = set(parts_a) if sources is None else sources
+    assert set(parts_b) == want
+    ka, kb = a.keys(), b.keys()
+    rows_a = {k: i for i, k in enumerate(ka)}
+    rows_b = {k: i for i, k in enumerate(kb)}
+    off_a = np.cumsum([0] + [p.rows for p in a.parts])
+    off_b = np.cumsum([0] + [p.rows for p in b.parts])
+    for src in want:  # each part: same keys in the same (shard) order
+        ia = next(i for i, p in enumerate(a.parts) if p.source == src)
+        ib = next(i for i, p in enumerate(b.parts) if p.source == src)
+        assert ka[off_a[ia]:off_a[ia + 1]] == kb[off_b[ib]:off_b[ib + 1]]
+    keys = sorted(kb)
+    assert len(keys) == len(set(keys))
+    ea, eb = a.embeddings(np.float32), b.embeddings(np.float32)
+    ia = [rows_a[k] for k in keys]
+    ib = [rows_b[k] for k in keys]
+    np.testing.assert_allclose(eb[ib], ea[ia], atol=2e-3)
+    assert a.metadata().take(ia).equals(b.metadata().take(ib))
+    if sources is None:
+        assert _failures(a) == _failures(b)
+
+
+def test_missing_ray_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(RayEngineError, match=r"pip install 'cmcr\[ray\]'") as e:
+        import_ray()
+    assert INSTALL_HINT in str(e.value)
+
+
+def test_actor_device_follows_gpus_per_replica():
+    assert _actor_device("auto", 0) == "cpu"
+    assert _actor_device("auto", 1) == "cuda"
+    assert _actor_device("cuda:1", 0.5) == "cuda"
+    with pytest.raises(ConfigError, match="--gpus-per-replica 1"):
+        _actor_device("cuda", 0)
+    with pytest.raises(ConfigError, match="contradicts"):
+        _actor_device("cpu", 1)
+
+
+def test_ray_store_equals_local_with_a_dying_actor_and_resumes(ray_local, tiny_clip, messy_images, tmp_path):
+    shards = _shards(messy_images, tmp_path)  # 4 good shards (4, 4, 4, 1 samples) + 1 truncated tar
+    local = encode_shards(shards, tiny_clip, "image", tmp_path / "local", batch_size=3, num_workers=0,
+                          progress=False)
+    marker = tmp_path / "actor-died"
+
+    class DiesOnce(EncoderActor):  # a local class: cloudpickle ships it by value to the workers
+        def embed_row(self, payload: bytes) -> bytes:
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)  # the replica process dies mid-shard, without cleanup
+            return super().embed_row(payload)
+
+    rep = encode_shards_ray(shards, TINY_CLIP, "image", tmp_path / "ray", driver_encoder=tiny_clip,
+                            actor_class=DiesOnce, **RAY_OPTS)
+    assert marker.exists()  # a replica really died; its batch was retried on a restarted actor
+    assert (rep.rows, rep.failures, rep.shards_done, rep.shards_failed) == (
+        local.rows, local.failures, local.shards_done, local.shards_failed) == (9, 5, 4, 1)
+    assert rep.samples == local.samples and rep.shards_incomplete == []
+    assert rep.model_s > 0 and rep.first_result_s > 0
+    assert_same_store(tmp_path / "local", tmp_path / "ray")
+    # rerun: every finished part is skipped and Ray is not even started
+    again = encode_shards_ray(shards[:-1], TINY_CLIP, "image", tmp_path / "ray", driver_encoder=tiny_clip,
+                              **RAY_OPTS)
+    assert (again.shards_skipped, again.rows, again.ray_init_s) == (4, 0, 0.0)
+
+
+def test_failed_job_keeps_only_complete_parts_and_rerun_finishes(ray_local, tiny_clip, messy_images, tmp_path):
+    shards = _shards(messy_images, tmp_path, n=3, corrupt=False)  # 5 shards
+    encode_shards(shards, tiny_clip, "image", tmp_path / "local", batch_size=3, num_workers=0, progress=False)
+    poison = shard_source(shards[2])
+
+    class FailsOnShard(EncoderActor):
+        def embed_row(self, payload: bytes) -> bytes:
+            import pickle
+
+            if pickle.loads(payload)[0] == poison:
+                raise RuntimeError("simulated infrastructure failure")
+            return super().embed_row(payload)
+
+    with pytest.raises(RayEngineError, match="rerun the same command") as e:
+        encode_shards_ray(shards, TINY_CLIP, "image", tmp_path / "ray", driver_encoder=tiny_clip,
+                          actor_class=FailsOnShard, **RAY_OPTS)
+    report = e.value.report
+    deadline = time.monotonic() + 30  # the failed run's actors are released (else the rerun would starve)
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_local.available_resources().get("CPU", 0) == 2
+    assert shards[2].name in str(e.value) and str(shards[2]) in report.shards_incomplete
+    store = Store.open(tmp_path / "ray", validate="full")
+    written = store.done_sources()
+    assert poison not in written
+    assert written == {shard_source(s) for s in shards} - {shard_source(s) for s in report.shards_incomplete}
+    if written:  # whatever finished before the failure is complete and right
+        assert_same_store(tmp_path / "local", tmp_path / "ray", sources=written)
+    rerun = encode_shards_ray(shards, TINY_CLIP, "image", tmp_path / "ray", driver_encoder=tiny_clip, **RAY_OPTS)
+    assert rerun.shards_skipped == len(written) and rerun.shards_done == 5 - len(written)
+    assert_same_store(tmp_path / "local", tmp_path / "ray")
