@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from cmcr.stores.memory import complete_exact, complete_topk
 from cmcr.stores.store import Store
 from cmcr.trainer.config import TrainConfig

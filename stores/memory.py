@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from cmcr.stores.store import EMBEDDING_COLUMN, Store, _chunk_matrix, canonical_json
 
 from cmcr.errors import StoreMismatchError, StoreValidationError
+from cmcr.stores.store import EMBEDDING_COLUMN, Store, _chunk_matrix, canonical_json
 
 log = logging.getLogger(__name__)
 

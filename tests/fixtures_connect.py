@@ -1,7 +1,9 @@
 """Pytest fixtures for the connect tests (registered in tests/conftest.py).
 
-``make_store`` writes an ordinary store from an array; ``tiny_mcr_stores`` builds the four
-training stores of a tiny synthetic MCR pair (see :mod:`cmcr.trainer.synthetic`).
+``make_store`` writes an ordinary store from an array; ``tiny_synthetic`` builds the stores of a
+tiny synthetic MCR pair (see :mod:`cmcr.trainer.synthetic`); ``tiny_trained`` is one connector
+trained on them, shared by the session; ``one_torch_thread`` runs a test module's tiny models on
+one torch thread (on a loaded 2-core machine, 2 threads make tiny batches 3-5x slower).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from cmcr.stores.store import Store
 
 ENC_A = {"family": "test", "architecture": "mcr-a", "weights": "random", "dim": 16}
@@ -60,6 +63,37 @@ def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from cmcr.trainer.synthetic import SyntheticSpec, generate_synthetic_stores
 
     return generate_synthetic_stores(tmp_path_factory.mktemp("tiny_synthetic"), SyntheticSpec(**TINY_SPEC))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """Run the module's torch work on one intra-op thread (restored afterwards). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_synthetic: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of one connector trained on :func:`tiny_synthetic` with ``tiny_config(epochs=2)`` (no loss
+    curve); shared by the session: tests must not write into it (copy it first)."""
+    import torch
+
+    from cmcr.trainer.loop import train_connector
+
+    out = tmp_path_factory.mktemp("tiny_trained") / "conn"
+    p = tiny_synthetic
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_connector(p["text_a"], p["text_b"], p["image_a"], p["audio_b"], out, tiny_config(epochs=2), plot=False)
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 def tiny_config(**changes: Any):  # noqa: ANN201

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cmcr.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-def test_connect_project_search_eval(tiny_synthetic, tmp_path, capsys):
+
+def test_connect_project_search_eval(tiny_synthetic, tmp_path, capsys, monkeypatch):
+    from cmcr.trainer import loop
+
+    plotted = []  # the PNG itself is checked in test_trainer; here only that connect asks for it
+    monkeypatch.setattr(loop, "plot_loss_curve", lambda history, path: plotted.append((len(history), path)))
     p = tiny_synthetic
     out = tmp_path / "conn"
     cfg = tmp_path / "c.toml"
@@ -20,6 +28,7 @@ def test_connect_project_search_eval(tiny_synthetic, tmp_path, capsys):
     assert res["metrics"]["epoch"] == 2 and res["data"]["pairs"] == 240
     meta = json.loads((out / "connector.json").read_text())
     assert meta["training"]["hidden_dim"] == 32 and meta["sides"]["A"]["mcr"] == "mcr-a"
+    assert plotted == [(2, out / "loss_curve.png")]
     assert main(["connect", "--shared-a", str(p["text_a"]), "--shared-b", str(p["text_b"]), "--memory-a",
                  str(p["image_a"]), "--memory-b", str(p["audio_b"]), "--out", str(out)]) == 2  # needs --resume
     assert "--resume" in capsys.readouterr().err

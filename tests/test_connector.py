@@ -6,21 +6,18 @@ import json
 
 import numpy as np
 import pytest
+
+from cmcr.errors import ConnectorError, StoreMismatchError
 from cmcr.stores.store import Store
 from cmcr.trainer.connector import Connector
 from cmcr.trainer.evaluate import evaluate_retrieval, evaluate_zeroshot, project_store
-from cmcr.trainer.loop import train_connector
 
-from cmcr.errors import ConnectorError, StoreMismatchError
-from tests.fixtures_connect import tiny_config
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_synthetic, tmp_path_factory):
-    out = tmp_path_factory.mktemp("conn") / "c"
-    p = tiny_synthetic
-    train_connector(p["text_a"], p["text_b"], p["image_a"], p["audio_b"], out, tiny_config(epochs=2))
-    return out
+def trained(tiny_trained):
+    return tiny_trained
 
 
 def test_load_validates_and_projects_in_eval_mode(trained, tiny_synthetic):

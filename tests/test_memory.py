@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from cmcr.errors import StoreMismatchError
 from cmcr.stores.memory import (
     Memory,
     MemoryQueue,
@@ -14,9 +16,9 @@ from cmcr.stores.memory import (
     complete_topk,
 )
 from cmcr.stores.store import Store
-
-from cmcr.errors import StoreMismatchError
 from tests.fixtures_connect import ENC_A, ENC_B, unit_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("chunk_rows,query_rows", [(7, 5), (1000, 1000), (1, 64)])

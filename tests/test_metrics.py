@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cmcr.trainer.metrics import chance_ap, chance_recall, retrieval_metrics, zeroshot_accuracy
 
 

@@ -6,11 +6,13 @@ import math
 
 import pytest
 import torch
+
+from cmcr.errors import ConfigError
 from cmcr.trainer.config import TrainConfig, default_config_text, flatten_tables, from_dict, load_config
 from cmcr.trainer.losses import add_noise, cmcr_loss, info_nce, intra_mcr_loss
 from cmcr.trainer.projector import Projector, make_projector, projector_architecture
 
-from cmcr.errors import ConfigError
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_reference_head_layout_and_init():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+
 from cmcr.stores.store import Store
 from cmcr.trainer.synthetic import SyntheticSpec, generate_synthetic_stores, run_synthetic_check, synthetic_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_generator_writes_ordinary_stores(tmp_path):

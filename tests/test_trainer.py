@@ -6,34 +6,45 @@ import json
 
 import numpy as np
 import pytest
+
+from cmcr.errors import StoreMismatchError, TrainingError
 from cmcr.trainer import loop
 from cmcr.trainer.connector import Connector
 from cmcr.trainer.data import batch_rows, steps_per_epoch
 from cmcr.trainer.loop import train_connector
-
-from cmcr.errors import StoreMismatchError, TrainingError
 from tests.fixtures_connect import ENC_A, tiny_config, unit_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(paths, out, cfg, **kw):
+    kw.setdefault("plot", False)
     return train_connector(paths["text_a"], paths["text_b"], paths["image_a"], paths["audio_b"], out, cfg, **kw)
 
 
-def test_train_writes_connector_metrics_and_curve(tiny_synthetic, tmp_path):
-    res = _train(tiny_synthetic, tmp_path / "run", tiny_config(epochs=3, keep_checkpoints=2))
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def full_run(tiny_synthetic, tmp_path_factory):
+    """One uninterrupted 2-epoch run with a loss curve: (result, folder)."""
+    out = tmp_path_factory.mktemp("full_run") / "run"
+    return _train(tiny_synthetic, out, tiny_config(epochs=2, keep_checkpoints=1), plot=True), out
+
+
+def test_train_writes_connector_metrics_and_curve(full_run):
+    res, out = full_run
     for name in ("connector.json", "connector.safetensors", "metrics.jsonl", "loss_curve.png"):
         assert (out / name).exists(), name
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert rows[-1]["inter_pseudo"] > 0 and rows[-1]["intra"] > 0
     assert "val_shared_R@1" in rows[-1]
-    assert len(list((out / "checkpoints").glob("epoch-*.pt"))) == 2  # keep_checkpoints
+    # keep_checkpoints=1: only the newest survives
+    assert [p.name for p in (out / "checkpoints").glob("epoch-*.pt")] == ["epoch-0002.pt"]
     meta = json.loads((out / "connector.json").read_text())
     assert meta["training"]["seed"] == 0 and meta["training"]["noise_std"] == 0.025
     assert meta["data"]["pairs"] == 240 and meta["stores"]["memory_b"]["modality"] == "audio"
-    assert res["metrics"]["epoch"] == 3 and res["fingerprint"] == Connector.load(out).fingerprint
+    assert res["metrics"]["epoch"] == 2 and res["fingerprint"] == Connector.load(out).fingerprint
     assert (out / "completions" / "A" / "manifest.json").exists()
 
 
@@ -45,8 +56,8 @@ def test_rerun_without_resume_is_refused_and_overwrite_starts_over(tiny_syntheti
     assert len(res["history"]) == 1
 
 
-def test_interrupted_run_resumes_to_same_weights(tiny_synthetic, tmp_path, monkeypatch):
-    ref = _train(tiny_synthetic, tmp_path / "ref", tiny_config(epochs=2))
+def test_interrupted_run_resumes_to_same_weights(full_run, tiny_synthetic, tmp_path, monkeypatch):
+    ref, ref_dir = full_run
     real = loop._validate
     calls = {"n": 0}
 
@@ -65,7 +76,7 @@ def test_interrupted_run_resumes_to_same_weights(tiny_synthetic, tmp_path, monke
     res = _train(tiny_synthetic, tmp_path / "cut", tiny_config(epochs=2), resume=True)
     assert [r["epoch"] for r in res["history"]] == [1, 2]
     assert res["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=1e-5)  # seeded and resumable
-    a = Connector.load(tmp_path / "ref").projectors["A"].state_dict()
+    a = Connector.load(ref_dir).projectors["A"].state_dict()
     b = Connector.load(tmp_path / "cut").projectors["A"].state_dict()
     for k in a:
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-5)

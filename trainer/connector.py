@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from cmcr.stores.store import atomic_write_bytes, atomic_write_json, canonical_json, identity_fingerprint, sha256_file
-from cmcr.trainer.projector import Projector, make_projector
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from cmcr import __version__
 from cmcr.errors import ConfigError, ConnectorError
+from cmcr.stores.store import atomic_write_bytes, atomic_write_json, canonical_json, identity_fingerprint, sha256_file
+from cmcr.trainer.projector import Projector, make_projector
 
 FORMAT_NAME = "cmcr-connector"
 FORMAT_VERSION = 1

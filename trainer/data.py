@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cmcr.errors import StoreMismatchError, TrainingError
 from cmcr.stores.memory import complete_store
 from cmcr.stores.store import Store, canonical_json, join_by_key
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import is_projected
-
-from cmcr.errors import StoreMismatchError, TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cmcr.errors import StoreMismatchError
 from cmcr.stores.store import Store, canonical_json
 from cmcr.trainer.connector import Connector, same_space
 from cmcr.trainer.metrics import DEFAULT_KS, retrieval_metrics, zeroshot_accuracy
-
-from cmcr.errors import StoreMismatchError
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from cmcr.errors import TrainingError
 from cmcr.stores.memory import MemoryQueue, resolve_device
 from cmcr.stores.store import Store, atomic_write_bytes, canonical_json
 from cmcr.trainer import losses
@@ -50,8 +52,6 @@ from cmcr.trainer.data import (
 )
 from cmcr.trainer.metrics import retrieval_metrics
 from cmcr.trainer.projector import build_projector, projector_architecture
-
-from cmcr.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ def train_connector(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | Callable[[dict[str, Any]], None] = False,
+    plot: bool = True,
 ) -> dict[str, Any]:
     """Train a C-MCR connector from four stores and write it to ``out_dir``.
 
@@ -189,6 +190,8 @@ def train_connector(
         overwrite: start over, deleting checkpoints/metrics of an earlier run in ``out_dir``.
         progress: ``True`` for a rich progress bar (loss, pairs/s), or a callable receiving one
             dict per step (``epoch``, ``step``, ``loss``, ``pairs_per_s``).
+        plot: write ``loss_curve.png`` (matplotlib) at the end; ``False`` skips it (ablation
+            sweeps, tests).
 
     Returns:
         ``{"connector": path, "metrics": final metrics, "history": per-epoch rows, "data": join
@@ -323,7 +326,7 @@ def train_connector(
             _write_history(out, history)
     finally:
         reporter.stop()
-        if history:  # also after a failure: the curve up to the last good epoch
+        if history and plot:  # also after a failure: the curve up to the last good epoch
             plot_loss_curve(history, out / LOSS_CURVE)
 
     final = dict(history[-1]) if history else {}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from cmcr.stores.store import Store
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import Connector
@@ -164,6 +165,7 @@ def run_synthetic_check(
     variants: tuple[str, ...] = tuple(VARIANTS),
     *,
     progress: bool = False,
+    plot: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate the synthetic stores, train one connector per variant, score audio->image retrieval.
 
@@ -172,6 +174,8 @@ def run_synthetic_check(
         spec: synthetic sizes (test-size defaults).
         config: base training config (defaults: :func:`synthetic_config`).
         variants: names from :data:`VARIANTS` (``full``, ``no_completion``, ``no_noise``, ``no_intra``).
+        progress: rich progress bars while training.
+        plot: also write each variant's ``loss_curve.png`` (off by default: matplotlib costs seconds).
 
     Returns:
         One row per variant: ``{"variant", "R@1", "R@5", "R@10", "mAP", "pool", "chance_R@1",
@@ -192,7 +196,7 @@ def run_synthetic_check(
         t0 = time.perf_counter()
         vcfg = cfg.replace(**VARIANTS[name])
         train_connector(paths["text_a"], paths["text_b"], paths["image_a"], paths["audio_b"], out / name, vcfg,
-                        overwrite=True, progress=progress)
+                        overwrite=True, progress=progress, plot=plot)
         conn = Connector.load(out / name)
         z_img, z_aud = project_embeddings(conn, eval_img), project_embeddings(conn, eval_aud)
         keys = eval_img.keys()
