@@ -45,9 +45,14 @@ FAST_CLIP = "open_clip:cmcr-tiny-clip@random"
 FAST_CLAP = "clap:cmcr-tiny-clap@random"
 RANDOM_BANNER = "random weights: not meaningful"
 HUB_HOSTS = (("huggingface.co", 443),)
-AUDIO_QUERY = "audio/dog"  # folder of the example audio query
+AUDIO_QUERY_LABEL = "dog"  # label of the example audio query
 TEXT_QUERY = "a dog barking loudly"
 PROMPT_TEMPLATE = "a photo or a sound of a {}."
+RETRIEVAL_COLUMNS = ["direction", "queries", "queries_without_positive", "pool", "R@1", "R@5", "R@10", "mAP",
+                     "median_rank", "chance_R@1", "chance_R@5", "chance_R@10", "chance_mAP"]
+ZEROSHOT_COLUMNS = ["task", "classes", "items", "top1", "top5", "chance_top1", "chance_top5"]
+SYNTHETIC_COLUMNS = ["variant", "direction", "pool", "R@1", "R@5", "R@10", "mAP", "chance_R@1", "chance_R@5",
+                     "chance_mAP", "image_to_audio_R@1", "zeroshot_top1", "zeroshot_chance", "seconds"]
 
 
 @dataclass
@@ -194,13 +199,13 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     """
     from cmcr.pipeline.encode import encode_shards
     from cmcr.pipeline.shards import write_shards
-    from cmcr.stores.store import Store
     from cmcr.trainer.config import TrainConfig
     from cmcr.trainer.connector import Connector
+    from cmcr.trainer.evaluate import evaluate_retrieval, project_store
     from cmcr.trainer.loop import train_connector
-    from cmcr.trainer.metrics import retrieval_metrics, zeroshot_accuracy
+    from cmcr.trainer.metrics import zeroshot_accuracy
 
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 130)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -251,25 +256,24 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     seconds["connect"] = time.perf_counter() - t
 
     t = stage("5/7 project + evaluate")
-    images, audio = Store.open(stores_dir / "clip_image"), Store.open(stores_dir / "clap_audio")
-    z_img = connector.project("A", images.embeddings(np.float32), identity=images.encoder, modality="image")
-    z_aud = connector.project("B", audio.embeddings(np.float32), identity=audio.encoder, modality="audio")
-    img_labels, aud_labels = _labels(images), _labels(audio)
+    projected = out / "projected"
+    z_img_store = project_store(connector, stores_dir / "clip_image", projected / "clip_image", overwrite=True)
+    z_aud_store = project_store(connector, stores_dir / "clap_audio", projected / "clap_audio", overwrite=True)
     retrieval = []
-    for direction, q, ql, g, gl in (("audio->image", z_aud, aud_labels, z_img, img_labels),
-                                    ("image->audio", z_img, img_labels, z_aud, aud_labels)):
-        keep = [i for i, lab in enumerate(ql) if lab in set(gl)]
-        m = retrieval_metrics(q[keep], g, [ql[i] for i in keep], gl)
-        retrieval.append({"direction": direction, "positives": "same label", "queries": len(keep),
-                          "queries_without_positive": len(ql) - len(keep), **_flat(m)})
-    zeroshot = _zeroshot(clip, clap, connector, z_img, img_labels, z_aud, aud_labels, zeroshot_accuracy)
-    _print_table(console, "retrieval in the connected space (labels shared across modalities)", retrieval,
-                 random_weights)
-    _print_table(console, "zero-shot classification across the two MCRs", zeroshot, random_weights)
+    for q_store, g_store in ((z_aud_store, z_img_store), (z_img_store, z_aud_store)):
+        m = evaluate_retrieval(q_store, g_store, by="label")
+        retrieval.append({"direction": m["direction"], "positives": "same label", **_flat(m)})
+    z_img, z_aud = z_img_store.embeddings(np.float32), z_aud_store.embeddings(np.float32)
+    zeroshot = _zeroshot(clip, clap, connector, z_img, _labels(z_img_store), z_aud, _labels(z_aud_store),
+                         zeroshot_accuracy)
+    _print_table(console, "retrieval in the connected space (positives: same label)", retrieval, random_weights,
+                 RETRIEVAL_COLUMNS)
+    _print_table(console, "zero-shot classification across the two MCRs", zeroshot, random_weights,
+                 ZEROSHOT_COLUMNS)
     seconds["evaluate"] = time.perf_counter() - t
 
     t = stage("6/7 search")
-    searches = _example_searches(clip, connector, images, audio, z_img, z_aud)
+    searches = _example_searches(clip, connector, z_img_store, z_aud_store)
     for s in searches:
         console.print(f"[bold]{s['query']}[/] → " + ", ".join(f"{h['key']} ({h['label']}, {h['score']:.3f})"
                                                              for h in s["hits"][:5]))
@@ -279,7 +283,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     if opts.synthetic:
         t = stage("7/7 synthetic check")
         synthetic = _synthetic(out / "synthetic", opts.fast)
-        _print_table(console, "synthetic check: audio→image with known true pairs", synthetic, False)
+        _print_table(console, "synthetic check: audio→image with known true pairs", synthetic, False,
+                     SYNTHETIC_COLUMNS)
         seconds["synthetic"] = time.perf_counter() - t
 
     result = DemoResult(random_weights=random_weights, encoders=encoders, weight_notes=notes, counts=counts,
@@ -316,39 +321,41 @@ def _zeroshot(clip, clap, connector, z_img, img_labels, z_aud, aud_labels, zeros
     return rows
 
 
-def _example_searches(clip, connector, images, audio, z_img, z_aud) -> list[dict[str, Any]]:  # noqa: ANN001
-    img_keys, aud_keys = images.keys(), audio.keys()
-    img_meta = images.metadata(["label", "source"]).to_pylist()
-    aud_meta = audio.metadata(["label", "source"]).to_pylist()
-    q_row = next((i for i, m in enumerate(aud_meta) if AUDIO_QUERY in str(m.get("source"))), 0)
+def _example_searches(clip, connector, z_img_store, z_aud_store) -> list[dict[str, Any]]:  # noqa: ANN001
+    """Two searches through the projected stores' FAISS indexes: an audio clip's projection → images, and a
+    caption through CLIP's text encoder → audio clips (CLIP never saw audio)."""
+    from cmcr.stores.index import open_index
+
+    aud_meta = z_aud_store.metadata(["label", "source"]).to_pylist()
+    q_row = next((i for i, m in enumerate(aud_meta) if m.get("label") == AUDIO_QUERY_LABEL), 0)
+    z_query_audio = z_aud_store.embeddings(np.float32)[q_row]
     z_txt = connector.project("A", clip.encode("text", [TEXT_QUERY]), identity=clip.identity(), modality="text")
 
-    def top(q: np.ndarray, gallery: np.ndarray, keys: list[str], meta: list[dict], k: int = 5) -> list[dict]:
-        scores = gallery @ q
-        order = np.argsort(-scores, kind="stable")[:k]
-        return [{"key": keys[i], "score": float(scores[i]), "label": meta[i].get("label"),
-                 "source": meta[i].get("source")} for i in order]
+    def hits(store, query: np.ndarray, k: int = 5) -> list[dict[str, Any]]:  # noqa: ANN001
+        return [{"key": h.key, "score": float(h.score), "label": h.metadata.get("label"),
+                 "source": h.metadata.get("source")} for h in open_index(store).search(query, k=k)[0]]
 
     return [
-        {"query": f"audio {aud_meta[q_row].get('source')} (label {aud_meta[q_row].get('label')}) → images",
-         "kind": "audio->image", "hits": top(z_aud[q_row], z_img, img_keys, img_meta)},
+        {"query": f"audio {aud_meta[q_row]['key']} (label {aud_meta[q_row].get('label')}) → images",
+         "kind": "audio->image", "hits": hits(z_img_store, z_query_audio)},
         {"query": f"caption {TEXT_QUERY!r} (CLIP text) → audio clips", "kind": "text->audio",
-         "hits": top(z_txt[0], z_aud, aud_keys, aud_meta)},
+         "hits": hits(z_aud_store, z_txt[0])},
     ]
 
 
 def _synthetic(out: Path, fast: bool) -> list[dict[str, Any]]:
     from cmcr.trainer.synthetic import SyntheticSpec, run_synthetic_check
 
-    spec = SyntheticSpec()
+    spec = SyntheticSpec(n_shared=600, n_memory_a=600, n_memory_b=600, n_eval=200) if fast else SyntheticSpec()
     return run_synthetic_check(out, spec)
 
 
-def _print_table(console: Console, title: str, rows: list[dict[str, Any]], random_weights: bool) -> None:
+def _print_table(console: Console, title: str, rows: list[dict[str, Any]], random_weights: bool,
+                 columns: list[str]) -> None:
     if not rows:
         return
     table = Table(title=title + (f"  [red]({RANDOM_BANNER})[/]" if random_weights else ""))
-    cols = [c for c in rows[0] if not isinstance(rows[0][c], (dict, list))]
+    cols = [c for c in columns if c in rows[0]]
     for c in cols:
         table.add_column(c)
     for r in rows:
@@ -364,8 +371,13 @@ def _fmt(v: Any) -> str:
 
 # ---------------------------------------------------------------------------- reports
 def _thumbnail(source: str | None, dst_dir: Path, key: str) -> str | None:
-    if not source or not Path(source).is_file():
+    """A 128 px JPEG thumbnail of an image (``source`` absolute or relative to the bundled images)."""
+    if not source:
         return None
+    if not Path(source).is_file():
+        source = str(SAMPLE_DATA / "images" / source)
+        if not Path(source).is_file():
+            return None
     try:
         from PIL import Image
 
@@ -380,10 +392,16 @@ def _thumbnail(source: str | None, dst_dir: Path, key: str) -> str | None:
         return None
 
 
-def _md_table(rows: list[dict[str, Any]]) -> str:
+def _columns(rows: list[dict[str, Any]], columns: list[str] | None) -> list[str]:
+    if columns is None:
+        return [c for c in rows[0] if not isinstance(rows[0][c], (dict, list))]
+    return [c for c in columns if c in rows[0]]
+
+
+def _md_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     if not rows:
         return "_none_\n"
-    cols = [c for c in rows[0] if not isinstance(rows[0][c], (dict, list))]
+    cols = _columns(rows, columns)
     lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -405,8 +423,8 @@ def write_reports(result: DemoResult, out: Path) -> None:
     md.append(f"\nCorpus: {result.counts.get('text', 0)} captions (shared modality), {result.counts.get('image', 0)} "
               f"images (CLIP memory), {result.counts.get('audio', 0)} audio clips (CLAP memory). No audio–image "
               f"pair is used for training; evaluation pairs audio and images by their shared label.\n")
-    md.append("\n## Retrieval (connected space)\n\n" + _md_table(result.retrieval))
-    md.append("\n## Zero-shot classification across the two MCRs\n\n" + _md_table(result.zeroshot))
+    md.append("\n## Retrieval (connected space)\n\n" + _md_table(result.retrieval, RETRIEVAL_COLUMNS))
+    md.append("\n## Zero-shot classification across the two MCRs\n\n" + _md_table(result.zeroshot, ZEROSHOT_COLUMNS))
     md.append("\n## Example searches\n")
     for s in result.searches:
         md.append(f"\n**{s['query']}**\n\n| rank | key | label | score | |\n| --- | --- | --- | --- | --- |\n")
@@ -414,16 +432,17 @@ def write_reports(result: DemoResult, out: Path) -> None:
             img = f"![]({h['thumbnail']})" if h.get("thumbnail") else ""
             md.append(f"| {r} | {h['key']} | {h['label']} | {h['score']:.3f} | {img} |\n")
     if result.synthetic:
-        md.append("\n## Synthetic check (known true pairs; ablations)\n\n" + _md_table(result.synthetic))
+        md.append("\n## Synthetic check (known true pairs; ablations)\n\n"
+                  + _md_table(result.synthetic, SYNTHETIC_COLUMNS))
     md.append("\n## Time (seconds)\n\n" + _md_table([result.seconds]))
     md_text = "".join(md)
     (out / "report.md").write_text(md_text)
     result.report_md = str(out / "report.md")
 
-    def h_table(rows: list[dict[str, Any]]) -> str:
+    def h_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
         if not rows:
             return "<p><em>none</em></p>"
-        cols = [c for c in rows[0] if not isinstance(rows[0][c], (dict, list))]
+        cols = _columns(rows, columns)
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
                        for r in rows)
@@ -435,8 +454,8 @@ def write_reports(result: DemoResult, out: Path) -> None:
              "<h1>cmcr demo report</h1>"]
     if result.random_weights:
         parts.append(f"<p class='warn'>{RANDOM_BANNER.upper()} — the encoders were random-init.</p>")
-    parts.append("<h2>Retrieval (connected space)</h2>" + h_table(result.retrieval))
-    parts.append("<h2>Zero-shot classification across the two MCRs</h2>" + h_table(result.zeroshot))
+    parts.append("<h2>Retrieval (connected space)</h2>" + h_table(result.retrieval, RETRIEVAL_COLUMNS))
+    parts.append("<h2>Zero-shot classification across the two MCRs</h2>" + h_table(result.zeroshot, ZEROSHOT_COLUMNS))
     parts.append("<h2>Example searches</h2>")
     for s in result.searches:
         parts.append(f"<h3>{html.escape(s['query'])}</h3><table><tr><th>rank</th><th>key</th><th>label</th>"
@@ -447,7 +466,8 @@ def write_reports(result: DemoResult, out: Path) -> None:
                          f"<td>{h['score']:.3f}</td><td>{img}</td></tr>")
         parts.append("</table>")
     if result.synthetic:
-        parts.append("<h2>Synthetic check (known true pairs; ablations)</h2>" + h_table(result.synthetic))
+        parts.append("<h2>Synthetic check (known true pairs; ablations)</h2>"
+                     + h_table(result.synthetic, SYNTHETIC_COLUMNS))
     parts.append("<h2>Time (seconds)</h2>" + h_table([result.seconds]) + "</body></html>")
     (out / "report.html").write_text("".join(parts))
     result.report_html = str(out / "report.html")
