@@ -36,6 +36,7 @@ import logging
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,7 +287,15 @@ def encode_shards_ray(
     started_here = False
     if not ray.is_initialized():
         ti = time.perf_counter()
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        kwargs: dict[str, Any] = {"include_dashboard": False} if address is None else {}
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise RayEngineError(
+                f"cannot connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS') or 'this machine'} "
+                f"({type(e).__name__}: {e}). Check that it is up (`ray status` on the head node) and the "
+                f"address (auto, host:6379, ray://head:10001), or leave --address out to run Ray on this machine"
+            ) from e
         report.ray_init_s = time.perf_counter() - ti
         started_here = True
     try:
@@ -302,12 +311,29 @@ def encode_shards_ray(
     return report
 
 
+def _encode_stage(ds: Any, actor_class: type, report: RayEncodeReport, spec: str, modality: str, actor_device: str,
+                  precision: str, clap_tokenizer: str | None, enc: Encoder, gpus_per_replica: float,
+                  cpus_per_replica: float, max_retries: int) -> Any:
+    """The encoder actor pool stage (``map_batches``): one actor per replica, one batch per call."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        actor_class, batch_size=1, batch_format="numpy",
+        compute=ActorPoolStrategy(size=report.replicas),
+        fn_constructor_kwargs={"spec": spec, "modality": modality, "device": actor_device, "precision": precision,
+                               "clap_tokenizer": clap_tokenizer, "expected_identity": enc.identity(),
+                               "expected_preprocessing": enc.preprocessing(modality),
+                               "torch_threads": max(1, int(cpus_per_replica))},
+        num_cpus=cpus_per_replica, num_gpus=gpus_per_replica or None,
+        max_restarts=-1, max_task_retries=max_retries)
+
+
 def _run_pipeline(ray: Any, todo: list[Path], enc: Encoder, spec: str, modality: str, store: Any,
                   report: RayEncodeReport, *, batch_size: int, num_workers: int, progress: bool, device: str,
                   precision: str, clap_tokenizer: str | None, address: str | None, gpus_per_replica: float | None,
                   cpus_per_replica: float, max_retries: int, actor_class: type, started_here: bool) -> None:
     """Build and drain the Ray Data pipeline; write each shard's part as soon as it is complete."""
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+    from ray.data import DataContext, TaskPoolStrategy
 
     resources = ray.cluster_resources()
     if gpus_per_replica is None:
@@ -333,15 +359,12 @@ def _run_pipeline(ray: Any, todo: list[Path], enc: Encoder, spec: str, modality:
     ds = ray.data.from_items([{"shard": i, "path": str(p)} for i, p in enumerate(todo)],
                              override_num_blocks=len(todo))
     ds = ds.flat_map(read, num_cpus=1, compute=TaskPoolStrategy(size=num_workers) if num_workers > 0 else None)
-    ds = ds.map_batches(
-        actor_class, batch_size=1, batch_format="numpy",
-        compute=ActorPoolStrategy(size=report.replicas),
-        fn_constructor_kwargs={"spec": spec, "modality": modality, "device": actor_device, "precision": precision,
-                               "clap_tokenizer": clap_tokenizer, "expected_identity": enc.identity(),
-                               "expected_preprocessing": enc.preprocessing(modality),
-                               "torch_threads": max(1, int(cpus_per_replica))},
-        num_cpus=cpus_per_replica, num_gpus=gpus_per_replica or None,
-        max_restarts=-1, max_task_retries=max_retries)
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_task_retries (its default, -1, would retry a batch
+        # that kills every actor forever); the **ray_remote_args route is deprecated for Ray 2.64
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = _encode_stage(ds, actor_class, report, spec, modality, actor_device, precision, clap_tokenizer, enc,
+                           gpus_per_replica, cpus_per_replica, max_retries)
 
     pending: dict[int, dict[str, Any]] = {}
     written: set[int] = set()
