@@ -81,6 +81,18 @@ def main() -> None:
         print(f"local engine: {local.wall_s:.2f} s, {local.samples_per_s:.1f} samples/s "
               f"(model busy {100 * local.model_busy:.0f}%, model load {load_s:.2f} s not counted)")
 
+        # the same with one torch thread in the main process (the Ray actors run with one thread each;
+        # on 2 cores, torch's default threads + 2 decode workers oversubscribe the CPUs)
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        local1 = encode_shards(shards, enc, "image", tmp_path / "local-1thread", batch_size=args.batch_size,
+                               num_workers=args.num_workers, progress=False)
+        torch.set_num_threads(threads)
+        print(f"local engine, 1 torch thread: {local1.wall_s:.2f} s, {local1.samples_per_s:.1f} samples/s "
+              f"(model {local1.model_s:.2f} s vs {local.model_s:.2f} s with {threads} threads)")
+
         t = time.perf_counter()
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)
@@ -96,7 +108,8 @@ def main() -> None:
                          "model_s": rep.model_s, "decode_s": rep.decode_s, "rows": rep.rows})
             print(f"{name} ({args.replicas} replicas x {args.cpus_per_replica:g} CPU): {rep.wall_s:.2f} s, "
                   f"{rep.samples_per_s:.1f} samples/s; first result after {rep.first_result_s:.2f} s; "
-                  f"after that {steady:.1f} samples/s; model busy (summed over replicas) "
+                  f"after that {steady:.1f} samples/s (upper bound: tasks preprocess during actor start-up); "
+                  f"model (summed over replicas) "
                   f"{rep.model_s:.2f} s")
         ray.shutdown()
 
@@ -108,6 +121,8 @@ def main() -> None:
         figures = {
             "samples": args.samples, "shards": len(shards), "encoder": args.encoder, "batch_size": args.batch_size,
             "cpus": os.cpu_count(), "local_wall_s": local.wall_s, "local_samples_per_s": local.samples_per_s,
+            "local_model_s": local.model_s, "local_1thread_samples_per_s": local1.samples_per_s,
+            "local_1thread_model_s": local1.model_s,
             "ray_init_s": ray_init_s, "ray_runs": runs,
             "ratio_ray_over_local_first_run": runs[0]["samples_per_s"] / local.samples_per_s,
             "ratio_ray_over_local_best_run": best / local.samples_per_s,
@@ -117,10 +132,12 @@ def main() -> None:
         print()
         print(f"{'':34s}{'samples/s':>12s}{'wall s':>10s}")
         print(f"{'local engine':34s}{local.samples_per_s:12.1f}{local.wall_s:10.2f}")
+        print(f"{'local engine, 1 torch thread':34s}{local1.samples_per_s:12.1f}{local1.wall_s:10.2f}")
         for r in runs:
             print(f"{r['run'] + ' (Ray local mode)':34s}{r['samples_per_s']:12.1f}{r['wall_s']:10.2f}")
         print(f"ratio Ray / local (1st run, incl. actor start): {figures['ratio_ray_over_local_first_run']:.2f}")
         print(f"ratio Ray / local (2nd run, Ray already up):    {runs[1]['samples_per_s'] / local.samples_per_s:.2f}")
+        print(f"ratio Ray / local with 1 torch thread (1st run): {runs[0]['samples_per_s'] / local1.samples_per_s:.2f}")
         print(f"Ray start-up: ray.init {ray_init_s:.2f} s + first result after {runs[0]['first_result_s']:.2f} s "
               f"(actor start, model load, first batch) = {figures['ray_startup_overhead_s']:.2f} s")
         print(f"same keys: {figures['same_keys']}; max |local - ray| = {diff:.2e} (float16 store)")
