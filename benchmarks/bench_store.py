@@ -9,8 +9,9 @@ Prints figures (never asserts on time). Reference size (issue 2): 1,000,000 x 51
   index's recall@10 (target >= 0.95) — both the leave-one-out figure saved in ``index.json`` and
   recall on held-out queries from the same distribution.
 
-Rows are synthetic but structured like real embeddings: a 64-d latent mixture of Gaussians
-(one cluster per ~1000 rows) mapped linearly to ``dim`` plus isotropic noise, L2-normalised.
+Rows are synthetic but structured like real embeddings: a 64-d latent mixture of overlapping
+Gaussians (one cluster per ~1000 rows, spread ``LATENT_NOISE`` = centre spread) mapped linearly to
+``dim`` plus isotropic noise, L2-normalised.
 (Uniform random unit vectors in 512-d have no near neighbours and make every ANN index look bad.)
 
 Usage::
@@ -34,6 +35,10 @@ import numpy as np
 from cmcr.stores.index import build_index, open_index, plan_index
 from cmcr.stores.store import Store
 
+#: Spread of rows around their cluster centre in the latent space (centres have unit spread): at 1.0
+#: clusters overlap, so near neighbours often lie in other clusters / IVF lists, as in real embeddings.
+LATENT_NOISE = 1.0
+
 
 def synthetic(rows: int, dim: int, seed: int, clusters: int, latent: int = 64, chunk: int = 100_000) -> np.ndarray:
     """``(rows, dim) float16`` clustered unit rows; ``seed`` draws the rows, the space (centres,
@@ -45,7 +50,7 @@ def synthetic(rows: int, dim: int, seed: int, clusters: int, latent: int = 64, c
     out = np.empty((rows, dim), dtype=np.float16)
     for s in range(0, rows, chunk):
         n = min(chunk, rows - s)
-        z = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, latent)).astype(np.float32)
+        z = centres[rng.integers(0, clusters, n)] + LATENT_NOISE * rng.standard_normal((n, latent)).astype(np.float32)
         x = z @ proj + 0.25 * rng.standard_normal((n, dim)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[s:s + n] = x
