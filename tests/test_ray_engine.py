@@ -36,10 +36,10 @@ RAY_OPTS = {"batch_size": 3, "replicas": 2, "cpus_per_replica": 0.5, "progress":
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """Ray started on this machine (2 CPUs, no dashboard, loopback only) for this module."""
+    """Ray started on this machine (2 CPUs, no dashboard) for this module."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)
     yield ray
     ray.shutdown()
