@@ -111,6 +111,15 @@ def _keys_to_list(col: pa.ChunkedArray | pa.Array, where: Any) -> list[str]:
     return col.to_pylist()
 
 
+def _keys_array(col: pa.ChunkedArray, where: Any) -> pa.ChunkedArray:
+    """Keys as a string ChunkedArray (no Python objects); null keys are an error naming the row."""
+    if col.null_count:
+        _keys_to_list(col, where)  # raises, naming the row
+    if not pa.types.is_string(col.type):
+        col = pc.cast(col, pa.string())
+    return col
+
+
 def _check_keys(keys: Sequence[str], where: Any) -> None:
     seen: dict[str, int] = {}
     for i, k in enumerate(keys):
@@ -444,7 +453,7 @@ def import_embeddings(
             raise InputDataError("--keys / --metadata apply to .npy inputs; Parquet inputs carry their own columns")
         dim = None
         schema_cols: list[str] | None = None
-        all_keys: list[str] = []
+        key_chunks: list[pa.Array] = []
         for f in files:
             try:
                 pf = pq.ParquetFile(f)
@@ -477,12 +486,15 @@ def import_embeddings(
                 raise InputDataError(f"{f}: metadata columns {cols} differ from {files[0]}'s {schema_cols}")
             schema_cols = cols
             if not row_keys:
-                all_keys.extend(_keys_to_list(pq.read_table(f, columns=[key_column]).column(key_column), f))
+                key_chunks.extend(_keys_array(pq.read_table(f, columns=[key_column]).column(key_column), f).chunks)
         if not row_keys:
-            _check_keys(all_keys, " + ".join(str(f) for f in files))
+            all_keys = pa.chunked_array(key_chunks, type=pa.string())
+            # vectorised check first; the Python scan only runs to name the offending rows
+            if pc.count_distinct(all_keys).as_py() != len(all_keys) or pc.any(pc.equal(all_keys, "")).as_py():
+                _check_keys(all_keys.to_pylist(), " + ".join(str(f) for f in files))
         total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         meta_cols = schema_cols or []
-        del all_keys
+        del key_chunks
     assert dim is not None
 
     identity = dict(encoder)
