@@ -61,3 +61,120 @@ def test_help_texts_have_examples(capsys):
                 ["bench", "synthetic"]):
         main([*cmd, "--help"])
         assert "Example" in capsys.readouterr().out
+
+
+# --- search --text/--media and eval zeroshot through real (tiny, random-init) encoders ---------------
+
+
+@pytest.fixture(scope="module")
+def tiny_encoded(tiny_clip, tiny_clap, sample_data, tmp_path_factory):
+    """CLIP/CLAP stores of tiny random-init encoders: captions by both, sample images by CLIP,
+    sample sounds by CLAP; a connector trained on them; images, sounds and CLIP captions projected."""
+    from cmcr.pipeline.encode import encode_shards
+    from cmcr.pipeline.shards import write_shards
+    from cmcr.trainer.evaluate import project_store
+    from cmcr.trainer.loop import train_connector
+    from tests.fixtures_connect import tiny_config
+
+    d = tmp_path_factory.mktemp("tiny_encoded")
+    caps = d / "caps.csv"
+    caps.write_text("caption\n" + "".join(f"{w} number {i}\n" for i, w in enumerate(
+        ["a dog barking", "a cat meowing", "church bells ringing", "birds chirping", "a car engine",
+         "rain falling", "a crackling fire", "a cow mooing", "an airplane flying", "a clock ticking"] * 3)))
+    text_shards = write_shards(caps, d / "sh_text").shards["text"]
+    img_shards = write_shards(sample_data / "images", d / "sh_img").shards["image"]
+    aud_shards = write_shards(sample_data / "audio", d / "sh_aud").shards["audio"]
+    st = {}
+    for name, shards, enc, mod in (("clip_text", text_shards, tiny_clip, "text"),
+                                   ("clap_text", text_shards, tiny_clap, "text"),
+                                   ("clip_image", img_shards, tiny_clip, "image"),
+                                   ("clap_audio", aud_shards, tiny_clap, "audio")):
+        encode_shards(shards, enc, mod, d / name, batch_size=16, num_workers=0, progress=False)
+        st[name] = d / name
+    conn = d / "conn"
+    train_connector(st["clip_text"], st["clap_text"], st["clip_image"], st["clap_audio"], conn,
+                    tiny_config(epochs=1, batch_size=16, val_fraction=0.0), plot=False)
+    for name in ("clip_image", "clap_audio", "clip_text"):
+        project_store(conn, st[name], d / f"{name}.cmcr")
+        st[f"{name}.cmcr"] = d / f"{name}.cmcr"
+    return conn, st
+
+
+def _search_json(capsys, *args):
+    capsys.readouterr()
+    assert main(["search", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_search_by_media_and_text_finds_the_item_itself(tiny_encoded, sample_data, capsys):
+    from tests.fixtures_encode import TINY_CLAP, TINY_CLIP
+
+    conn, st = tiny_encoded
+    from cmcr.stores.store import Store
+
+    img = Store.open(st["clip_image"])
+    key, source = img.keys()[5], img.metadata(["source"]).column("source")[5].as_py()
+    # an image file through the CLIP encoder -> side A -> the projected images: itself first, cos ~1
+    res = _search_json(capsys, "-c", conn, "-g", st["clip_image.cmcr"], "--media", sample_data / "images" / source,
+                       "--encoder", TINY_CLIP, "-k", "3")
+    assert res["query"]["modality"] == "image" and res["hits"][0]["key"] == key
+    assert res["hits"][0]["score"] > 0.99 and res["hits"][0]["score"] >= res["hits"][1]["score"]
+    # a sound file through CLAP (side B) into the projected sounds: itself first
+    aud = Store.open(st["clap_audio"])
+    akey, asrc = aud.keys()[3], aud.metadata(["source"]).column("source")[3].as_py()
+    res = _search_json(capsys, "-c", conn, "-g", st["clap_audio.cmcr"], "--media", sample_data / "audio" / asrc,
+                       "--encoder", TINY_CLAP, "-k", "2")
+    assert res["hits"][0]["key"] == akey and res["hits"][0]["score"] > 0.99
+    # a caption's text through CLIP's text tower into the projected CLIP captions: that caption first
+    txt = Store.open(st["clip_text"])
+    tkey, text = txt.keys()[7], txt.metadata(["text"]).column("text")[7].as_py()
+    res = _search_json(capsys, "-c", conn, "-g", st["clip_text.cmcr"], "--text", text, "--encoder", TINY_CLIP)
+    assert res["query"] == {"text": text} and res["hits"][0]["key"] == tkey and res["hits"][0]["score"] > 0.99
+    # the same key as a --key query gives the same ranking as the encoded query
+    by_key = _search_json(capsys, "-c", conn, "-g", st["clip_text.cmcr"], "--key", tkey, "--store", st["clip_text"])
+    assert [h["key"] for h in by_key["hits"][:3]] == [h["key"] for h in res["hits"][:3]]
+
+
+def test_search_refuses_media_the_encoder_does_not_embed(tiny_encoded, sample_data, capsys):
+    from tests.fixtures_encode import TINY_CLAP, TINY_CLIP
+
+    conn, st = tiny_encoded
+    wav = next((sample_data / "audio").rglob("*.ogg"))
+    capsys.readouterr()
+    assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(wav),
+                 "--encoder", TINY_CLIP]) == 2  # CLIP has no audio tower
+    err = capsys.readouterr().err
+    assert "audio" in err and "cmcr-tiny-clip" in err
+    png = next((sample_data / "images").rglob("*.png"))
+    assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(png),
+                 "--encoder", TINY_CLAP]) == 2  # CLAP has no image tower
+    assert "image" in capsys.readouterr().err
+    assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--text", "a dog"]) == 2
+    assert "--encoder" in capsys.readouterr().err
+
+
+def test_eval_zeroshot_encodes_prompts_on_the_right_side(tiny_encoded, capsys):
+    import numpy as np
+
+    from cmcr.pipeline.encoders import load_encoder
+    from cmcr.stores.store import Store
+    from cmcr.trainer.connector import Connector
+    from tests.fixtures_encode import TINY_CLAP
+
+    conn, st = tiny_encoded
+    aud = Store.open(st["clap_audio.cmcr"])
+    labels = aud.metadata(["label"]).column("label").to_pylist()
+    names = sorted(set(labels))
+    capsys.readouterr()
+    assert main(["eval", "zeroshot", "-c", str(conn), "-s", str(st["clap_audio.cmcr"]), "--classes", ",".join(names),
+                 "--encoder", TINY_CLAP, "--prompt", "the sound of a {}", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["side"] == "B" and r["items"] == aud.num_rows and r["classes"] == len(names)
+    assert r["chance"]["top1"] == pytest.approx(1 / len(names)) and r["top5"] >= r["top1"]
+    # the same numbers by hand: prompts -> CLAP text -> side B -> nearest class
+    enc = load_encoder(TINY_CLAP, device="cpu")
+    c = Connector.load(conn)
+    zc = c.project("B", enc.encode("text", [f"the sound of a {n}" for n in names]), identity=enc.identity(),
+                   modality="text")
+    pred = np.argmax(aud.embeddings(np.float32) @ zc.T, axis=1)
+    assert r["top1"] == pytest.approx(np.mean([names[p] == t for p, t in zip(pred, labels, strict=True)]), abs=1e-6)
