@@ -387,7 +387,22 @@ class ClapEncoder(Encoder):
         if modality == "audio":
             out = self.model.encode_audio({"waveform": batch}, device=self.device)["embedding"]
             return self.model.audio_projection(out)
-        return self.model.encode_text(batch, device=self.device)
+        return self.model.encode_text(trim_padding(batch), device=self.device)
+
+
+def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """Drop the padded tail shared by every row of a tokenized batch (``(B, 77)`` → ``(B, L)``,
+    L = the longest ``attention_mask`` in the batch).
+
+    RoBERTa masks padded positions out of attention and CLAP pools the first token, so the
+    embedding is the same (float rounding aside) while the text tower runs on L positions instead
+    of 77 — a several-fold speed-up for captions. Checked against the untrimmed batch in the tests.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return batch
+    n = max(1, int(mask.sum(dim=1).max().item()))
+    return {k: (v[:, :n] if getattr(v, "ndim", 0) == 2 else v) for k, v in batch.items()}
 
 
 def save_test_checkpoint(encoder: ClapEncoder, path: str | os.PathLike) -> Path:

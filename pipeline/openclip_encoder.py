@@ -149,7 +149,45 @@ class OpenClipEncoder(Encoder):
     def forward(self, modality: str, batch: Any) -> Any:
         if modality == "image":
             return self.model.encode_image(batch)
+        if self._can_trim_text():
+            return self._encode_text_trimmed(batch)
         return self.model.encode_text(batch)
+
+    def _can_trim_text(self) -> bool:
+        """True for CLIP-style text towers whose output can be computed on the batch's used length only:
+        causal attention mask and pooling at the end-of-text token (``argmax``/``eos``)."""
+        m = self.model
+        return (all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final"))
+                and getattr(m, "attn_mask", None) is not None
+                and getattr(m, "text_pool_type", None) in ("argmax", "eos"))
+
+    def _encode_text_trimmed(self, text: Any) -> Any:
+        """``CLIP.encode_text`` on the first L positions only, L = the longest sequence in the batch.
+
+        With a causal mask, the end-of-text token (where the embedding is pooled) attends to earlier
+        positions only, so dropping the padded tail gives the same embedding (float rounding aside)
+        while the transformer runs on L instead of 77 positions: captions average ~15 tokens, a
+        several-fold speed-up of text encoding. Checked against ``encode_text`` in the tests.
+        """
+        import torch
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        eos_id = getattr(m, "text_eos_id", None)
+        if m.text_pool_type == "eos" and eos_id is not None:
+            last = (text == eos_id).int().argmax(dim=-1)
+        else:  # argmax pooling: the end-of-text token has the largest id
+            last = text.argmax(dim=-1)
+        n = int(last.max().item()) + 1
+        text = text[:, :n]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(text).to(cast_dtype) + m.positional_embedding[:n].to(cast_dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+        x = m.ln_final(x)
+        x = text_global_pool(x, text, m.text_pool_type, eos_token_id=eos_id)
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+        return x
 
     def num_parameters(self) -> int:
         return int(sum(p.numel() for p in self.model.parameters()))
