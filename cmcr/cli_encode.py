@@ -72,8 +72,22 @@ def encode(
     clap_tokenizer: Path | None = typer.Option(
         None, envvar="CMCR_CLAP_TOKENIZER",
         help="Folder with RoBERTa vocab.json + merges.txt for CLAP text (env CMCR_CLAP_TOKENIZER)."),
-    threads: int | None = typer.Option(None, help="torch threads of the main process (default: torch's)."),
+    threads: int | None = typer.Option(
+        None, help="torch threads of the forward pass (default on CPU: CPUs minus --num-workers, at least 1; "
+                   "on a GPU torch's default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    engine: str = typer.Option(
+        "local", "--engine",
+        help="local: this process + DataLoader workers; ray: Ray Data, decode/preprocess in tasks and the encoder "
+             "in actors (pip install 'cmcr[ray]'; see docs/ray.md)."),
+    address: str | None = typer.Option(
+        None, "--address",
+        help="--engine ray: cluster address (auto, host:6379, ray://head:10001); default $RAY_ADDRESS, else Ray "
+             "started on this machine."),
+    replicas: int = typer.Option(1, "--replicas", help="--engine ray: encoder actors (model copies)."),
+    gpus_per_replica: float | None = typer.Option(
+        None, "--gpus-per-replica",
+        help="--engine ray: GPUs per encoder actor (0.5 = two per GPU); default 1 when the cluster has GPUs, else 0."),
 ) -> None:
     """Embed shards into a store: one atomic part per shard, failures in the store's failure table.
 
@@ -81,19 +95,31 @@ def encode(
     seconds spent decoding, in the model and writing.
 
     Example: cmcr encode shards/image --encoder open_clip:ViT-B-32@/ckpt/vit-b-32.pt -m image --store stores/clip-image
+
+    On a Ray cluster (docs/ray.md): cmcr encode /shared/shards/image -e open_clip:ViT-B-32@/shared/vit-b-32.pt
+    -m image -s /shared/stores/clip-image --engine ray --address auto --replicas 8 --gpus-per-replica 1
     """
-    import torch
+    from cmcr.errors import ConfigError
 
-    from cmcr.pipeline.encode import encode_shards
-    from cmcr.pipeline.encoders import load_encoder
+    command = " ".join(shlex.quote(a) for a in ["cmcr", *sys.argv[1:]])
+    tokenizer = str(clap_tokenizer) if clap_tokenizer else None
+    if engine == "ray":
+        from cmcr.pipeline.ray_engine import encode_shards_ray
 
-    if threads:
-        torch.set_num_threads(threads)
-    enc = load_encoder(encoder, device=device, precision=precision,
-                       clap_tokenizer=str(clap_tokenizer) if clap_tokenizer else None)
-    report = encode_shards(shards, enc, modality, store, batch_size=batch_size, num_workers=num_workers,
-                           overwrite=overwrite, progress=progress, dtype=dtype,
-                           command=" ".join(shlex.quote(a) for a in ["cmcr", *sys.argv[1:]]))
+        report = encode_shards_ray(shards, encoder, modality, store, batch_size=batch_size, num_workers=0,
+                                   overwrite=overwrite, progress=progress, dtype=dtype, command=command,
+                                   device=device, precision=precision, clap_tokenizer=tokenizer, address=address,
+                                   replicas=replicas, gpus_per_replica=gpus_per_replica)
+    elif engine == "local":
+        from cmcr.pipeline.encode import encode_shards
+        from cmcr.pipeline.encoders import load_encoder
+
+        enc = load_encoder(encoder, device=device, precision=precision, clap_tokenizer=tokenizer)
+        report = encode_shards(shards, enc, modality, store, batch_size=batch_size, num_workers=num_workers,
+                               overwrite=overwrite, progress=progress, dtype=dtype, command=command,
+                               torch_threads=threads or None)
+    else:
+        raise ConfigError(f"--engine must be local or ray, got {engine!r}")
     t = Table(title=f"encode {modality} -> {store}")
     t.add_column("what")
     t.add_column("value", justify="right")
@@ -108,6 +134,10 @@ def encode(
     t.add_row("writing parts (s)", f"{report.write_s:.2f}")
     t.add_row("wall (s)", f"{report.wall_s:.2f}")
     t.add_row("model busy", f"{100 * report.model_busy:.0f}%" if report.wall_s else "-")
+    t.add_row("torch threads (forward pass)", str(report.torch_threads or "-"))
+    if engine == "ray":
+        t.add_row("Ray replicas x GPUs", f"{report.replicas} x {report.gpus_per_replica:g}")
+        t.add_row("Ray start-up: init / first result (s)", f"{report.ray_init_s:.2f} / {report.first_result_s:.2f}")
     Console().print(t)
     for f in report.failure_examples[:5]:
         console.print(f"  failure {f['key']!r} ({f['stage']}): {f['error']}", highlight=False)

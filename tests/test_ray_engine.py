@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cmcr.cli import main
 from cmcr.errors import ConfigError
 from cmcr.pipeline.encode import encode_shards, shard_source
 from cmcr.pipeline.ray_engine import (
@@ -169,3 +170,15 @@ def test_failed_job_keeps_only_complete_parts_and_rerun_finishes(ray_local, tiny
     rerun = encode_shards(shards, tiny_clip, "image", tmp_path / "ray", batch_size=3, num_workers=0, progress=False)
     assert rerun.shards_skipped == len(written) and rerun.shards_done == 5 - len(written)
     assert_same_store(tmp_path / "local", tmp_path / "ray")
+
+
+def test_cli_engine_ray_equals_engine_local(ray_local, messy_images, tmp_path, capsys):
+    shards = _shards(messy_images, tmp_path, n=5, corrupt=False)
+    common = ["encode", str(shards[0].parent), "-e", TINY_CLIP, "-m", "image", "-b", "3", "--no-progress"]
+    assert main([*common, "-s", str(tmp_path / "local"), "-j", "0"]) == 0
+    assert main([*common, "-s", str(tmp_path / "ray"), "--engine", "ray", "--replicas", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Ray replicas x GPUs" in out and "1 x 0" in out
+    assert_same_store(tmp_path / "local", tmp_path / "ray")
+    assert main([*common, "-s", str(tmp_path / "x"), "--engine", "spark"]) == 2
+    assert "--engine must be local or ray" in capsys.readouterr().err
