@@ -400,7 +400,8 @@ class EncodeReport:
         shards_done / shards_skipped / shards_failed: counts; samples: samples read;
         decode_s: CPU seconds spent decoding + preprocessing (summed over workers);
         wait_s: seconds the main process waited for data (the decode bottleneck, in wall time);
-        model_s: seconds in the forward pass; write_s: seconds writing parts; wall_s: total.
+        model_s: seconds in the forward pass; write_s: seconds writing parts; wall_s: total;
+        torch_threads: torch intra-op threads of the forward pass (main process / each actor).
     """
 
     store: str
@@ -415,6 +416,7 @@ class EncodeReport:
     model_s: float = 0.0
     write_s: float = 0.0
     wall_s: float = 0.0
+    torch_threads: int = 0
     failure_examples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -431,6 +433,38 @@ class EncodeReport:
         d.update(samples_per_s=self.samples_per_s, model_busy=self.model_busy,
                  failure_examples=self.failure_examples[:10])
         return d
+
+
+def finish_shard(store: Store, modality: str, dim: int, shard: Path,
+                 batches: Sequence[tuple[Prepared, np.ndarray, np.ndarray, list[dict[str, Any]]]],
+                 read_error: str | None, report: EncodeReport, existing_keys: set[str]) -> None:
+    """Write one complete shard (every engine ends a shard here) and count it in ``report``.
+
+    Args:
+        shard: the shard file.
+        batches: the shard's batches in order, each ``(Prepared, emb (M, D) float32, ok (N,) bool,
+            embed failure records)`` as returned by :func:`embed_items`.
+        read_error: why the tar could not be read to the end, or ``None``. Then no part is written
+            (a rerun retries the shard): only a ``read`` failure plus the batches' failure records.
+        existing_keys: the store's keys, updated in place (see :func:`write_part`).
+    """
+    result = ShardResult(source=shard_source(shard))
+    for batch in batches:
+        result.add(*batch)
+    if read_error:
+        report.shards_failed += 1
+        fail = {"key": "", "source": result.source, "stage": "read", "error": read_error}
+        store.add_failures([fail, *result.failures])
+        report.failures += 1 + len(result.failures)
+        report.failure_examples += [fail, *result.failures][:5]
+        log.error("%s: %s; no part written (fix or remove the shard, then rerun)", shard, read_error)
+        return
+    tw = time.perf_counter()
+    report.rows += write_part(store, modality, result, dim, existing_keys)
+    report.write_s += time.perf_counter() - tw
+    report.failures += len(result.failures)
+    report.failure_examples += result.failures[: max(0, 10 - len(report.failure_examples))]
+    report.shards_done += 1
 
 
 def _progress(enabled: bool):
@@ -455,6 +489,7 @@ def encode_shards(
     dtype: str = "float16",
     prefetch_factor: int = 4,
     command: str | None = None,
+    torch_threads: int | None = None,
 ) -> EncodeReport:
     """Encode webdataset shards into a store: one atomic part per shard; reruns resume.
 
@@ -467,9 +502,12 @@ def encode_shards(
         num_workers: DataLoader worker processes for decode/preprocess (0 = in the main process).
         overwrite: replace a store made by another encoder identity/preprocessing instead of failing.
         dtype: storage dtype of a new store (``float16`` or ``float32``).
+        torch_threads: torch threads of the forward pass in this process, restored afterwards.
+            ``None``: on a CPU encoder :func:`default_torch_threads` (CPUs minus decode workers, so
+            the workers are not starved; torch's default oversubscribes), else torch's setting as is.
 
     Returns:
-        An :class:`EncodeReport` (rows, failures and where the time went).
+        An :class:`EncodeReport` (rows, failures and where the time went; ``torch_threads`` used).
 
     Raises:
         InputDataError: no shards; StoreMismatchError: the store was made by another encoder
@@ -486,8 +524,37 @@ def encode_shards(
         report.wall_s = time.perf_counter() - t0
         return report
 
-    dataset = ShardBatches(todo, encoder.preprocessor(modality), modality, batch_size)
     nw = max(0, int(num_workers))
+    before = torch.get_num_threads()
+    if torch_threads is None and encoder.device == "cpu":
+        torch_threads = default_torch_threads(nw)
+    report.torch_threads = int(torch_threads or before)
+    torch.set_num_threads(report.torch_threads)
+    try:
+        _run_local(todo, encoder, modality, store, report, t0, batch_size=batch_size, nw=nw,
+                   prefetch_factor=prefetch_factor, progress=progress)
+    finally:
+        torch.set_num_threads(before)
+    report.wall_s = time.perf_counter() - t0
+    return report
+
+
+def default_torch_threads(num_workers: int) -> int:
+    """torch threads for a CPU forward pass next to ``num_workers`` decode workers:
+    ``max(1, CPUs - num_workers)`` (CPUs this process may run on). With torch's default (one per
+    core) plus busy workers the cores are oversubscribed: on 2 cores with 2 workers the forward pass
+    was ~3x slower with 2 threads than with 1 (docs/encode.md)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - max(0, int(num_workers)))
+
+
+def _run_local(todo: list[Path], encoder: Encoder, modality: str, store: Store, report: EncodeReport, t0: float, *,
+               batch_size: int, nw: int, prefetch_factor: int, progress: bool) -> None:
+    """The DataLoader loop of :func:`encode_shards` (writes each shard once all its batches are in)."""
+    dataset = ShardBatches(todo, encoder.preprocessor(modality), modality, batch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=nw, worker_init_fn=_worker_init if nw else None,
                         prefetch_factor=prefetch_factor if nw else None, persistent_workers=False,
                         pin_memory=encoder.device.startswith("cuda"),
@@ -527,28 +594,11 @@ def encode_shards(
                 st["n"] = msg["batches"]
                 st["error"] = st["error"] or msg["error"]
             if st["ends"] == n_workers and len(st["batches"]) >= (st["n"] or 0):
-                result = ShardResult(source=shard_source(todo[i]))
-                for b in range(st["n"]):
-                    result.add(*st["batches"][b])
-                if st["error"]:
-                    report.shards_failed += 1
-                    fail = {"key": "", "source": result.source, "stage": "read", "error": st["error"]}
-                    store.add_failures([fail, *result.failures])
-                    report.failures += 1 + len(result.failures)
-                    report.failure_examples += [fail, *result.failures][:5]
-                    log.error("%s: %s; no part written (fix or remove the shard, then rerun)", todo[i], st["error"])
-                else:
-                    tw = time.perf_counter()
-                    report.rows += write_part(store, modality, result, encoder.dim, existing_keys)
-                    report.write_s += time.perf_counter() - tw
-                    report.failures += len(result.failures)
-                    report.failure_examples += result.failures[: max(0, 10 - len(report.failure_examples))]
-                    report.shards_done += 1
+                finish_shard(store, modality, encoder.dim, todo[i], [st["batches"][b] for b in range(st["n"])],
+                             st["error"], report, existing_keys)
                 del pending[i]
                 elapsed = time.perf_counter() - t0
                 bar.update(task, advance=1, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),
                            failures=report.failures, shard=todo[i].name)
     if pending:  # a worker died: those shards have no part; a rerun retries them
         log.error("%d shard(s) did not complete: %s", len(pending), [todo[i].name for i in pending])
-    report.wall_s = time.perf_counter() - t0
-    return report

@@ -19,6 +19,7 @@ One documented path from file bytes to an RGB PIL image, whatever the mode:
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -29,6 +30,7 @@ from cmcr.pipeline.audio import SampleError
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 BACKGROUND = (255, 255, 255)
 MAX_PIXELS = 178_956_970  # PIL's own bomb limit (2 * Image.MAX_IMAGE_PIXELS default)
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
@@ -59,10 +61,11 @@ def decode_image(data: bytes, what: str = "image") -> Image.Image:
     """
     if not data:
         raise SampleError(f"{what}: zero-byte image file")
+    buf = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(buf)
             if img.width * img.height > MAX_PIXELS:
                 raise SampleError(f"{what}: {img.width}x{img.height} pixels is above the limit {MAX_PIXELS}")
             if getattr(img, "n_frames", 1) > 1:
@@ -73,4 +76,13 @@ def decode_image(data: bytes, what: str = "image") -> Image.Image:
     except SampleError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise SampleError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from e
+        raise SampleError(f"{what}: cannot decode image ({type(e).__name__}: {_stable(str(e), buf, data)})") from e
+
+
+def _stable(message: str, buf: io.BytesIO, data: bytes) -> str:
+    """PIL's message without object reprs (``<_io.BytesIO object at 0x7f..>`` differs per run and
+    process): the buffer becomes ``(N bytes)``, any other address is dropped, so the same bad file
+    always gives the same failure record."""
+    message = message.replace(f" {buf!r}", f" ({len(data)} bytes)").replace(repr(buf), f"({len(data)} bytes)")
+    return _ADDRESS.sub(">", message)
+

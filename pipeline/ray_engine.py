@@ -48,12 +48,11 @@ from cmcr.errors import CmcrError, ConfigError, EncoderError
 from cmcr.pipeline.encode import (
     EncodeReport,
     ShardBatches,
-    ShardResult,
     embed_items,
+    finish_shard,
     list_shards,
     open_store,
     shard_source,
-    write_part,
 )
 from cmcr.pipeline.encoders import Encoder, load_encoder
 
@@ -276,7 +275,8 @@ def encode_shards_ray(
     enc = driver_encoder if driver_encoder is not None else load_encoder(
         encoder, device="cpu", precision=precision, clap_tokenizer=clap_tokenizer)
     store = open_store(store_path, enc, modality, overwrite=overwrite, dtype=dtype, command=command)
-    report = RayEncodeReport(store=str(store.path), replicas=replicas, address=address)
+    report = RayEncodeReport(store=str(store.path), replicas=replicas, address=address,
+                             torch_threads=max(1, int(cpus_per_replica)))
     done = store.done_sources()
     todo = [p for p in paths if shard_source(p) not in done]
     report.shards_skipped = len(paths) - len(todo)
@@ -412,7 +412,8 @@ def _run_pipeline(ray: Any, todo: list[Path], enc: Encoder, spec: str, modality:
                     st["n"] = int(row["batch"])
                     st["error"] = pickle.loads(row["payload"])
                 if st["n"] is not None and len(st["batches"]) >= st["n"]:
-                    _finish_shard(store, modality, enc.dim, todo[i], st, report, existing_keys)
+                    finish_shard(store, modality, enc.dim, todo[i], [st["batches"][b] for b in range(st["n"])],
+                                 st["error"], report, existing_keys)
                     del pending[i]
                     written.add(i)
                     elapsed = time.perf_counter() - t_start
@@ -436,29 +437,6 @@ def _run_pipeline(ray: Any, todo: list[Path], enc: Encoder, spec: str, modality:
     if missing:  # cannot happen unless rows were lost; never write a partial part
         report.shards_incomplete = missing
         log.error("%d shard(s) did not complete: %s; rerun to retry them", len(missing), missing[:5])
-
-
-def _finish_shard(store: Any, modality: str, dim: int, shard: Path, st: dict[str, Any],
-                  report: RayEncodeReport, existing_keys: set[str]) -> None:
-    """Write one complete shard like the local engine: its part, or (unreadable tar) only its failures."""
-    result = ShardResult(source=shard_source(shard))
-    for b in range(st["n"]):
-        prepared, emb, ok, fails = st["batches"][b]
-        result.add(prepared, emb, ok, fails)
-    if st["error"]:
-        report.shards_failed += 1
-        fail = {"key": "", "source": result.source, "stage": "read", "error": st["error"]}
-        store.add_failures([fail, *result.failures])
-        report.failures += 1 + len(result.failures)
-        report.failure_examples += [fail, *result.failures][:5]
-        log.error("%s: %s; no part written (fix or remove the shard, then rerun)", shard, st["error"])
-        return
-    tw = time.perf_counter()
-    report.rows += write_part(store, modality, result, dim, existing_keys)
-    report.write_s += time.perf_counter() - tw
-    report.failures += len(result.failures)
-    report.failure_examples += result.failures[: max(0, 10 - len(report.failure_examples))]
-    report.shards_done += 1
 
 
 __all__ = ["INSTALL_HINT", "EncoderActor", "RayEncodeReport", "RayEngineError", "encode_shards_ray",

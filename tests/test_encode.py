@@ -60,6 +60,10 @@ def test_identical_stores_for_any_worker_count(tiny_clip, messy_images, tmp_path
     assert sa.keys() == sb.keys()
     np.testing.assert_array_equal(sa.embeddings(), sb.embeddings())
     assert sa.metadata().equals(sb.metadata())
+    # failure records are the same text in any process (no PIL object addresses in the messages)
+    fa, fb = sa.failures().drop_columns(["time"]), sb.failures().drop_columns(["time"])
+    assert fa.num_rows == 4 and fa.sort_by("key").equals(fb.sort_by("key"))
+    assert not any("0x" in e for e in fa.column("error").to_pylist())
 
 
 def test_resume_after_kill_matches_a_clean_run(tiny_clip, messy_images, tmp_path, monkeypatch):

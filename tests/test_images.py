@@ -25,6 +25,9 @@ def test_broken_files_raise_sample_error(messy_images, name):
     with pytest.raises(SampleError) as e:
         decode_image(messy_images[name].read_bytes(), name)
     assert name in str(e.value)
+    with pytest.raises(SampleError) as again:  # same file, same message (no object address in it)
+        decode_image(messy_images[name].read_bytes(), name)
+    assert str(again.value) == str(e.value) and " at 0x" not in str(e.value)
 
 
 def test_transparent_pixels_become_the_white_background(messy_images):
