@@ -56,26 +56,18 @@ _register_all()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the exit code (2 on a :class:`CmcrError`)."""
+    """Console-script entry point; returns the exit code.
+
+    Usage errors are reported by typer/click (exit 2); a :class:`CmcrError` becomes a one-paragraph
+    message without a traceback (exit 2); anything else is a bug and keeps its traceback.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=True)
     except CmcrError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False)
         return 2
-    except typer.Exit as e:
-        return e.exit_code
-    except typer.Abort:
-        err_console.print("aborted")
-        return 130
-    except SystemExit as e:  # click usage errors
-        return int(e.code or 0)
-    except Exception as e:  # click's usage errors in standalone_mode=False
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 
