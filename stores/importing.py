@@ -269,7 +269,7 @@ def _parquet_chunks(
         for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
             pending.append(rb)
             pending_rows += rb.num_rows
-            if pending_rows >= part_rows:
+            while pending_rows >= part_rows:
                 table_rows = pa.Table.from_batches(pending)
                 head = table_rows.slice(0, part_rows).to_batches()
                 tail = table_rows.slice(part_rows).to_batches()
