@@ -66,10 +66,20 @@ def test_help_texts_have_examples(capsys):
 # --- search --text/--media and eval zeroshot through real (tiny, random-init) encoders ---------------
 
 
+def _subset(src, dst, labels=8, per_label=2):
+    """Symlink the first ``per_label`` files of the first ``labels`` class folders of ``src`` into
+    ``dst/<label>/`` (same relative paths, so keys and labels are those of the full sample set)."""
+    for folder in sorted(p for p in src.iterdir() if p.is_dir())[:labels]:
+        (dst / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:per_label]:
+            (dst / folder.name / f.name).symlink_to(f)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def tiny_encoded(tiny_clip, tiny_clap, sample_data, tmp_path_factory):
-    """CLIP/CLAP stores of tiny random-init encoders: captions by both, sample images by CLIP,
-    sample sounds by CLAP; a connector trained on them; images, sounds and CLIP captions projected."""
+    """CLIP/CLAP stores of tiny random-init encoders: captions by both, 16 sample images by CLIP,
+    16 sample sounds by CLAP; a connector trained on them; images, sounds and CLIP captions projected."""
     from cmcr.pipeline.encode import encode_shards
     from cmcr.pipeline.shards import write_shards
     from cmcr.trainer.evaluate import project_store
@@ -82,8 +92,8 @@ def tiny_encoded(tiny_clip, tiny_clap, sample_data, tmp_path_factory):
         ["a dog barking", "a cat meowing", "church bells ringing", "birds chirping", "a car engine",
          "rain falling", "a crackling fire", "a cow mooing", "an airplane flying", "a clock ticking"] * 3)))
     text_shards = write_shards(caps, d / "sh_text").shards["text"]
-    img_shards = write_shards(sample_data / "images", d / "sh_img").shards["image"]
-    aud_shards = write_shards(sample_data / "audio", d / "sh_aud").shards["audio"]
+    img_shards = write_shards(_subset(sample_data / "images", d / "img"), d / "sh_img").shards["image"]
+    aud_shards = write_shards(_subset(sample_data / "audio", d / "aud"), d / "sh_aud").shards["audio"]
     st = {}
     for name, shards, enc, mod in (("clip_text", text_shards, tiny_clip, "text"),
                                    ("clap_text", text_shards, tiny_clap, "text"),
