@@ -265,21 +265,23 @@ def _class_names(classes: str) -> list[str]:
 def bench_synthetic(
     out: Path = typer.Option(Path("cmcr-synthetic"), "--out", "-o", help="Work folder (stores, connectors)."),
     seed: int = typer.Option(0, help="Generator and training seed."),
+    dim: int = typer.Option(128, help="Embedding width of both synthetic MCRs (512 = the reference setup)."),
     n_shared: int = typer.Option(3000, help="Shared corpus size (captions encoded by both MCRs)."),
     n_memory: int = typer.Option(3000, help="Memory size of each MCR."),
     n_eval: int = typer.Option(500, help="Held-out true (audio, image) pairs (the retrieval pool)."),
-    epochs: int = typer.Option(15, help="Training epochs per variant."),
+    epochs: int = typer.Option(10, help="Training epochs per variant."),
     variants: str = typer.Option("full,no_completion,no_noise,no_intra", help="Comma-separated variants."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Controlled check: two synthetic MCRs with a shared latent; audio->image retrieval with ablations.
 
-    Example: cmcr bench synthetic --out /tmp/syn --epochs 15
+    Example: cmcr bench synthetic --out /tmp/syn --epochs 10 --dim 512
     """
     from cmcr.trainer.synthetic import SyntheticSpec, run_synthetic_check, synthetic_config
 
-    spec = SyntheticSpec(seed=seed, n_shared=n_shared, n_memory_a=n_memory, n_memory_b=n_memory, n_eval=n_eval)
-    table = run_synthetic_check(out, spec, synthetic_config(seed=seed, epochs=epochs),
+    spec = SyntheticSpec(dim=dim, seed=seed, n_shared=n_shared, n_memory_a=n_memory, n_memory_b=n_memory,
+                         n_eval=n_eval)
+    table = run_synthetic_check(out, spec, synthetic_config(dim, seed=seed, epochs=epochs),
                                 tuple(v.strip() for v in variants.split(",") if v.strip()))
     if as_json:
         _print_json(table)

@@ -52,8 +52,8 @@ def make_store(tmp_path: Path) -> Callable[..., Store]:
     return _make
 
 
-TINY_SPEC = dict(dim=16, latent_dim=4, hidden=32, classes=5, n_shared=240, n_memory_a=300, n_memory_b=300,
-                 n_eval=60, seed=0)
+TINY_SPEC = dict(dim=16, latent_dim=4, hidden=32, classes=5, cone=0.3, semantic=0.6, item=0.1, n_shared=240,
+                 n_memory_a=300, n_memory_b=300, n_eval=60, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +79,7 @@ def one_torch_thread() -> Any:
 
 @pytest.fixture(scope="session")
 def tiny_trained(tiny_synthetic: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder of one connector trained on :func:`tiny_synthetic` with ``tiny_config(epochs=2)`` (no loss
+    """Folder of one connector trained on :func:`tiny_synthetic` with ``tiny_config(epochs=6)`` (no loss
     curve); shared by the session: tests must not write into it (copy it first)."""
     import torch
 
@@ -90,7 +90,7 @@ def tiny_trained(tiny_synthetic: dict[str, Path], tmp_path_factory: pytest.TempP
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_connector(p["text_a"], p["text_b"], p["image_a"], p["audio_b"], out, tiny_config(epochs=2), plot=False)
+        train_connector(p["text_a"], p["text_b"], p["image_a"], p["audio_b"], out, tiny_config(epochs=6), plot=False)
     finally:
         torch.set_num_threads(before)
     return out

@@ -1,17 +1,33 @@
 """A controlled check of the whole connect stage (method.md section 6, "Controlled check").
 
-Two synthetic MCRs share a latent space of concepts but embed it with their own random
-non-linear maps, plus a per-modality offset (the *modality gap* of contrastive models) and
-per-item noise:
+Two synthetic MCRs share a latent space of concepts ``z`` but embed it with their own random
+non-linear maps. Each embedding is built like a real CLIP/CLAP embedding (method.md section 1):
 
-    e_X^m(z) = norm(W2_X tanh(W1_X z) + gap_X^m + noise),    X in {A, B}, m a modality of X
+    e_X^m = norm( sqrt(cone) * c_X^m  +  sqrt(semantic) * g_X(z)  +  sqrt(item) * U_X^m w )
+
+* ``c_X^m`` — the unit centre of modality m's narrow cone in MCR X (the *modality gap*): random
+  rows of one modality share ``cone`` of their squared norm, so their cosine is about ``cone``
+  (~0.5, as for CLIP images); the two centres of one MCR have cosine ``cone_overlap``.
+* ``g_X(z) = W2 tanh(W1 z + b1)`` (unit RMS) — the semantics, the only part a caption shares with
+  an image or a sound; a true (text, image) pair has cosine about ``cone*cone_overlap + semantic``
+  (~0.35; CLIP ViT-B/32 gives ~0.3).
+* ``U_X^m w`` — item-specific content that the other modality does not share (an image's
+  background, a caption's wording), in a modality-specific subspace of rank ``item_rank``
+  (``w`` ~ N(0, I/item_rank), so its norm is about 1). A caption's wording ``w`` is the same for
+  both MCRs' text encoders (it is one caption); images and sounds get their own.
 
 MCR A embeds text and image, MCR B text and audio (text is shared). The corpora are unpaired,
-as in C-MCR: captions (latents) encoded by both MCRs, unrelated images in A's memory, unrelated
-audio in B's memory. A held-out set of latents gives true (audio, image) pairs with shared keys,
-so audio->image retrieval through the connector can be scored against the truth (chance 1/N).
-Latents are drawn around class centres, so the held-out items also carry class labels and the
-class centres' texts give zero-shot "prompts".
+as in C-MCR: captions encoded by both MCRs, unrelated images in A's memory, unrelated audio in
+B's memory. A held-out set of latents gives true (audio, image) pairs with shared keys, so
+audio->image retrieval through the connector can be scored against the truth (chance 1/N).
+Latents are drawn around class centres, so held-out items carry class labels and the class
+centres' texts give zero-shot "prompts".
+
+Why noise matters here (the paper's reason): a pseudo image is a softmax-weighted *mean* of a few
+memory images, so its item-specific part is averaged away, while at inference the projector sees
+single real images with their full item content, in directions it never saw in training. Gaussian
+noise on the training inputs makes the projectors insensitive to such unseen directions. Without
+the ``item`` term (``item=0``) the benefit of noise shrinks and is not robust over seeds.
 
 Everything goes through ordinary stores and the real code path (completion, training,
 connector, projection, metrics); no encoder is involved.
@@ -21,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +48,7 @@ from cmcr.stores.store import Store
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import Connector
 from cmcr.trainer.loop import train_connector
-from cmcr.trainer.metrics import retrieval_metrics
+from cmcr.trainer.metrics import retrieval_metrics, zeroshot_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +63,54 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class SyntheticSpec:
-    """Sizes and shape of the synthetic MCR pair (test-size defaults: seconds on 2 CPU cores).
+    """Sizes and shape of the synthetic MCR pair (defaults: tens of seconds per variant on 2 CPU cores).
 
     Attributes:
-        dim: embedding width of both MCRs.
+        dim: embedding width of both MCRs (512 in the reference setup; 128 by default for speed).
         latent_dim: width of the shared latent (the "semantics").
-        hidden: width of each MCR's random non-linear map.
+        hidden: width of each MCR's random non-linear semantic map.
         classes: number of class centres the latents are drawn around.
-        spread: std of a latent around its class centre (relative to the centres' unit scale).
-        gap: norm of each modality's offset (the modality gap), relative to the signal's.
-        noise: per-item noise std per dimension before normalisation.
+        spread: std of a latent around its class centre (the centres have unit-scale entries).
+        cone: share of an embedding's squared norm on its modality's cone centre (~ cosine of two
+            random rows of one modality).
+        semantic: share on the semantic signal ``g_X(z)``.
+        item: share on item-specific content the other modality does not share.
+        cone_overlap: cosine between the two modality centres of one MCR (the size of the gap:
+            random text-image rows have cosine ~ ``cone * cone_overlap``).
+        item_rank: rank of each modality's item subspace (``0``: ``dim // 4``).
         n_shared, n_memory_a, n_memory_b, n_eval: corpus sizes.
         seed: generator seed.
     """
 
-    dim: int = 32
-    latent_dim: int = 8
-    hidden: int = 64
-    classes: int = 10
+    dim: int = 128
+    latent_dim: int = 16
+    hidden: int = 256
+    classes: int = 20
     spread: float = 0.6
-    gap: float = 0.8
-    noise: float = 0.05
+    cone: float = 0.5
+    semantic: float = 0.25
+    item: float = 0.25
+    cone_overlap: float = 0.2
+    item_rank: int = 0
     n_shared: int = 3000
     n_memory_a: int = 3000
     n_memory_b: int = 3000
     n_eval: int = 500
     seed: int = 0
 
+    @property
+    def rank(self) -> int:
+        """The item subspace rank in use."""
+        return self.item_rank or max(1, self.dim // 4)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
 
 class SyntheticMCR:
-    """One synthetic MCR: a random non-linear map of the latent plus one offset per modality."""
+    """One synthetic MCR: a random non-linear semantic map, one cone centre and one item subspace
+    per modality (see the module docstring)."""
 
     def __init__(self, name: str, modalities: tuple[str, ...], spec: SyntheticSpec, rng: np.random.Generator):
         self.name = name
@@ -84,19 +119,31 @@ class SyntheticMCR:
         self.w1 = rng.standard_normal((spec.latent_dim, spec.hidden)) / np.sqrt(spec.latent_dim)
         self.b1 = rng.standard_normal(spec.hidden) * 0.5
         self.w2 = rng.standard_normal((spec.hidden, spec.dim)) / np.sqrt(spec.hidden)
-        self.gaps = {}
+        shared = _unit(rng.standard_normal(spec.dim))
+        rho = spec.cone_overlap
+        self.centres: dict[str, np.ndarray] = {}
+        self.item_bases: dict[str, np.ndarray] = {}
         for m in modalities:
-            g = rng.standard_normal(spec.dim)
-            self.gaps[m] = g / np.linalg.norm(g)
+            own = _unit(rng.standard_normal(spec.dim))
+            self.centres[m] = _unit(np.sqrt(rho) * shared + np.sqrt(1 - rho) * own)
+            self.item_bases[m] = np.linalg.qr(rng.standard_normal((spec.dim, spec.rank)))[0]  # (dim, rank)
         self.identity = {"family": "synthetic", "architecture": name, "weights": f"seed-{spec.seed}", "dim": spec.dim}
 
-    def embed(self, z: np.ndarray, modality: str, rng: np.random.Generator) -> np.ndarray:
-        """``(N, latent_dim)`` latents -> ``(N, dim)`` float32 unit embeddings of ``modality``."""
+    def embed(self, z: np.ndarray, modality: str, rng: np.random.Generator,
+              item: np.ndarray | None = None) -> np.ndarray:
+        """``(N, latent_dim)`` latents -> ``(N, dim)`` float32 unit embeddings of ``modality``.
+
+        ``item``: ``(N, rank)`` item-specific coordinates (a caption's wording, shared by both
+        MCRs' text); drawn fresh from ``rng`` when ``None``.
+        """
+        spec = self.spec
         signal = np.tanh(z @ self.w1 + self.b1) @ self.w2
-        scale = np.sqrt(np.mean(np.sum(signal**2, axis=1)))
-        x = signal / scale + self.spec.gap * self.gaps[modality]
-        x = x + rng.standard_normal(x.shape) * self.spec.noise
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        signal = signal / np.sqrt(np.mean(np.sum(signal**2, axis=1)))
+        if item is None:
+            item = rng.standard_normal((len(z), spec.rank)) / np.sqrt(spec.rank)
+        x = (math.sqrt(spec.cone) * self.centres[modality] + math.sqrt(spec.semantic) * signal
+             + math.sqrt(spec.item) * item @ self.item_bases[modality].T)
+        return _unit(x).astype(np.float32)
 
 
 def generate_synthetic_stores(out_dir: str | Path, spec: SyntheticSpec | None = None) -> dict[str, Path]:
@@ -125,21 +172,26 @@ def generate_synthetic_stores(out_dir: str | Path, spec: SyntheticSpec | None = 
     z_mem_b, _ = latents(spec.n_memory_b)
     z_eval, c_eval = latents(spec.n_eval)
     labels = [class_names[c] for c in c_eval]
+    # a caption's (and a class prompt's) wording is one text, seen by both MCRs' text encoders
+    wording = rng.standard_normal((spec.n_shared, spec.rank)) / np.sqrt(spec.rank)
+    prompt_wording = rng.standard_normal((spec.classes, spec.rank)) / np.sqrt(spec.rank)
+    cap_keys = [f"cap{i:06d}" for i in range(spec.n_shared)]
+    pair_keys = [f"pair{i:06d}" for i in range(spec.n_eval)]
     plan = {
-        "text_a": (mcr_a, "text", z_shared, [f"cap{i:06d}" for i in range(spec.n_shared)], None),
-        "text_b": (mcr_b, "text", z_shared, [f"cap{i:06d}" for i in range(spec.n_shared)], None),
-        "image_a": (mcr_a, "image", z_mem_a, [f"img{i:06d}" for i in range(spec.n_memory_a)], None),
-        "audio_b": (mcr_b, "audio", z_mem_b, [f"aud{i:06d}" for i in range(spec.n_memory_b)], None),
-        "eval_image_a": (mcr_a, "image", z_eval, [f"pair{i:06d}" for i in range(spec.n_eval)], {"label": labels}),
-        "eval_audio_b": (mcr_b, "audio", z_eval, [f"pair{i:06d}" for i in range(spec.n_eval)], {"label": labels}),
-        "classes_text_a": (mcr_a, "text", centres, class_names, {"label": class_names}),
-        "classes_text_b": (mcr_b, "text", centres, class_names, {"label": class_names}),
+        "text_a": (mcr_a, "text", z_shared, wording, cap_keys, None),
+        "text_b": (mcr_b, "text", z_shared, wording, cap_keys, None),
+        "image_a": (mcr_a, "image", z_mem_a, None, [f"img{i:06d}" for i in range(spec.n_memory_a)], None),
+        "audio_b": (mcr_b, "audio", z_mem_b, None, [f"aud{i:06d}" for i in range(spec.n_memory_b)], None),
+        "eval_image_a": (mcr_a, "image", z_eval, None, pair_keys, {"label": labels}),
+        "eval_audio_b": (mcr_b, "audio", z_eval, None, pair_keys, {"label": labels}),
+        "classes_text_a": (mcr_a, "text", centres, prompt_wording, class_names, {"label": class_names}),
+        "classes_text_b": (mcr_b, "text", centres, prompt_wording, class_names, {"label": class_names}),
     }
     spec_extra = {"synthetic": dataclasses.asdict(spec)}
     paths: dict[str, Path] = {}
-    for name, (mcr, modality, z, keys, meta) in plan.items():
+    for name, (mcr, modality, z, item, keys, meta) in plan.items():
         path = out / name
-        emb = mcr.embed(z, modality, rng)  # always drawn, so every store's noise is seed-stable
+        emb = mcr.embed(z, modality, rng, item)  # always drawn, so every store is seed-stable
         paths[name] = path
         if (path / "manifest.json").exists():
             st = Store.open(path)
@@ -172,7 +224,7 @@ def run_synthetic_check(
     Args:
         out_dir: stores go to ``out_dir/stores``, connectors to ``out_dir/<variant>``.
         spec: synthetic sizes (test-size defaults).
-        config: base training config (defaults: :func:`synthetic_config`).
+        config: base training config (default: :func:`synthetic_config` at ``spec.dim``).
         variants: names from :data:`VARIANTS` (``full``, ``no_completion``, ``no_noise``, ``no_intra``).
         progress: rich progress bars while training.
         plot: also write each variant's ``loss_curve.png`` (off by default: matplotlib costs seconds).
@@ -184,7 +236,7 @@ def run_synthetic_check(
     import time
 
     spec = spec or SyntheticSpec()
-    cfg = config or synthetic_config()
+    cfg = config or synthetic_config(spec.dim)
     out = Path(out_dir)
     paths = generate_synthetic_stores(out / "stores", spec)
     eval_img, eval_aud = Store.open(paths["eval_image_a"]), Store.open(paths["eval_audio_b"])
@@ -206,8 +258,6 @@ def run_synthetic_check(
         i2a = retrieval_metrics(z_img, z_aud, keys, keys)
         z_cls = project_embeddings(conn, cls_b)
         labels = eval_aud.metadata(["label"]).column("label").to_pylist()
-        from cmcr.trainer.metrics import zeroshot_accuracy
-
         zs = zeroshot_accuracy(z_aud, labels, z_cls, cls_b.keys())
         table.append({"variant": name, "direction": "audio->image", "R@1": a2i["R@1"], "R@5": a2i["R@5"],
                       "R@10": a2i["R@10"], "mAP": a2i["mAP"], "pool": a2i["pool"],
@@ -218,8 +268,12 @@ def run_synthetic_check(
     return table
 
 
-def synthetic_config(**changes: Any) -> TrainConfig:
-    """Training config sized for the synthetic check (small projector, CPU, seconds)."""
-    base = TrainConfig(hidden_dim=128, out_dim=32, epochs=15, batch_size=256, lr=2e-3, val_fraction=0.05,
-                       device="cpu", name_a="mcr-a", name_b="mcr-b", keep_checkpoints=1)
+def synthetic_config(dim: int = 128, **changes: Any) -> TrainConfig:
+    """Training config for the synthetic check at embedding width ``dim``: the reference head
+    shape scaled to ``dim`` (Linear(dim, 2 dim)-BN-ReLU-Linear(2 dim, dim)-BN), CPU, batch 256,
+    10 epochs, and noise σ = 0.025·sqrt(512/dim), which keeps the paper's cos(x, noisy x) ≈ 0.87
+    of σ = 0.025 at D = 512 (method.md section 1). ``changes`` override any :class:`TrainConfig` field."""
+    base = TrainConfig(hidden_dim=2 * dim, out_dim=dim, epochs=10, batch_size=256, lr=1e-3, val_fraction=0.05,
+                       noise_std=round(0.025 * math.sqrt(512 / dim), 6), device="cpu", name_a="mcr-a",
+                       name_b="mcr-b", keep_checkpoints=1)
     return base.replace(**changes)
