@@ -17,6 +17,7 @@ Default run is short (~2-3 min on 2 cores); reference sizes: ``--images 1000 --a
     python benchmarks/bench_encode.py
     python benchmarks/bench_encode.py --images 1000 --audio 200 --texts 5000 --workers 2
     python benchmarks/bench_encode.py --tiny      # tiny test models (smoke run, seconds)
+    python benchmarks/bench_encode.py --threads 2 # the forward pass with torch's default threads (2 cores)
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny test models instead of ViT-B-32 / HTSAT-tiny")
     ap.add_argument("--no-resume-check", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the pipeline's forward pass (default: encode_shards' choice, on CPU "
+                         "CPUs - workers; pass the core count to see torch's default)")
     args = ap.parse_args()
 
     import torch
@@ -166,17 +170,17 @@ def main() -> int:
             enc.embed(modality, enc.collate(modality, [enc.preprocessor(modality)(
                 next(iter(_first_payload(shards[0], modality))))[0]]))  # warm-up
             r = encode_shards(shards, enc, modality, work / f"store-{modality}", batch_size=args.batch_size,
-                              num_workers=args.workers, progress=False)
+                              num_workers=args.workers, progress=False, torch_threads=args.threads)
             p = plain_loop(shards, enc, modality, args.batch_size)
             pipe_sps, plain_sps = r.samples / r.wall_s, p["samples"] / p["wall_s"]
             rows.append((modality, spec, r.samples, pipe_sps, r.model_busy, plain_sps, p["model_s"] / p["wall_s"],
                          pipe_sps / plain_sps, r))
         print()
         print(f"{'modality':8} {'encoder':34} {'n':>5} {'pipeline/s':>10} {'busy':>6} {'plain/s':>9} {'busy':>6} "
-              f"{'ratio':>6}   pipeline seconds: decode(cpu) wait model write wall")
+              f"{'ratio':>6}   pipeline seconds: decode(cpu) wait model write wall (torch threads)")
         for m, spec, n, ps, pb, ls, lb, ratio, r in rows:
             print(f"{m:8} {spec:34} {n:5d} {ps:10.1f} {pb:6.0%} {ls:9.1f} {lb:6.0%} {ratio:6.2f}   "
-                  f"{r.decode_s:.1f} {r.wait_s:.1f} {r.model_s:.1f} {r.write_s:.1f} {r.wall_s:.1f}")
+                  f"{r.decode_s:.1f} {r.wait_s:.1f} {r.model_s:.1f} {r.write_s:.1f} {r.wall_s:.1f} ({r.torch_threads})")
         if not args.no_resume_check and "image" in args.modalities.split(","):
             print()
             print(resume_check(work / "shards" / "image", specs["image"], "image", work / "store-image", work,

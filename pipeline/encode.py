@@ -9,6 +9,7 @@ Per-shard work is split into reusable functions (a Ray Data engine can call them
   alone so that only the bad one fails; non-finite rows become failures;
 * :func:`metadata_table` — the fixed per-modality metadata columns (:data:`METADATA_SCHEMAS`);
 * :func:`write_part` — append the shard's rows and failures to the store atomically;
+* :func:`finish_shard` — write a complete shard's part (or record its read failure), count it;
 * :func:`encode_shard` — all of the above for one shard in one process.
 
 :func:`encode_shards` runs them with a torch DataLoader: workers read every shard and each
@@ -16,7 +17,8 @@ decodes/preprocesses and collates a stride of its batches (batch ``b`` goes to w
 ``b % num_workers``), so even a single shard keeps all workers busy; the main process embeds
 batches as they arrive and writes a shard's part once all its batches are in (rows in shard order,
 independent of the number of workers). Finished parts are skipped on a rerun
-(``Store.done_sources``); the part of a shard killed midway is simply never written.
+(``Store.done_sources``, matched by :func:`shard_identity`, i.e. file name + content digest, so a
+moved shard folder still resumes); the part of a shard killed midway is simply never written.
 """
 
 from __future__ import annotations
@@ -93,8 +95,82 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
 
 
 def shard_source(path: str | os.PathLike) -> str:
-    """The store ``source`` of a shard (its absolute path): a rerun skips shards with a part."""
+    """A shard's absolute path: the ``source`` of its failure records (for humans; see
+    :func:`shard_identity` for the part's ``source``)."""
     return str(Path(path).resolve())
+
+
+_IDENTITY_CACHE: dict[tuple[str, int, int, int], str] = {}
+
+
+def shard_identity(path: str | os.PathLike) -> str:
+    """The store part ``source`` of a shard: ``<file name>#<first 16 hex digits of its sha256>``.
+
+    A rerun skips shards whose identity already has a part, wherever the shard folder now lives
+    (moved, another mount on a Ray node); two different shards with the same file name (another
+    folder) never match. The digest comes from the ``shards.json`` index of ``cmcr shard`` when the
+    index lists this file with the same size and was written after the shard (a shard changed
+    later is hashed instead); otherwise the file is hashed (~1 s per GB), once per process.
+
+    Raises:
+        OSError: the shard cannot be read.
+    """
+    p = Path(path)
+    st = p.stat()
+    ck = (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    ident = _IDENTITY_CACHE.get(ck)
+    if ident is None:
+        digest = _indexed_digest(p, st) or _sha256(p)
+        ident = _IDENTITY_CACHE[ck] = f"{p.name}#{digest[:16]}"
+    return ident
+
+
+def _indexed_digest(p: Path, st: os.stat_result) -> str | None:
+    """The shard's sha256 from a trustworthy ``shards.json`` beside it (see :func:`shard_identity`)."""
+    index = p.parent / "shards.json"
+    try:
+        ist = index.stat()
+        if ist.st_mtime_ns <= st.st_mtime_ns:  # the shard changed after the index was written
+            return None
+        entries = json.loads(index.read_text()).get("shards", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    for e in entries if isinstance(entries, list) else []:
+        if isinstance(e, dict) and e.get("file") == p.name:
+            digest = e.get("sha256")
+            if e.get("bytes") == st.st_size and isinstance(digest, str) and len(digest) == 64:
+                return digest
+            return None
+    return None
+
+
+def _sha256(p: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shards_to_do(paths: Sequence[Path], store: Store) -> tuple[list[Path], list[str]]:
+    """The shards of ``paths`` without a part in ``store`` and their identities.
+
+    A part matches by :func:`shard_identity`, or by the absolute path (stores written before
+    identities). Unreadable shards are kept (the encode records their ``read`` failure).
+    """
+    done = store.done_sources()
+    todo, idents = [], []
+    for p in paths:
+        try:
+            ident = shard_identity(p)
+        except OSError:
+            ident = shard_source(p)
+        if ident not in done and shard_source(p) not in done:
+            todo.append(p)
+            idents.append(ident)
+    return todo, idents
 
 
 def iter_shard_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -257,9 +333,15 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
 
 @dataclass
 class ShardResult:
-    """Rows of one shard ready to be written as a part."""
+    """Rows of one shard ready to be written as a part.
+
+    Attributes:
+        source: the shard's absolute path (failure records); part_source: the part's ``source``
+        (:func:`shard_identity`; ``source`` when ``None``).
+    """
 
     source: str
+    part_source: str | None = None
     keys: list[str] = field(default_factory=list)
     embeddings: list[np.ndarray] = field(default_factory=list)
     infos: list[dict[str, Any]] = field(default_factory=list)
@@ -308,7 +390,8 @@ def write_part(store: Store, modality: str, result: ShardResult, dim: int,
         infos = [infos[i] for i in keep]
         metas = [metas[i] for i in keep]
         emb = emb[keep]
-    store.append_part(keys, emb, metadata_table(modality, infos, metas), source=result.source, failures=failures)
+    store.append_part(keys, emb, metadata_table(modality, infos, metas), source=result.part_source or result.source,
+                      failures=failures)
     existing.update(keys)
     return len(keys)
 
@@ -318,7 +401,11 @@ def encode_shard(shard: str | os.PathLike, encoder: Encoder, modality: str, *, b
     with :func:`write_part`. A corrupt tar yields a ``read`` failure for the samples not reached."""
     source = shard_source(shard)
     pre = encoder.preprocessor(modality)
-    result = ShardResult(source=source)
+    try:
+        ident = shard_identity(shard)
+    except OSError:
+        ident = source
+    result = ShardResult(source=source, part_source=ident)
     batch: list[dict[str, Any]] = []
 
     def flush() -> None:
@@ -435,20 +522,20 @@ class EncodeReport:
         return d
 
 
-def finish_shard(store: Store, modality: str, dim: int, shard: Path,
+def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: str,
                  batches: Sequence[tuple[Prepared, np.ndarray, np.ndarray, list[dict[str, Any]]]],
                  read_error: str | None, report: EncodeReport, existing_keys: set[str]) -> None:
     """Write one complete shard (every engine ends a shard here) and count it in ``report``.
 
     Args:
-        shard: the shard file.
+        shard: the shard file; identity: its :func:`shard_identity` (the part's ``source``).
         batches: the shard's batches in order, each ``(Prepared, emb (M, D) float32, ok (N,) bool,
             embed failure records)`` as returned by :func:`embed_items`.
         read_error: why the tar could not be read to the end, or ``None``. Then no part is written
             (a rerun retries the shard): only a ``read`` failure plus the batches' failure records.
         existing_keys: the store's keys, updated in place (see :func:`write_part`).
     """
-    result = ShardResult(source=shard_source(shard))
+    result = ShardResult(source=shard_source(shard), part_source=identity)
     for batch in batches:
         result.add(*batch)
     if read_error:
@@ -517,8 +604,7 @@ def encode_shards(
     paths = list_shards(shards)
     store = open_store(store_path, encoder, modality, overwrite=overwrite, dtype=dtype, command=command)
     report = EncodeReport(store=str(store.path))
-    done = store.done_sources()
-    todo = [p for p in paths if shard_source(p) not in done]
+    todo, idents = shards_to_do(paths, store)
     report.shards_skipped = len(paths) - len(todo)
     if not todo:
         report.wall_s = time.perf_counter() - t0
@@ -531,7 +617,7 @@ def encode_shards(
     report.torch_threads = int(torch_threads or before)
     torch.set_num_threads(report.torch_threads)
     try:
-        _run_local(todo, encoder, modality, store, report, t0, batch_size=batch_size, nw=nw,
+        _run_local(todo, idents, encoder, modality, store, report, t0, batch_size=batch_size, nw=nw,
                    prefetch_factor=prefetch_factor, progress=progress)
     finally:
         torch.set_num_threads(before)
@@ -551,8 +637,9 @@ def default_torch_threads(num_workers: int) -> int:
     return max(1, cpus - max(0, int(num_workers)))
 
 
-def _run_local(todo: list[Path], encoder: Encoder, modality: str, store: Store, report: EncodeReport, t0: float, *,
-               batch_size: int, nw: int, prefetch_factor: int, progress: bool) -> None:
+def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: str, store: Store,
+               report: EncodeReport, t0: float, *, batch_size: int, nw: int, prefetch_factor: int,
+               progress: bool) -> None:
     """The DataLoader loop of :func:`encode_shards` (writes each shard once all its batches are in)."""
     dataset = ShardBatches(todo, encoder.preprocessor(modality), modality, batch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=nw, worker_init_fn=_worker_init if nw else None,
@@ -594,8 +681,9 @@ def _run_local(todo: list[Path], encoder: Encoder, modality: str, store: Store, 
                 st["n"] = msg["batches"]
                 st["error"] = st["error"] or msg["error"]
             if st["ends"] == n_workers and len(st["batches"]) >= (st["n"] or 0):
-                finish_shard(store, modality, encoder.dim, todo[i], [st["batches"][b] for b in range(st["n"])],
-                             st["error"], report, existing_keys)
+                batches = [st["batches"][b] for b in range(st["n"])]
+                finish_shard(store, modality, encoder.dim, todo[i], idents[i], batches, st["error"], report,
+                             existing_keys)
                 del pending[i]
                 elapsed = time.perf_counter() - t0
                 bar.update(task, advance=1, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),

@@ -53,6 +53,7 @@ from cmcr.pipeline.encode import (
     list_shards,
     open_store,
     shard_source,
+    shards_to_do,
 )
 from cmcr.pipeline.encoders import Encoder, load_encoder
 
@@ -277,8 +278,7 @@ def encode_shards_ray(
     store = open_store(store_path, enc, modality, overwrite=overwrite, dtype=dtype, command=command)
     report = RayEncodeReport(store=str(store.path), replicas=replicas, address=address,
                              torch_threads=max(1, int(cpus_per_replica)))
-    done = store.done_sources()
-    todo = [p for p in paths if shard_source(p) not in done]
+    todo, idents = shards_to_do(paths, store)
     report.shards_skipped = len(paths) - len(todo)
     if not todo:
         report.wall_s = time.perf_counter() - t0
@@ -299,7 +299,7 @@ def encode_shards_ray(
         report.ray_init_s = time.perf_counter() - ti
         started_here = True
     try:
-        _run_pipeline(ray, todo, enc, encoder, modality, store, report, batch_size=batch_size,
+        _run_pipeline(ray, todo, idents, enc, encoder, modality, store, report, batch_size=batch_size,
                       num_workers=num_workers, progress=progress, device=device, precision=precision,
                       clap_tokenizer=clap_tokenizer, address=address, gpus_per_replica=gpus_per_replica,
                       cpus_per_replica=cpus_per_replica, max_retries=max_retries, actor_class=actor_class,
@@ -328,7 +328,7 @@ def _encode_stage(ds: Any, actor_class: type, report: RayEncodeReport, spec: str
         max_restarts=-1, max_task_retries=max_retries)
 
 
-def _run_pipeline(ray: Any, todo: list[Path], enc: Encoder, spec: str, modality: str, store: Any,
+def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, spec: str, modality: str, store: Any,
                   report: RayEncodeReport, *, batch_size: int, num_workers: int, progress: bool, device: str,
                   precision: str, clap_tokenizer: str | None, address: str | None, gpus_per_replica: float | None,
                   cpus_per_replica: float, max_retries: int, actor_class: type, started_here: bool) -> None:
@@ -412,8 +412,9 @@ def _run_pipeline(ray: Any, todo: list[Path], enc: Encoder, spec: str, modality:
                     st["n"] = int(row["batch"])
                     st["error"] = pickle.loads(row["payload"])
                 if st["n"] is not None and len(st["batches"]) >= st["n"]:
-                    finish_shard(store, modality, enc.dim, todo[i], [st["batches"][b] for b in range(st["n"])],
-                                 st["error"], report, existing_keys)
+                    batches = [st["batches"][b] for b in range(st["n"])]
+                    finish_shard(store, modality, enc.dim, todo[i], idents[i], batches, st["error"], report,
+                                 existing_keys)
                     del pending[i]
                     written.add(i)
                     elapsed = time.perf_counter() - t_start

@@ -5,7 +5,8 @@ Output layout (one folder per modality found in the inputs)::
     <out>/<modality>/shard-000000.tar     members <key>.<ext> (the original file bytes, never
                                           re-encoded) and <key>.json (per-sample metadata:
                                           key, modality, source, label, other columns)
-    <out>/<modality>/shards.json          index written last: shards, sample counts, sha256, inputs
+    <out>/<modality>/shards.json          index written last: shards, sample counts, bytes, sha256,
+                                          inputs (the encode stage takes shard identities from it)
 
 Same input, same shards: samples keep the readers' deterministic order, tar headers carry no
 time, owner or permission noise (mtime 0, uid/gid 0, mode 0444), and every shard is written to a
@@ -83,6 +84,7 @@ class _ShardSink:
         self.paths: list[Path] = []
         self.counts: list[int] = []
         self.digests: list[str] = []
+        self.sizes: list[int] = []
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
         self._n = 0
@@ -105,8 +107,9 @@ class _ShardSink:
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(self._tmp, self.paths[-1])
-        h = hashlib.sha256(self.paths[-1].read_bytes()).hexdigest()
-        self.digests.append(h)
+        data = self.paths[-1].read_bytes()
+        self.digests.append(hashlib.sha256(data).hexdigest())
+        self.sizes.append(len(data))
         self.counts.append(self._n)
         self._tar = None
 
@@ -129,8 +132,8 @@ class _ShardSink:
             if old.name not in keep:
                 old.unlink()
         index = {"modality": modality, "samples": self.total, "inputs": list(inputs),
-                 "shards": [{"file": p.name, "samples": n, "sha256": h}
-                            for p, n, h in zip(self.paths, self.counts, self.digests, strict=True)]}
+                 "shards": [{"file": p.name, "samples": n, "bytes": b, "sha256": h}
+                            for p, n, b, h in zip(self.paths, self.counts, self.sizes, self.digests, strict=True)]}
         tmp = self.folder / f".tmp-{INDEX_NAME}"
         tmp.write_text(json.dumps(index, indent=2) + "\n")
         os.replace(tmp, self.folder / INDEX_NAME)

@@ -11,7 +11,7 @@ import pytest
 import cmcr.pipeline.encode as encode_mod
 from cmcr.cli import main
 from cmcr.errors import StoreMismatchError
-from cmcr.pipeline.encode import encode_shards
+from cmcr.pipeline.encode import encode_shards, shard_identity
 from cmcr.pipeline.encoders import load_encoder
 from cmcr.pipeline.shards import write_shards
 from cmcr.stores.store import Store
@@ -165,3 +165,32 @@ def test_messy_audio_end_to_end_with_clap(tiny_clap, messy_audio, sample_data, t
                           progress=False)
     assert again.rows == 8
     np.testing.assert_array_equal(store.embeddings(), Store.open(tmp_path / "again").embeddings())
+
+
+def test_moved_shard_folder_resumes_and_same_names_elsewhere_do_not_match(tiny_clip, tmp_path):
+    caps = tmp_path / "caps.txt"
+    caps.write_text("".join(f"caption number {i}\n" for i in range(6)))
+    shards = write_shards(caps, tmp_path / "a", 2).shards["text"]  # 3 shards
+    first = encode_shards(shards, tiny_clip, "text", tmp_path / "store", batch_size=4, num_workers=0, progress=False)
+    assert first.shards_done == 3
+    store = Store.open(tmp_path / "store")
+    assert store.done_sources() == {shard_identity(p) for p in shards}
+    assert all(s.startswith("shard-") and "#" in s for s in store.done_sources())
+    # moved (another mount, another machine): every shard is recognised, nothing is re-encoded
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "moved"))
+    again = encode_shards(tmp_path / "moved" / "text", tiny_clip, "text", tmp_path / "store", num_workers=0,
+                          progress=False)
+    assert (again.shards_skipped, again.shards_done, again.rows, again.failures) == (3, 0, 0, 0)
+    # another folder with the same file names: all its shards are encoded into the same store
+    other_caps = tmp_path / "other.txt"
+    other_caps.write_text("".join(f"another caption {i}\n" for i in range(6)))
+    other = write_shards(other_caps, tmp_path / "b", 2).shards["text"]
+    assert [p.name for p in other] == [p.name for p in shards]  # same file names, other content
+    rep = encode_shards(other, tiny_clip, "text", tmp_path / "store", num_workers=0, progress=False)
+    assert (rep.shards_skipped, rep.shards_done, rep.rows) == (0, 3, 6)
+    assert Store.open(tmp_path / "store", validate="full").num_rows == 12
+    # a shard rewritten after its shards.json index: the file is hashed, the stale digest is not used
+    moved0 = tmp_path / "moved" / "text" / "shard-000000.tar"
+    moved0.write_bytes(other[1].read_bytes())
+    assert shard_identity(moved0) == "shard-000000.tar#" + shard_identity(other[1]).split("#")[1]
+    assert shard_identity(moved0) not in Store.open(tmp_path / "store").done_sources()

@@ -19,7 +19,7 @@ import pytest
 
 from cmcr.cli import main
 from cmcr.errors import ConfigError
-from cmcr.pipeline.encode import encode_shards, shard_source
+from cmcr.pipeline.encode import encode_shards, shard_identity, shard_source
 from cmcr.pipeline.ray_engine import (
     INSTALL_HINT,
     EncoderActor,
@@ -161,8 +161,8 @@ def test_failed_job_keeps_only_complete_parts_and_rerun_finishes(ray_local, tiny
     assert shards[2].name in str(e.value) and str(shards[2]) in report.shards_incomplete
     store = Store.open(tmp_path / "ray", validate="full")
     written = store.done_sources()
-    assert poison not in written
-    assert written == {shard_source(s) for s in shards} - {shard_source(s) for s in report.shards_incomplete}
+    assert shard_identity(shards[2]) not in written
+    assert written == {shard_identity(s) for s in shards} - {shard_identity(s) for s in report.shards_incomplete}
     if written:  # whatever finished before the failure is complete and right
         assert_same_store(tmp_path / "local", tmp_path / "ray", sources=written)
     # the rerun skips the finished parts; it may use either engine (same store, same resume rule) —
