@@ -590,8 +590,9 @@ def encode_shards(
         overwrite: replace a store made by another encoder identity/preprocessing instead of failing.
         dtype: storage dtype of a new store (``float16`` or ``float32``).
         torch_threads: torch threads of the forward pass in this process, restored afterwards.
-            ``None``: on a CPU encoder :func:`default_torch_threads` (CPUs minus decode workers, so
-            the workers are not starved; torch's default oversubscribes), else torch's setting as is.
+            ``None``: on a CPU encoder :func:`default_torch_threads` (CPUs minus decode workers, at
+            most torch's current setting, so the workers are not starved; torch's default
+            oversubscribes), else torch's setting as is.
 
     Returns:
         An :class:`EncodeReport` (rows, failures and where the time went; ``torch_threads`` used).
@@ -627,14 +628,15 @@ def encode_shards(
 
 def default_torch_threads(num_workers: int) -> int:
     """torch threads for a CPU forward pass next to ``num_workers`` decode workers:
-    ``max(1, CPUs - num_workers)`` (CPUs this process may run on). With torch's default (one per
-    core) plus busy workers the cores are oversubscribed: on 2 cores with 2 workers the forward pass
-    was ~3x slower with 2 threads than with 1 (docs/encode.md)."""
+    ``max(1, CPUs - num_workers)`` (CPUs this process may run on), never more than torch's current
+    setting (its default is one per physical core; a lower value set by the caller is kept). With
+    torch's default plus busy workers the cores are oversubscribed: on 2 cores with 2 workers the
+    forward pass was ~3x slower with 2 threads than with 1 (docs/encode.md)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(1, cpus - max(0, int(num_workers)))
+    return max(1, min(torch.get_num_threads(), cpus - max(0, int(num_workers))))
 
 
 def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: str, store: Store,

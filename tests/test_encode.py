@@ -11,7 +11,7 @@ import pytest
 import cmcr.pipeline.encode as encode_mod
 from cmcr.cli import main
 from cmcr.errors import StoreMismatchError
-from cmcr.pipeline.encode import encode_shards, shard_identity
+from cmcr.pipeline.encode import default_torch_threads, encode_shards, shard_identity
 from cmcr.pipeline.encoders import load_encoder
 from cmcr.pipeline.shards import write_shards
 from cmcr.stores.store import Store
@@ -58,6 +58,7 @@ def test_identical_stores_for_any_worker_count(tiny_clip, messy_images, tmp_path
     assert a.rows == b.rows == 9
     sa, sb = Store.open(tmp_path / "a"), Store.open(tmp_path / "b")
     assert sa.keys() == sb.keys()
+    assert a.torch_threads == b.torch_threads == 1  # never above the caller's setting (conftest: 1)
     np.testing.assert_array_equal(sa.embeddings(), sb.embeddings())
     assert sa.metadata().equals(sb.metadata())
     # failure records are the same text in any process (no PIL object addresses in the messages)
@@ -194,3 +195,17 @@ def test_moved_shard_folder_resumes_and_same_names_elsewhere_do_not_match(tiny_c
     moved0.write_bytes(other[1].read_bytes())
     assert shard_identity(moved0) == "shard-000000.tar#" + shard_identity(other[1]).split("#")[1]
     assert shard_identity(moved0) not in Store.open(tmp_path / "store").done_sources()
+
+
+def test_default_torch_threads_leave_cores_to_the_workers(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(encode_mod.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)  # torch's default on an 8-core box
+        assert [default_torch_threads(w) for w in (0, 1, 3, 4, 9)] == [4, 3, 1, 1, 1]
+        torch.set_num_threads(2)  # a lower setting made by the caller is kept
+        assert default_torch_threads(0) == 2
+    finally:
+        torch.set_num_threads(before)
