@@ -46,7 +46,7 @@ FAST_CLAP = "clap:cmcr-tiny-clap@random"
 RANDOM_BANNER = "random weights: not meaningful"
 #: Captions used by default: the text towers dominate CPU time (RoBERTa-base: ~0.1 s per caption on
 #: 2 cores), so the demo stays under ~10 minutes; ``--captions 3500`` uses the whole bundled subset.
-DEFAULT_CAPTIONS = 1500
+DEFAULT_CAPTIONS = 1000
 HUB_HOSTS = (("huggingface.co", 443),)
 AUDIO_QUERY_LABEL = "dog"  # label of the example audio query
 TEXT_QUERY = "a dog barking loudly"
@@ -67,9 +67,9 @@ class DemoOptions:
         fast: tiny random-init encoders, 500 captions, few epochs (for tests; seconds, not minutes).
         clip, clap: encoder specs (``None`` = pretrained defaults, or the tiny ones with ``fast``).
         clap_tokenizer: folder with RoBERTa ``vocab.json`` + ``merges.txt`` for a real CLAP checkpoint.
-        captions: number of bundled captions used as the shared (text) corpus (``None`` = 1,500 of the
+        captions: number of bundled captions used as the shared (text) corpus (``None`` = 1,000 of the
             3,500 bundled, or 500 with ``fast``).
-        epochs: connector training epochs (``None`` = 40, or 8 with ``fast``).
+        epochs: connector training epochs (``None`` = 20, or 8 with ``fast``).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``...
         synthetic: also run the synthetic check (ablations table).
         num_workers: DataLoader workers for decoding.
@@ -252,7 +252,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     seconds["encode"] = time.perf_counter() - t
 
     t = stage("4/7 connect")
-    cfg = TrainConfig(epochs=opts.epochs or (8 if opts.fast else 40), batch_size=256, device=opts.device,
+    cfg = TrainConfig(epochs=opts.epochs or (8 if opts.fast else 20), batch_size=256, device=opts.device,
                       seed=opts.seed, name_a="clip", name_b="clap")
     connect = train_connector(stores_dir / "clip_text", stores_dir / "clap_text", stores_dir / "clip_image",
                               stores_dir / "clap_audio", out / "connector", cfg, overwrite=True, progress=True)
