@@ -76,22 +76,20 @@ def main() -> None:
         t = time.perf_counter()
         enc = load_encoder(args.encoder, device="cpu")
         load_s = time.perf_counter() - t
-        local = encode_shards(shards, enc, "image", tmp_path / "local", batch_size=args.batch_size,
-                              num_workers=args.num_workers, progress=False)
-        print(f"local engine: {local.wall_s:.2f} s, {local.samples_per_s:.1f} samples/s "
-              f"(model busy {100 * local.model_busy:.0f}%, model load {load_s:.2f} s not counted)")
-
-        # the same with one torch thread in the main process (the Ray actors run with one thread each;
-        # on 2 cores, torch's default threads + 2 decode workers oversubscribe the CPUs)
         import torch
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        threads = torch.get_num_threads()  # torch's default: one per core
+        local = encode_shards(shards, enc, "image", tmp_path / "local", batch_size=args.batch_size,
+                              num_workers=args.num_workers, progress=False, torch_threads=threads)
+        print(f"local engine, torch's {threads} threads: {local.wall_s:.2f} s, {local.samples_per_s:.1f} samples/s "
+              f"(model busy {100 * local.model_busy:.0f}%, model load {load_s:.2f} s not counted)")
+        # encode_shards' default on a CPU: CPUs - workers threads (the Ray actors run with one thread each;
+        # on 2 cores, torch's default threads + 2 decode workers oversubscribe the CPUs)
         local1 = encode_shards(shards, enc, "image", tmp_path / "local-1thread", batch_size=args.batch_size,
                                num_workers=args.num_workers, progress=False)
-        torch.set_num_threads(threads)
-        print(f"local engine, 1 torch thread: {local1.wall_s:.2f} s, {local1.samples_per_s:.1f} samples/s "
-              f"(model {local1.model_s:.2f} s vs {local.model_s:.2f} s with {threads} threads)")
+        print(f"local engine, default {local1.torch_threads} thread(s): {local1.wall_s:.2f} s, "
+              f"{local1.samples_per_s:.1f} samples/s (model {local1.model_s:.2f} s vs {local.model_s:.2f} s with "
+              f"{threads} threads)")
 
         t = time.perf_counter()
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, logging_level=logging.WARNING,
