@@ -426,7 +426,9 @@ def write_reports(result: DemoResult, out: Path) -> None:
         md.append("\nNotes on weights:\n\n" + "\n".join(f"- {n}" for n in result.weight_notes) + "\n")
     md.append(f"\nCorpus: {result.counts.get('text', 0)} captions (shared modality), {result.counts.get('image', 0)} "
               f"images (CLIP memory), {result.counts.get('audio', 0)} audio clips (CLAP memory). No audio–image "
-              f"pair is used for training; evaluation pairs audio and images by their shared label.\n")
+              f"pair is used for training; evaluation pairs audio and images by their shared label. The "
+              f"memories are the same images and clips that are evaluated (unpaired, but not held out: the "
+              f"bundled set is small); with your own data, use separate memory corpora.\n")
     md.append("\n## Retrieval (connected space)\n\n" + _md_table(result.retrieval, RETRIEVAL_COLUMNS))
     md.append("\n## Zero-shot classification across the two MCRs\n\n" + _md_table(result.zeroshot, ZEROSHOT_COLUMNS))
     md.append("\n## Example searches\n")
