@@ -554,7 +554,8 @@ def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: s
     report.shards_done += 1
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """The encode progress bar (shards, samples, samples/s, failures, current shard); both engines use it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -653,7 +654,7 @@ def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: 
     existing_keys: set[str] = set(store.keys()) if store.num_rows else set()
     live_failures = 0
 
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"encode {modality}", total=len(todo), samples=0, rate=0.0, failures=0, shard="")
         it = iter(loader)
         while True:

@@ -52,6 +52,7 @@ from cmcr.pipeline.encode import (
     finish_shard,
     list_shards,
     open_store,
+    progress_bar,
     shard_source,
     shards_to_do,
 )
@@ -198,15 +199,6 @@ def _actor_device(device: str, gpus_per_replica: float) -> str:
         raise ConfigError(f"--device {device} needs GPU replicas: pass --gpus-per-replica 1 (or 0.5 to put two "
                           f"replicas on one GPU)")
     return "cpu"
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("shards · {task.fields[samples]} samples · {task.fields[rate]:.1f}/s · "
-                               "{task.fields[failures]} failures · {task.fields[shard]}"),
-                    TimeElapsedColumn(), disable=not enabled, transient=False)
 
 
 def encode_shards_ray(
@@ -372,7 +364,7 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
     existing_keys: set[str] = set(store.keys()) if store.num_rows else set()
     live_failures = 0
     t_start = time.perf_counter()
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"encode {modality} (ray x{report.replicas})", total=len(todo), samples=0, rate=0.0,
                             failures=0, shard="")
         rows = iter(ds.iter_rows())

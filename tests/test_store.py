@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cmcr.stores.store import Store, join_by_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cmcr.errors import StoreError, StoreFormatError, StoreMismatchError, StoreValidationError
+from cmcr.stores.store import Store, join_by_key
 
 ENC = {"family": "test", "architecture": "unit", "weights": "random"}
 
