@@ -10,8 +10,10 @@ import typer
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder (shards, stores, report)."),
     fast: bool = typer.Option(False, "--fast", help="Tiny random-init encoders and fewer captions/epochs (seconds)."),
-    clip: str = typer.Option(None, "--clip", help="CLIP encoder spec (default open_clip:ViT-B-32, openai weights)."),
-    clap: str = typer.Option(None, "--clap", help="CLAP encoder spec (default clap:HTSAT-tiny, 630k-audioset)."),
+    clip: str = typer.Option(None, "--clip", envvar="CMCR_CLIP_ENCODER",
+                             help="CLIP encoder spec (default open_clip:ViT-B-32, openai weights)."),
+    clap: str = typer.Option(None, "--clap", envvar="CMCR_CLAP_ENCODER",
+                             help="CLAP encoder spec (default clap:HTSAT-tiny, 630k-audioset)."),
     clap_tokenizer: str = typer.Option(None, "--clap-tokenizer", envvar="CMCR_CLAP_TOKENIZER",
                                        help="Folder with RoBERTa vocab.json + merges.txt (real CLAP checkpoints)."),
     captions: int = typer.Option(None, "--captions", min=16,
@@ -23,8 +25,9 @@ def demo(
 ) -> None:
     """Run shard -> encode -> connect -> project -> eval -> search on the bundled media and write a report.
 
-    Uses pretrained weights when they can be had (local checkpoint specs, caches, or a download where the
-    hub is reachable); otherwise says so loudly and runs random-init encoders ("not meaningful").
+    Uses pretrained weights when they can be had (local checkpoint specs, also from the environment variables
+    CMCR_CLIP_ENCODER / CMCR_CLAP_ENCODER / CMCR_CLAP_TOKENIZER; caches; or a download where the hub is
+    reachable); otherwise says so loudly and runs random-init encoders ("not meaningful").
 
     Example: cmcr demo --out demo-out
     Example: cmcr demo --clip open_clip:ViT-B-32@/ckpt/clip.pt --clap clap:HTSAT-tiny@/ckpt/630k-audioset-best.pt
