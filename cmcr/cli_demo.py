@@ -22,6 +22,9 @@ def demo(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
     synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic", help="Also run the synthetic check."),
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="Decode worker processes."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace a demo run with other settings in --out (a rerun with the same "
+                                        "settings resumes without it)."),
 ) -> None:
     """Run shard -> encode -> connect -> project -> eval -> search on the bundled media and write a report.
 
@@ -37,7 +40,7 @@ def demo(
 
     run_demo(DemoOptions(out=out, fast=fast, clip=clip, clap=clap, clap_tokenizer=clap_tokenizer,
                          captions=captions, epochs=epochs, device=device, synthetic=synthetic,
-                         num_workers=num_workers))
+                         num_workers=num_workers, overwrite=overwrite))
 
 
 def register(app: typer.Typer) -> None:

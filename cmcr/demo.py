@@ -51,6 +51,16 @@ HUB_HOSTS = (("huggingface.co", 443),)
 AUDIO_QUERY_LABEL = "dog"  # label of the example audio query
 TEXT_QUERY = "a dog barking loudly"
 PROMPT_TEMPLATE = "a photo or a sound of a {}."
+#: Short headers for the terminal tables (the reports keep the full column names).
+DISPLAY_NAMES = {"queries_without_positive": "no positive", "median_rank": "median rank",
+                 "chance_R@1": "chance R@1", "chance_R@5": "chance R@5", "chance_R@10": "chance R@10",
+                 "chance_mAP": "chance mAP", "chance_top1": "chance top1", "chance_top5": "chance top5",
+                 "image_to_audio_R@1": "img→aud R@1", "zeroshot_top1": "zero-shot top1",
+                 "zeroshot_chance": "zero-shot chance"}
+CONSOLE_RETRIEVAL = ["direction", "queries", "queries_without_positive", "pool", "R@1", "R@5", "R@10", "mAP",
+                     "chance_R@1", "chance_R@5", "chance_mAP"]
+CONSOLE_SYNTHETIC = ["variant", "pool", "R@1", "R@5", "R@10", "mAP", "chance_R@1", "chance_mAP",
+                     "image_to_audio_R@1", "zeroshot_top1", "seconds"]
 RETRIEVAL_COLUMNS = ["direction", "queries", "queries_without_positive", "pool", "R@1", "R@5", "R@10", "mAP",
                      "median_rank", "chance_R@1", "chance_R@5", "chance_R@10", "chance_mAP"]
 ZEROSHOT_COLUMNS = ["task", "classes", "items", "top1", "top5", "chance_top1", "chance_top5"]
@@ -73,6 +83,7 @@ class DemoOptions:
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``...
         synthetic: also run the synthetic check (ablations table).
         num_workers: DataLoader workers for decoding.
+        overwrite: start over in an ``out`` folder that holds a demo run with other settings.
     """
 
     out: Path = Path("demo-out")
@@ -86,6 +97,7 @@ class DemoOptions:
     synthetic: bool = True
     num_workers: int = 2
     seed: int = 0
+    overwrite: bool = False
 
 
 @dataclass
@@ -167,7 +179,7 @@ def load_demo_encoders(opts: DemoOptions, console: Console):
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
+    return text[0] if text else type(e).__name__
 
 
 def prepare_corpus(out: Path, n_captions: int | None) -> dict[str, Path]:
@@ -188,6 +200,56 @@ def prepare_corpus(out: Path, n_captions: int | None) -> dict[str, Path]:
         w.writerows({"caption": r["caption"], "image_id": r["image_id"]} for r in rows)
     os.replace(tmp, dst)
     return {"captions": dst, "images": SAMPLE_DATA / "images", "audio": SAMPLE_DATA / "audio"}
+
+
+DEMO_MARKER = "demo-settings.json"
+DEMO_OUTPUTS = ("corpus", "shards", "stores", "connector", "projected", "synthetic", "report_files",
+                "report.md", "report.html", "demo.json", DEMO_MARKER)
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an ``out`` folder that holds something other than a demo run (nothing is touched).
+
+    Raises:
+        ConfigError: ``out`` is a file, or a non-empty folder without the demo's settings file.
+    """
+    from cmcr.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
+        raise ConfigError(f"--out {out} is not empty and holds no demo run ({DEMO_MARKER} missing); "
+                          f"pass an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def claim_output_folder(out: Path, settings: dict[str, Any], *, overwrite: bool) -> None:
+    """Record the run's settings in ``out``; a rerun with the same settings resumes (finished shards and
+    stores are reused), a rerun with other settings (other encoders, caption count...) is refused before
+    anything is touched, unless ``overwrite`` clears the demo's outputs first.
+
+    Raises:
+        ConfigError: ``out`` holds a demo run with other settings and ``overwrite`` is False.
+    """
+    from cmcr.errors import ConfigError
+
+    marker = out / DEMO_MARKER
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        if previous != json.loads(json.dumps(settings)):
+            if not overwrite:
+                changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+                raise ConfigError(f"--out {out} holds a demo run with other settings (differs in: "
+                                  f"{', '.join(changed)}); pass --overwrite to replace it, or use another folder")
+            for name in DEMO_OUTPUTS:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    os.replace(tmp, marker)
 
 
 def _labels(store) -> list[Any]:  # noqa: ANN001
@@ -211,7 +273,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
 
     console = console or Console(width=None if Console().is_terminal else 130)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)
     seconds: dict[str, float] = {}
 
     def stage(name: str):
@@ -225,8 +287,11 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     encoders = {name: json.dumps(enc.identity(), sort_keys=True) for name, enc in (("clip", clip), ("clap", clap))}
     seconds["weights"] = time.perf_counter() - t
 
-    t = stage("2/7 shard")
     n_captions = opts.captions if opts.captions is not None else (500 if opts.fast else DEFAULT_CAPTIONS)
+    claim_output_folder(out, {"encoders": encoders, "captions": n_captions, "fast": opts.fast, "seed": opts.seed},
+                        overwrite=opts.overwrite)
+
+    t = stage("2/7 shard")
     inputs = prepare_corpus(out, n_captions)
     shard_dir = out / "shards"
     reports = {
@@ -271,7 +336,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     zeroshot = _zeroshot(clip, clap, connector, z_img, _labels(z_img_store), z_aud, _labels(z_aud_store),
                          zeroshot_accuracy)
     _print_table(console, "retrieval in the connected space (positives: same label)", retrieval, random_weights,
-                 RETRIEVAL_COLUMNS)
+                 CONSOLE_RETRIEVAL)
     _print_table(console, "zero-shot classification across the two MCRs", zeroshot, random_weights,
                  ZEROSHOT_COLUMNS)
     seconds["evaluate"] = time.perf_counter() - t
@@ -288,7 +353,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
         t = stage("7/7 synthetic check")
         synthetic = _synthetic(out / "synthetic", opts.fast)
         _print_table(console, "synthetic check: audio→image with known true pairs", synthetic, False,
-                     SYNTHETIC_COLUMNS)
+                     CONSOLE_SYNTHETIC)
         seconds["synthetic"] = time.perf_counter() - t
 
     result = DemoResult(random_weights=random_weights, encoders=encoders, weight_notes=notes, counts=counts,
@@ -351,6 +416,8 @@ def _synthetic(out: Path, fast: bool) -> list[dict[str, Any]]:
     from cmcr.trainer.synthetic import SyntheticSpec, run_synthetic_check
 
     spec = SyntheticSpec(n_shared=600, n_memory_a=600, n_memory_b=600, n_eval=200) if fast else SyntheticSpec()
+    if out.exists():  # the demo owns this folder; the check takes seconds, so it starts over
+        shutil.rmtree(out)
     return run_synthetic_check(out, spec)
 
 
@@ -361,7 +428,7 @@ def _print_table(console: Console, title: str, rows: list[dict[str, Any]], rando
     table = Table(title=title + (f"  [red]({RANDOM_BANNER})[/]" if random_weights else ""))
     cols = [c for c in columns if c in rows[0]]
     for c in cols:
-        table.add_column(c)
+        table.add_column(DISPLAY_NAMES.get(c, c), no_wrap=c in ("direction", "variant"))
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
     console.print(table)
@@ -420,18 +487,22 @@ def write_reports(result: DemoResult, out: Path) -> None:
         for h in s["hits"]:
             h["thumbnail"] = _thumbnail(h.get("source"), files, h["key"]) if s["kind"].endswith("image") else None
     banner = f"**{RANDOM_BANNER.upper()}** — the encoders were random-init.\n\n" if result.random_weights else ""
+    tag = f" — {RANDOM_BANNER}" if result.random_weights else ""
     md = [f"# cmcr demo report\n\n{banner}"]
     md.append("Encoders:\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result.encoders.items()) + "\n")
     if result.weight_notes:
         md.append("\nNotes on weights:\n\n" + "\n".join(f"- {n}" for n in result.weight_notes) + "\n")
-    md.append(f"\nCorpus: {result.counts.get('text', 0)} captions (shared modality), {result.counts.get('image', 0)} "
-              f"images (CLIP memory), {result.counts.get('audio', 0)} audio clips (CLAP memory). No audio–image "
-              f"pair is used for training; evaluation pairs audio and images by their shared label. The "
-              f"memories are the same images and clips that are evaluated (unpaired, but not held out: the "
-              f"bundled set is small); with your own data, use separate memory corpora.\n")
-    md.append("\n## Retrieval (connected space)\n\n" + _md_table(result.retrieval, RETRIEVAL_COLUMNS))
-    md.append("\n## Zero-shot classification across the two MCRs\n\n" + _md_table(result.zeroshot, ZEROSHOT_COLUMNS))
-    md.append("\n## Example searches\n")
+    corpus_line = (f"Corpus: {result.counts.get('text', 0)} captions (shared modality), "
+                   f"{result.counts.get('image', 0)} images (CLIP memory), {result.counts.get('audio', 0)} audio "
+                   f"clips (CLAP memory). No audio–image pair is used for training; evaluation pairs audio and "
+                   f"images by their shared label. The memories are the same images and clips that are evaluated "
+                   f"(unpaired, but not held out: the bundled set is small); with your own data, use separate "
+                   f"memory corpora.")
+    md.append(f"\n{corpus_line}\n")
+    md.append(f"\n## Retrieval (connected space){tag}\n\n" + _md_table(result.retrieval, RETRIEVAL_COLUMNS))
+    md.append(f"\n## Zero-shot classification across the two MCRs{tag}\n\n"
+              + _md_table(result.zeroshot, ZEROSHOT_COLUMNS))
+    md.append(f"\n## Example searches{tag}\n")
     for s in result.searches:
         md.append(f"\n**{s['query']}**\n\n| rank | key | label | score | |\n| --- | --- | --- | --- | --- |\n")
         for r, h in enumerate(s["hits"], 1):
@@ -458,11 +529,19 @@ def write_reports(result: DemoResult, out: Path) -> None:
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px}.warn{color:#b00;font-weight:bold}</style></head><body>",
              "<h1>cmcr demo report</h1>"]
+    warn = f" <span class='warn'>({html.escape(RANDOM_BANNER)})</span>" if result.random_weights else ""
     if result.random_weights:
         parts.append(f"<p class='warn'>{RANDOM_BANNER.upper()} — the encoders were random-init.</p>")
-    parts.append("<h2>Retrieval (connected space)</h2>" + h_table(result.retrieval, RETRIEVAL_COLUMNS))
-    parts.append("<h2>Zero-shot classification across the two MCRs</h2>" + h_table(result.zeroshot, ZEROSHOT_COLUMNS))
-    parts.append("<h2>Example searches</h2>")
+    parts.append("<p>Encoders:</p><ul>" + "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
+                                                  for k, v in result.encoders.items()) + "</ul>")
+    if result.weight_notes:
+        parts.append("<p>Notes on weights:</p><ul>" + "".join(f"<li>{html.escape(n)}</li>"
+                                                             for n in result.weight_notes) + "</ul>")
+    parts.append(f"<p>{html.escape(corpus_line)}</p>")
+    parts.append(f"<h2>Retrieval (connected space){warn}</h2>" + h_table(result.retrieval, RETRIEVAL_COLUMNS))
+    parts.append(f"<h2>Zero-shot classification across the two MCRs{warn}</h2>"
+                 + h_table(result.zeroshot, ZEROSHOT_COLUMNS))
+    parts.append(f"<h2>Example searches{warn}</h2>")
     for s in result.searches:
         parts.append(f"<h3>{html.escape(s['query'])}</h3><table><tr><th>rank</th><th>key</th><th>label</th>"
                      "<th>score</th><th></th></tr>")

@@ -51,3 +51,18 @@ def test_demo_report_has_thumbnails_of_the_image_hits(demo_run):
     thumbs = sorted((demo_run / "report_files").glob("*.jpg"))
     assert len(thumbs) == 5
     assert all(f"report_files/{t.name}" in md for t in thumbs)
+
+
+def test_demo_refuses_a_folder_with_another_run_or_other_content(demo_run, tmp_path, capsys):
+    manifest_before = (demo_run / "stores" / "clip_text" / "manifest.json").read_text()
+    # other settings (caption count) into the same folder: refused before anything is touched
+    assert main(["demo", "--fast", "--out", str(demo_run), "--captions", "60", "--no-synthetic"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (demo_run / "stores" / "clip_text" / "manifest.json").read_text() == manifest_before
+    # a folder that holds something else
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["demo", "--fast", "--out", str(other), "--no-synthetic"]) == 2
+    assert "holds no demo run" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
