@@ -265,15 +265,21 @@ def _class_names(classes: str) -> list[str]:
 def bench_synthetic(
     out: Path = typer.Option(Path("cmcr-synthetic"), "--out", "-o", help="Work folder (stores, connectors)."),
     seed: int = typer.Option(0, help="Generator and training seed."),
-    dim: int = typer.Option(128, help="Embedding width of both synthetic MCRs (512 = the reference setup)."),
-    n_shared: int = typer.Option(3000, help="Shared corpus size (captions encoded by both MCRs)."),
-    n_memory: int = typer.Option(3000, help="Memory size of each MCR."),
-    n_eval: int = typer.Option(500, help="Held-out true (audio, image) pairs (the retrieval pool)."),
-    epochs: int = typer.Option(10, help="Training epochs per variant."),
-    variants: str = typer.Option("full,no_completion,no_noise,no_intra", help="Comma-separated variants."),
+    dim: int = typer.Option(128, min=2, help="Embedding width of both synthetic MCRs (512 = the reference setup)."),
+    n_shared: int = typer.Option(3000, min=2, help="Shared corpus size (captions encoded by both MCRs)."),
+    n_memory: int = typer.Option(3000, min=1, help="Memory size of each MCR."),
+    n_eval: int = typer.Option(500, min=2, help="Held-out true (audio, image) pairs (the retrieval pool)."),
+    epochs: int = typer.Option(10, min=1, help="Training epochs per variant."),
+    variants: str = typer.Option("full,no_completion,no_noise,no_intra",
+                                 help="Comma-separated variants (full, no_completion, no_noise, no_intra)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Start --out over (its stores and variant folders) when an earlier run "
+                                        "used other settings."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Controlled check: two synthetic MCRs with a shared latent; audio->image retrieval with ablations.
+
+    A rerun into the same --out with the same settings reuses the stores; other settings need --overwrite.
 
     Example: cmcr bench synthetic --out /tmp/syn --epochs 10 --dim 512
     """
@@ -282,7 +288,7 @@ def bench_synthetic(
     spec = SyntheticSpec(dim=dim, seed=seed, n_shared=n_shared, n_memory_a=n_memory, n_memory_b=n_memory,
                          n_eval=n_eval)
     table = run_synthetic_check(out, spec, synthetic_config(dim, seed=seed, epochs=epochs),
-                                tuple(v.strip() for v in variants.split(",") if v.strip()))
+                                tuple(v.strip() for v in variants.split(",") if v.strip()), overwrite=overwrite)
     if as_json:
         _print_json(table)
         return

@@ -188,3 +188,21 @@ def test_eval_zeroshot_encodes_prompts_on_the_right_side(tiny_encoded, capsys):
                    modality="text")
     pred = np.argmax(aud.embeddings(np.float32) @ zc.T, axis=1)
     assert r["top1"] == pytest.approx(np.mean([names[p] == t for p, t in zip(pred, labels, strict=True)]), abs=1e-6)
+
+
+def test_bench_synthetic_rerun_other_settings_and_bad_input(tmp_path, capsys):
+    out = tmp_path / "s"
+    base = ["bench", "synthetic", "--out", str(out), "--n-shared", "60", "--n-memory", "60", "--n-eval", "10",
+            "--dim", "16", "--epochs", "1", "--variants", "full", "--json"]
+    assert main(base) == 0
+    assert main(base) == 0  # same settings: reuses the stores
+    capsys.readouterr()
+    assert main([*base, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "seed" in err and "Traceback" not in err
+    assert main([*base, "--seed", "1", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--variants", "bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main([*base, "--n-shared", "0"]) == 2
+    assert "--n-shared" in capsys.readouterr().err

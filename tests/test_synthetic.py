@@ -3,6 +3,9 @@ completion and noise each help (method.md section 5)."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+
 import numpy as np
 import pytest
 
@@ -84,3 +87,26 @@ def test_ablations_hold_over_seeds(tmp_path, seed):
         variants=("full", "no_noise", "no_completion"))}
     assert rows["full"]["mAP"] > rows["no_noise"]["mAP"] + 0.025
     assert rows["full"]["mAP"] > rows["no_completion"]["mAP"] + 0.05
+
+
+def test_rerun_with_other_settings_needs_overwrite(tmp_path):
+    from cmcr.errors import ConfigError, StoreMismatchError
+
+    small = dict(n_shared=40, n_memory_a=30, n_memory_b=30, n_eval=10, classes=3, dim=16, hidden=16)
+    paths = generate_synthetic_stores(tmp_path / "stores", SyntheticSpec(**small))
+    before = Store.open(paths["text_a"]).embeddings(np.float32)
+    with pytest.raises(StoreMismatchError, match=r"seed 0 -> 1.*--overwrite"):
+        generate_synthetic_stores(tmp_path / "stores", SyntheticSpec(**small, seed=1))
+    assert np.array_equal(Store.open(paths["text_a"]).embeddings(np.float32), before)  # untouched
+    generate_synthetic_stores(tmp_path / "stores", SyntheticSpec(**small, seed=1), overwrite=True)
+    assert not np.array_equal(Store.open(paths["text_a"]).embeddings(np.float32), before)
+    # an interrupted store (same settings, fewer rows) is regenerated, not an error
+    shutil.rmtree(paths["eval_audio_b"])
+    Store.create(paths["eval_audio_b"], modality="audio", encoder=Store.open(paths["audio_b"]).encoder, dim=16,
+                 dtype="float32", extra={"synthetic": dataclasses.asdict(SyntheticSpec(**small, seed=1))})
+    generate_synthetic_stores(tmp_path / "stores", SyntheticSpec(**small, seed=1))
+    assert Store.open(paths["eval_audio_b"]).num_rows == 10
+    with pytest.raises(ConfigError, match="n_shared"):
+        SyntheticSpec(n_shared=0)
+    with pytest.raises(ConfigError, match="bogus"):
+        run_synthetic_check(tmp_path, SyntheticSpec(**small), variants=("bogus",))

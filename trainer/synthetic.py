@@ -38,12 +38,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cmcr.errors import ConfigError, StoreMismatchError
 from cmcr.stores.store import Store
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import Connector
@@ -98,6 +100,33 @@ class SyntheticSpec:
     n_eval: int = 500
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the sizes and shares.
+
+        Raises:
+            ConfigError: a size is below 1 (``n_eval`` below 2, ``dim`` below 2), ``item_rank`` is
+                negative, or a share (``cone``, ``semantic``, ``item``, ``cone_overlap``) lies outside [0, 1].
+        """
+        minimum = {"dim": 2, "latent_dim": 1, "hidden": 1, "classes": 1, "n_shared": 2, "n_memory_a": 1,
+                   "n_memory_b": 1, "n_eval": 2}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                flag = {"n_memory_a": "n-memory", "n_memory_b": "n-memory"}.get(name, name.replace("_", "-"))
+                raise ConfigError(f"synthetic {name} must be an integer >= {low}, got {value!r} "
+                                  f"(`cmcr bench synthetic --{flag}`)")
+        if self.item_rank < 0:
+            raise ConfigError(f"synthetic item_rank must be >= 0 (0: dim // 4), got {self.item_rank}")
+        for name in ("cone", "semantic", "item", "cone_overlap"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"synthetic {name} must lie in [0, 1], got {value}")
+        if self.semantic <= 0.0:
+            raise ConfigError("synthetic semantic must be > 0: without a shared signal there is nothing to connect")
+
     @property
     def rank(self) -> int:
         """The item subspace rank in use."""
@@ -146,16 +175,26 @@ class SyntheticMCR:
         return _unit(x).astype(np.float32)
 
 
-def generate_synthetic_stores(out_dir: str | Path, spec: SyntheticSpec | None = None) -> dict[str, Path]:
+def generate_synthetic_stores(out_dir: str | Path, spec: SyntheticSpec | None = None, *,
+                              overwrite: bool = False) -> dict[str, Path]:
     """Write the stores of a synthetic MCR pair under ``out_dir`` and return their paths.
 
     Stores (keys in brackets): ``text_a``, ``text_b`` (``cap*``, the shared corpus encoded by both
     MCRs), ``image_a`` (``img*``, memory of A), ``audio_b`` (``aud*``, memory of B),
     ``eval_image_a``, ``eval_audio_b`` (``pair*``: true pairs, with a ``label`` column),
     ``classes_text_a``, ``classes_text_b`` (class names: class-centre texts, zero-shot prompts).
-    An existing complete set (same spec) is reused.
+    An existing complete set made with the same spec is reused; an incomplete one (an interrupted
+    run) is regenerated.
+
+    Args:
+        overwrite: replace stores made with other settings (otherwise they are an error).
+
+    Raises:
+        StoreMismatchError: ``out_dir`` holds a store made with other settings (or not by this
+            generator) and ``overwrite`` is False; the message names the settings that differ.
     """
     spec = spec or SyntheticSpec()
+    spec.validate()
     out = Path(out_dir)
     rng = np.random.default_rng(spec.seed)
     mcr_a = SyntheticMCR("mcr-a", ("text", "image"), spec, rng)
@@ -193,15 +232,40 @@ def generate_synthetic_stores(out_dir: str | Path, spec: SyntheticSpec | None = 
         path = out / name
         emb = mcr.embed(z, modality, rng, item)  # always drawn, so every store is seed-stable
         paths[name] = path
-        if (path / "manifest.json").exists():
-            st = Store.open(path)
-            if st.manifest.get("extra") == spec_extra and st.num_rows == len(keys):
-                continue
-            raise FileExistsError(f"{path} holds another store; use an empty output folder")
+        if path.exists():
+            found = _synthetic_spec_of(path)
+            if found == spec_extra["synthetic"]:
+                if Store.open(path, validate="none").num_rows == len(keys):
+                    continue
+                log.info("%s is incomplete (interrupted run): regenerating it", path)
+            elif not overwrite:
+                raise StoreMismatchError(_other_settings_message(out, path, found, spec_extra["synthetic"]))
+            shutil.rmtree(path)
         store = Store.create(path, modality=modality, encoder=mcr.identity, dim=spec.dim, dtype="float32",
                              extra=spec_extra)
         store.append_part(keys, emb, metadata=meta, source="synthetic")
     return paths
+
+
+def _synthetic_spec_of(path: Path) -> dict[str, Any] | None:
+    """The generator settings recorded in the store at ``path`` (``None``: not a readable synthetic store)."""
+    try:
+        extra = Store.open(path, validate="none").manifest.get("extra") or {}
+    except Exception:  # noqa: BLE001 - anything unreadable counts as "another store"
+        return None
+    found = extra.get("synthetic")
+    return found if isinstance(found, dict) else None
+
+
+def _other_settings_message(out: Path, path: Path, found: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
+    if found is None:
+        what = "something that is not a synthetic store of this generator"
+    else:
+        diff = [f"{k} {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v]
+        what = "synthetic stores made with other settings (" + ", ".join(diff) + ")"
+    folder = out.parent if out.name == "stores" else out
+    return (f"{path} holds {what}; pass --overwrite (overwrite=True) to start {folder} over, or choose another "
+            f"--out folder")
 
 
 def project_embeddings(connector: Connector, store: Store) -> np.ndarray:
@@ -218,6 +282,7 @@ def run_synthetic_check(
     *,
     progress: bool = False,
     plot: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate the synthetic stores, train one connector per variant, score audio->image retrieval.
 
@@ -228,23 +293,37 @@ def run_synthetic_check(
         variants: names from :data:`VARIANTS` (``full``, ``no_completion``, ``no_noise``, ``no_intra``).
         progress: rich progress bars while training.
         plot: also write each variant's ``loss_curve.png`` (off by default: matplotlib costs seconds).
+        overwrite: start ``out_dir`` over: remove the stores and variant folders an earlier run with
+            other settings left there (only those; nothing else in ``out_dir`` is touched). Without
+            it, a rerun with the same settings reuses the stores and retrains the variants.
 
     Returns:
         One row per variant: ``{"variant", "R@1", "R@5", "R@10", "mAP", "pool", "chance_R@1",
         "chance_R@5", "chance_mAP", "direction", "image_to_audio_R@1", "zeroshot_top1", "seconds"}``.
+
+    Raises:
+        ConfigError: an unknown variant, or invalid sizes in ``spec``.
+        StoreMismatchError: ``out_dir`` holds stores made with other settings and ``overwrite`` is False.
     """
     import time
 
     spec = spec or SyntheticSpec()
+    spec.validate()
     cfg = config or synthetic_config(spec.dim)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ConfigError(f"unknown variant(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
+                          f"{', '.join(VARIANTS)} (comma-separated, e.g. --variants full,no_noise)")
     out = Path(out_dir)
-    paths = generate_synthetic_stores(out / "stores", spec)
+    if overwrite:
+        for name in ("stores", *VARIANTS):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+    paths = generate_synthetic_stores(out / "stores", spec, overwrite=overwrite)
     eval_img, eval_aud = Store.open(paths["eval_image_a"]), Store.open(paths["eval_audio_b"])
     cls_b = Store.open(paths["classes_text_b"])
     table = []
     for name in variants:
-        if name not in VARIANTS:
-            raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
         t0 = time.perf_counter()
         vcfg = cfg.replace(**VARIANTS[name])
         train_connector(paths["text_a"], paths["text_b"], paths["image_a"], paths["audio_b"], out / name, vcfg,
