@@ -115,14 +115,16 @@ def search(
     from cmcr.trainer.connector import Connector, is_projected
     from cmcr.trainer.evaluate import check_same_space
 
+    given = sum(x is not None for x in (media, text, key))
+    if given != 1:
+        raise InputDataError("give exactly one query: --media FILE, --text TEXT or --key KEY (with --store)")
+    if media is not None:
+        _check_readable_file(media, "--media")
     conn = Connector.load(connector)
     g = Store.open(gallery)
     if not (is_projected(g.encoder) and g.encoder.get("connector") == conn.fingerprint):
         raise ConnectorError(f"{gallery} was not projected by connector {connector} ({conn.fingerprint}); run "
                              f"`cmcr project {connector} <store> {gallery}` first")
-    given = sum(x is not None for x in (media, text, key))
-    if given != 1:
-        raise InputDataError("give exactly one query: --media FILE, --text TEXT or --key KEY (with --store)")
     if key is not None:
         if store is None:
             raise InputDataError("--key needs --store (the store holding that key)")
@@ -159,6 +161,19 @@ def search(
     for i, h in enumerate(hits, 1):
         table.add_row(str(i), h["key"], f"{h['score']:.4f}", json.dumps(h["metadata"], default=str)[:80])
     console.print(table)
+
+
+def _check_readable_file(path: Path, flag: str) -> None:
+    """Raise :class:`InputDataError` (one line naming ``flag`` and ``path``) unless ``path`` is a readable file."""
+    if not path.exists():
+        raise InputDataError(f"{flag} {path}: file not found")
+    if path.is_dir():
+        raise InputDataError(f"{flag} {path}: is a folder; give one image or audio file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise InputDataError(f"{flag} {path}: cannot be read ({e.strerror or e})") from e
 
 
 def _guess_modality(path: Path | None) -> str:

@@ -206,3 +206,23 @@ def test_bench_synthetic_rerun_other_settings_and_bad_input(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
     assert main([*base, "--n-shared", "0"]) == 2
     assert "--n-shared" in capsys.readouterr().err
+
+
+def test_search_media_that_is_missing_a_folder_or_unreadable(tmp_path, capsys, monkeypatch):
+    from cmcr import cli_connect
+
+    common = ["search", "-c", str(tmp_path / "conn"), "-g", str(tmp_path / "g"), "--encoder", "clap:HTSAT-tiny"]
+    assert main([*common, "--media", str(tmp_path / "nope.wav")]) == 2
+    err = capsys.readouterr().err
+    assert f"--media {tmp_path / 'nope.wav'}: file not found" in " ".join(err.split()) and "Traceback" not in err
+    assert main([*common, "--media", str(tmp_path)]) == 2
+    assert "is a folder" in " ".join(capsys.readouterr().err.split())
+    wav = tmp_path / "locked.wav"
+    wav.write_bytes(b"RIFF")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli_connect, "open", refuse, raising=False)  # running as root: chmod 000 does not stop reads
+    assert main([*common, "--media", str(wav)]) == 2
+    assert "cannot be read (Permission denied)" in " ".join(capsys.readouterr().err.split())
