@@ -109,7 +109,8 @@ def search(
 ) -> None:
     """Search a projected store with a media file, a text or a key of a store.
 
-    Example: cmcr search -c runs/clip-clap -g st/vggss_image.cmcr --media dog.wav --encoder clap:HTSAT-tiny:ckpt.pt
+    Example: cmcr search -c runs/clip-clap -g st/vggss_image.cmcr --media dog.wav
+    --encoder clap:HTSAT-tiny@/path/630k-audioset-best.pt
     """
     from cmcr.stores.store import Store
     from cmcr.trainer.connector import Connector, is_projected
@@ -243,7 +244,7 @@ def eval_zeroshot(
     """Zero-shot classification: class prompts -> text encoder -> connector side -> nearest class.
 
     Example: cmcr eval zeroshot -c runs/clip-clap -s st/esc50_audio.cmcr --classes classes.txt
-    --encoder clip:ViT-B-32:openai --prompt "a photo of a {}."
+    --encoder open_clip:ViT-B-32 --prompt "the sound of a {}."
     """
     from cmcr.pipeline.encoders import load_encoder
     from cmcr.trainer.connector import Connector

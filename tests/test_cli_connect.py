@@ -56,11 +56,43 @@ def test_bench_synthetic_cli(tmp_path, capsys):
     assert rows[0]["variant"] == "full" and rows[0]["pool"] == 50 and abs(rows[0]["chance_R@1"] - 1 / 50) < 1e-12
 
 
+COMMANDS = (["connect"], ["project"], ["search"], ["eval", "retrieval"], ["eval", "zeroshot"], ["bench", "synthetic"])
+
+
 def test_help_texts_have_examples(capsys):
-    for cmd in (["connect"], ["project"], ["search"], ["eval", "retrieval"], ["eval", "zeroshot"],
-                ["bench", "synthetic"]):
+    for cmd in COMMANDS:
         main([*cmd, "--help"])
         assert "Example" in capsys.readouterr().out
+
+
+def test_help_examples_parse_and_name_real_encoder_specs():
+    """Each example parses with the command's own options, and every --encoder value is a valid
+    FAMILY:ARCHITECTURE[@WEIGHTS] spec naming a known architecture."""
+    import shlex
+
+    import open_clip
+    import typer.main
+
+    from cmcr.cli import app
+    from cmcr.pipeline.clap_encoder import ARCHITECTURES
+    from cmcr.pipeline.encoders import parse_spec
+
+    root = typer.main.get_command(app)
+    for cmd in COMMANDS:
+        command = root
+        for name in cmd:
+            command = command.commands[name]
+        doc = command.callback.__doc__
+        example = " ".join(doc.split("Example:", 1)[1].split("\n\n", 1)[0].split())
+        argv = shlex.split(example)
+        assert argv[: 1 + len(cmd)] == ["cmcr", *cmd], example
+        ctx = command.make_context(" ".join(cmd), argv[1 + len(cmd):])  # raises on unknown options / missing args
+        spec = ctx.params.get("encoder")
+        if spec is not None:
+            parsed = parse_spec(spec)
+            known = ARCHITECTURES if parsed.family == "clap" else open_clip.list_models()
+            assert parsed.architecture in known, example
+            assert parsed.weights is None or parsed.is_random or parsed.checkpoint is not None, example
 
 
 # --- search --text/--media and eval zeroshot through real (tiny, random-init) encoders ---------------
