@@ -25,7 +25,7 @@ def shard(
     inputs: list[Path] = typer.Argument(..., help="Folders, .txt lists (paths or captions), .csv/.tsv/.jsonl tables, "
                                                   "or existing .tar shards (resharded)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards go to OUT/<modality>/shard-NNNNNN.tar."),
-    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", "-n", help="Samples per shard."),
+    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", "-n", min=1, help="Samples per shard."),
     modality: str | None = typer.Option(None, help="Keep only this modality (image, audio, text)."),
     text_column: str | None = typer.Option(None, help="Table column holding captions (auto: text, caption, sentence)."),
     path_column: str | None = typer.Option(None, help="Table column holding media paths (auto: path, file, ...)."),
@@ -48,6 +48,10 @@ def shard(
     for mod, paths in report.shards.items():
         table.add_row(mod, str(report.counts[mod]), str(len(paths)), str(out / mod))
     Console().print(table)
+    for mod in report.replaced:
+        console.print(f"[yellow]warning: {out / mod} held shards of different content before; stores encoded "
+                      f"from the old shards no longer match them: encode into a new store, or with --overwrite[/]",
+                      highlight=False)
     skipped = report.skipped + report.duplicates
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} entries[/]:")
@@ -63,17 +67,19 @@ def encode(
     encoder: str = typer.Option(..., "--encoder", "-e", help=SPEC_HELP),
     modality: str = typer.Option(..., "--modality", "-m", help="image or text (open_clip); audio or text (clap)."),
     store: Path = typer.Option(..., "--store", "-s", help="Store folder (created if missing; a rerun resumes)."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Samples per forward pass."),
-    num_workers: int = typer.Option(2, "--num-workers", "-j", help="DataLoader workers decoding/preprocessing."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Samples per forward pass."),
+    num_workers: int = typer.Option(2, "--num-workers", "-j", min=0,
+                                    help="DataLoader workers decoding/preprocessing (0: in the main process)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 autocast (rows are normalised in float32)."),
     dtype: str = typer.Option("float16", help="Storage dtype of a new store: float16 or float32."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made by another encoder identity."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Start over: remove the store at --store first (any encoder identity)."),
     clap_tokenizer: Path | None = typer.Option(
         None, envvar="CMCR_CLAP_TOKENIZER",
         help="Folder with RoBERTa vocab.json + merges.txt for CLAP text (env CMCR_CLAP_TOKENIZER)."),
     threads: int | None = typer.Option(
-        None, help="torch threads of the forward pass (default on CPU: CPUs minus --num-workers, at least 1; "
+        None, min=1, help="torch threads of the forward pass (default on CPU: CPUs minus --num-workers, at least 1; "
                    "on a GPU torch's default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     engine: str = typer.Option(
@@ -84,7 +90,7 @@ def encode(
         None, "--address",
         help="--engine ray: cluster address (auto, host:6379, ray://head:10001); default $RAY_ADDRESS, else Ray "
              "started on this machine."),
-    replicas: int = typer.Option(1, "--replicas", help="--engine ray: encoder actors (model copies)."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="--engine ray: encoder actors (model copies)."),
     gpus_per_replica: float | None = typer.Option(
         None, "--gpus-per-replica",
         help="--engine ray: GPUs per encoder actor (0.5 = two per GPU); default 1 when the cluster has GPUs, else 0."),
@@ -99,10 +105,45 @@ def encode(
     On a Ray cluster (docs/ray.md): cmcr encode /shared/shards/image -e open_clip:ViT-B-32@/shared/vit-b-32.pt
     -m image -s /shared/stores/clip-image --engine ray --address auto --replicas 8 --gpus-per-replica 1
     """
-    from cmcr.errors import ConfigError
+    from cmcr.errors import InputDataError
 
     command = " ".join(shlex.quote(a) for a in ["cmcr", *sys.argv[1:]])
     tokenizer = str(clap_tokenizer) if clap_tokenizer else None
+    try:
+        report = _run(shards, encoder, modality, store, batch_size=batch_size, num_workers=num_workers,
+                      device=device, precision=precision, dtype=dtype, overwrite=overwrite, tokenizer=tokenizer,
+                      threads=threads, progress=progress, engine=engine, address=address, replicas=replicas,
+                      gpus_per_replica=gpus_per_replica, command=command)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted — the store holds {_complete_parts(store)} complete parts; rerun the "
+                      f"same command to resume[/]", highlight=False)
+        raise typer.Exit(130) from None
+    _print_report(report, modality, store, engine)
+    if report.rows == 0 and report.failures > 0:
+        raise InputDataError(
+            f"every sample failed: {report.failures} failure(s), no row written to {store} "
+            f"({report.shards_done} shard(s) done, {report.shards_failed} unreadable). Wrong --modality for these "
+            f"shards, or broken inputs? See the failures above and in {store}/failures.parquet"
+        )
+
+
+def _complete_parts(store: Path) -> int:
+    """Parts in the store at ``store`` (0 when there is none yet)."""
+    from cmcr.stores.store import Store
+
+    try:
+        return len(Store.open(store, validate="none").parts)
+    except Exception:  # no store yet, or unreadable: nothing complete to report
+        return 0
+
+
+def _run(shards: list[str], encoder: str, modality: str, store: Path, *, batch_size: int, num_workers: int,
+         device: str, precision: str, dtype: str, overwrite: bool, tokenizer: str | None, threads: int | None,
+         progress: bool, engine: str, address: str | None, replicas: int, gpus_per_replica: float | None,
+         command: str):
+    """Run one engine; returns its report."""
+    from cmcr.errors import ConfigError
+
     if engine == "ray":
         from cmcr.pipeline.ray_engine import encode_shards_ray
 
@@ -120,6 +161,11 @@ def encode(
                                torch_threads=threads or None)
     else:
         raise ConfigError(f"--engine must be local or ray, got {engine!r}")
+    return report
+
+
+def _print_report(report, modality: str, store: Path, engine: str) -> None:
+    """The summary table and the first failures."""
     t = Table(title=f"encode {modality} -> {store}")
     t.add_column("what")
     t.add_column("value", justify="right")

@@ -18,7 +18,9 @@ Rules (documented in docs/encode.md):
   filename, file_name, image, audio, filepath) names a media file relative to the table's folder.
   Key = ``--key-column`` value if given, else the path-derived key (path rows) or
   ``<table stem>/<row number, 7 digits>`` (text rows). ``label`` column -> label; every other column
-  goes to the per-sample metadata.
+  goes to the per-sample metadata. Rows with more fields than the header (an unquoted delimiter)
+  and text rows with an empty/whitespace-only caption are skipped and reported (keys keep the row
+  numbers of the table).
 * **tar** (existing webdataset shards): samples are re-read (members grouped by key, webdataset's
   rule: key = member name up to the first dot of its last path component) and resharded; their
   keys are made safe, their ``json`` metadata kept.
@@ -51,7 +53,7 @@ PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "image", "a
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
-_WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 def safe_key(name: str) -> str:
@@ -206,7 +208,7 @@ def read_table(
     rows = list(_table_rows(path))
     if not rows:
         return
-    columns = list(rows[0].keys())
+    columns = [c for c in rows[0].keys() if c is not None]
     for name, col in (("--text-column", text_column), ("--path-column", path_column), ("--key-column", key_column)):
         if col is not None and col not in columns:
             raise InputDataError(f"{path}: {name} {col!r} is not a column; columns are {columns}")
@@ -224,13 +226,22 @@ def read_table(
     seen: set[str] = set()
     for n, row in enumerate(rows, start=1):
         where = f"{path.name}:{n}"
+        if None in row:  # csv.DictReader's restkey: more fields than the header
+            skipped.append(Skipped(where, f"row {n} has {len(columns) + len(row[None])} fields but the header has "
+                                          f"{len(columns)} (extra: {row[None]!r}); quote fields that contain the "
+                                          f"delimiter"))
+            continue
         extra = {k: v for k, v in row.items() if k not in used}
         label = row.get(label_column)
         label = None if label in (None, "") else str(label)
         if text_column is not None:
             value = row.get(text_column)
+            if value is None or not str(value).strip():
+                skipped.append(Skipped(where, "empty or whitespace-only caption" if value is not None
+                                       else f"no {text_column!r} value"))
+                continue
             key = safe_key(str(row[key_column])) if key_column else f"{stem}/{n:07d}"
-            entry = CorpusEntry(key=key, modality="text", ext="txt", data=str(value or "").encode(),
+            entry = CorpusEntry(key=key, modality="text", ext="txt", data=str(value).encode(),
                                 meta={"source": where, "label": label, **extra})
         else:
             value = str(row.get(path_column) or "")
@@ -264,7 +275,7 @@ def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
         for member in tf:
             if not member.isfile():
                 continue
-            m = _WDS_NAME.match(member.name)
+            m = WDS_NAME.match(member.name)
             if not m:
                 continue
             key, ext = m.group(1), m.group(2).lower()

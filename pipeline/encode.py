@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,13 +40,13 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from cmcr.errors import InputDataError
+from cmcr.errors import ConfigError, InputDataError, StoreValidationError
 from cmcr.pipeline.audio import AUDIO_EXTENSIONS, SampleError
-from cmcr.pipeline.corpora import iter_tar_samples
+from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
 from cmcr.pipeline.images import IMAGE_EXTENSIONS
 from cmcr.pipeline.text import TEXT_EXTENSIONS
-from cmcr.stores.store import Store
+from cmcr.stores.store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,28 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
         raise InputDataError(f"no .tar shards found in {items}; make them with `cmcr shard`")
     seen: set[Path] = set()
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def check_shards_modality(paths: Sequence[Path], modality: str) -> None:
+    """Refuse shards whose folder's ``shards.json`` (written by ``cmcr shard``) records another modality.
+
+    Shards without an index are not checked here (their samples fail one by one with
+    "has no <modality> member", and a run where every sample failed is reported as such).
+
+    Raises:
+        InputDataError: names the folder, the recorded and the requested modality, and the fix.
+    """
+    for folder in sorted({Path(p).parent for p in paths}):
+        try:
+            recorded = json.loads((folder / "shards.json").read_text()).get("modality")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(recorded, str) and recorded != modality:
+            raise InputDataError(
+                f"the shards in {folder} hold {recorded} samples (its shards.json says modality {recorded!r}) "
+                f"but --modality is {modality!r}: pass -m {recorded} (with an encoder that embeds {recorded}), "
+                f"or the shard folder of the {modality} samples (e.g. {folder.parent / modality})"
+            )
 
 
 def shard_source(path: str | os.PathLike) -> str:
@@ -159,6 +182,12 @@ def shards_to_do(paths: Sequence[Path], store: Store) -> tuple[list[Path], list[
 
     A part matches by :func:`shard_identity`, or by the absolute path (stores written before
     identities). Unreadable shards are kept (the encode records their ``read`` failure).
+
+    Raises:
+        ChangedShardError: a shard to do has the file name of a done part but another digest and
+            carries keys the store already holds: the shard was rewritten (e.g. resharded after its
+            input changed) since it was encoded, and its keys now name other samples than the
+            store's rows (see :func:`check_changed_shards`). Nothing is encoded then.
     """
     done = store.done_sources()
     todo, idents = [], []
@@ -170,7 +199,75 @@ def shards_to_do(paths: Sequence[Path], store: Store) -> tuple[list[Path], list[
         if ident not in done and shard_source(p) not in done:
             todo.append(p)
             idents.append(ident)
+    check_changed_shards(todo, idents, store, done)
     return todo, idents
+
+
+class ChangedShardError(StoreValidationError):
+    """A shard changed since it was encoded into the store (same file name, other digest, same keys)."""
+
+
+class KeyClashError(StoreValidationError):
+    """Keys of a shard are already in the store from another shard: they would name two samples."""
+
+
+def shard_keys(path: str | os.PathLike) -> list[str]:
+    """The sample keys of a webdataset tar, from its member names only (no payload is read).
+
+    Raises:
+        tarfile.TarError, OSError: unreadable tar.
+    """
+    keys: list[str] = []
+    with tarfile.open(path, mode="r:*") as tf:
+        for member in tf:
+            m = WDS_NAME.match(member.name) if member.isfile() else None
+            if m and (not keys or keys[-1] != m.group(1)):
+                keys.append(m.group(1))
+    return keys
+
+
+def check_changed_shards(todo: Sequence[Path], idents: Sequence[str], store: Store,
+                         done: set[str] | None = None) -> None:
+    """Refuse shards that were rewritten since they were encoded into ``store``.
+
+    A shard to do whose file name equals that of a done part (``<file>#<digest>``) but whose
+    digest differs is either another corpus's shard of the same name (fine: its keys are new) or
+    the same shard rewritten, e.g. by ``cmcr shard`` after its input changed: its keys (row
+    numbers, file names) are then already in the store but now name other samples, and encoding
+    it would leave the old embeddings under keys that refer to the new samples. The second case
+    is told apart by the keys (read from the tar's member names) and refused before anything is
+    encoded.
+
+    Raises:
+        ChangedShardError: names the shard, both digests, the store and the fixes.
+    """
+    done = store.done_sources() if done is None else done
+    by_name: dict[str, list[str]] = {}
+    for src in done:
+        name, sep, digest = src.rpartition("#")
+        if sep:
+            by_name.setdefault(name, []).append(digest)
+    suspects = [(p, ident) for p, ident in zip(todo, idents, strict=True) if "#" in ident
+                and ident.rpartition("#")[0] in by_name]
+    if not suspects:
+        return
+    existing = set(store.keys())
+    for p, ident in suspects:
+        try:
+            keys = shard_keys(p)
+        except (tarfile.TarError, OSError, EOFError):
+            continue  # the encode records the read failure
+        clash = next((k for k in keys if k in existing), None)
+        if clash is None:
+            continue
+        name, _, digest = ident.rpartition("#")
+        old = ", ".join(by_name[name])
+        raise ChangedShardError(
+            f"shard {p} changed since it was encoded into the store {store.path}: the store has a part of "
+            f"{name} with digest {old}, the shard now has digest {digest}, and its keys (e.g. {clash!r}) are "
+            f"already in the store, where they hold the embeddings of the old content. Encode into a new "
+            f"store (--store), or pass --overwrite to start this store over"
+        )
 
 
 def iter_shard_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -321,11 +418,18 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
                dtype: str = "float16", command: str | None = None) -> Store:
     """Open (or create) the store for ``encoder``/``modality``.
 
+    Args:
+        overwrite: start over: an existing store at ``store_path`` (any identity) is removed first,
+            so nothing is resumed.
+
     Raises:
         StoreMismatchError: a store made by another encoder identity / preprocessing / modality
             exists at ``store_path`` and ``overwrite`` is False.
     """
     encoder.check_modality(modality)
+    if overwrite and (Path(store_path) / MANIFEST).is_file():
+        log.warning("--overwrite: removing the store %s and starting over", store_path)
+        shutil.rmtree(store_path)
     return Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
                                 overwrite=overwrite, preprocessing=encoder.preprocessing(modality),
                                 dtype=dtype, command=command)
@@ -364,12 +468,17 @@ def write_part(store: Store, modality: str, result: ShardResult, dim: int,
                existing: set[str] | None = None) -> int:
     """Append one shard's rows (and failure records) to the store as one atomic part; returns rows.
 
-    Keys already in the store (e.g. the same sample in two shards) become failures instead of
-    aborting the part.
+    A key repeated inside the shard becomes a ``write`` failure (the first sample keeps it). A key
+    already in the store came from another shard: the same key would name two samples (two
+    corpora with the same keys, or one sharded twice into different folders), so nothing of this
+    shard is written and :class:`KeyClashError` stops the run.
 
     Args:
         existing: the store's keys, kept by a caller that writes many parts (updated in place);
             read from the store when ``None``.
+
+    Raises:
+        KeyClashError: names the first clashing key, the shard, the store and the fixes.
     """
     keys, infos, metas = result.keys, result.infos, result.metas
     emb = np.concatenate(result.embeddings) if result.embeddings else np.zeros((0, dim), np.float32)
@@ -377,11 +486,20 @@ def write_part(store: Store, modality: str, result: ShardResult, dim: int,
     seen: set[str] = set()
     if existing is None:
         existing = set(store.keys()) if store.num_rows else set()
+    clashes = [k for k in keys if k in existing]
+    if clashes:
+        raise KeyClashError(
+            f"{len(clashes)} key(s) of shard {result.source} are already in the store {store.path} from "
+            f"another shard (first: {clashes[0]!r}); a key must name one sample, so no part was written for "
+            f"this shard. Give the corpora distinct keys (e.g. another table/list name, or --key-column with "
+            f"unique ids when sharding), encode them into separate stores, or pass --overwrite to start the "
+            f"store over (parts written before this shard are kept)"
+        )
     keep = []
     for i, k in enumerate(keys):
-        if k in existing or k in seen:
+        if k in seen:
             failures.append({"key": k, "source": result.source, "stage": "write",
-                             "error": "duplicate key: already in the store or earlier in this shard"})
+                             "error": "duplicate key: an earlier sample of this shard has it"})
         else:
             keep.append(i)
             seen.add(k)
@@ -588,7 +706,8 @@ def encode_shards(
         store_path: store folder (created if missing).
         batch_size: samples per forward pass.
         num_workers: DataLoader worker processes for decode/preprocess (0 = in the main process).
-        overwrite: replace a store made by another encoder identity/preprocessing instead of failing.
+        overwrite: remove an existing store at ``store_path`` first and start over (any identity;
+            without it a store made by another encoder identity/preprocessing is refused).
         dtype: storage dtype of a new store (``float16`` or ``float32``).
         torch_threads: torch threads of the forward pass in this process, restored afterwards.
             ``None``: on a CPU encoder :func:`default_torch_threads` (CPUs minus decode workers, at
@@ -599,11 +718,17 @@ def encode_shards(
         An :class:`EncodeReport` (rows, failures and where the time went; ``torch_threads`` used).
 
     Raises:
-        InputDataError: no shards; StoreMismatchError: the store was made by another encoder
-        (without ``overwrite``); EncoderError: the encoder cannot embed ``modality``.
+        InputDataError: no shards, or their ``shards.json`` records another modality;
+        StoreMismatchError: the store was made by another encoder (without ``overwrite``);
+        EncoderError: the encoder cannot embed ``modality``; ConfigError: ``batch_size < 1`` or
+        ``num_workers < 0``; ChangedShardError: a shard changed since it was encoded into the store
+        (nothing is encoded); KeyClashError: a shard's keys are already in the store from another
+        shard (parts written before it are kept).
     """
     t0 = time.perf_counter()
+    check_run_settings(batch_size=batch_size, num_workers=num_workers)
     paths = list_shards(shards)
+    check_shards_modality(paths, modality)
     store = open_store(store_path, encoder, modality, overwrite=overwrite, dtype=dtype, command=command)
     report = EncodeReport(store=str(store.path))
     todo, idents = shards_to_do(paths, store)
@@ -625,6 +750,18 @@ def encode_shards(
         torch.set_num_threads(before)
     report.wall_s = time.perf_counter() - t0
     return report
+
+
+def check_run_settings(*, batch_size: int, num_workers: int = 0) -> None:
+    """Validate the loop settings of both engines.
+
+    Raises:
+        ConfigError: ``batch_size < 1`` or ``num_workers < 0``.
+    """
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if int(num_workers) < 0:
+        raise ConfigError(f"number of workers must be >= 0 (0 = decode in the main process), got {num_workers}")
 
 
 def default_torch_threads(num_workers: int) -> int:

@@ -13,7 +13,9 @@ the context length are truncated by the tokenizer and flagged per row (``truncat
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,33 @@ def _open_clip():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
         _registered = True
     return open_clip
+
+
+class _ToDebug(logging.Filter):
+    """Root-logger filter: open_clip's own messages (it logs to the root logger) re-logged at DEBUG here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root":
+            log.debug("open_clip: %s", record.getMessage())
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _open_clip_logs_at_debug() -> Iterator[None]:
+    """Silence open_clip's root-logger messages while a model is built.
+
+    ``create_model`` logs ``No pretrained weights loaded ... initialized randomly`` for an explicit
+    ``@random`` and ``Failed to download weights`` before our :class:`EncoderError` says the same
+    with a fix; both go to DEBUG (``cmcr -v``) instead.
+    """
+    root = logging.getLogger()
+    flt = _ToDebug()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 class ImagePreprocessor:
@@ -103,8 +132,9 @@ class OpenClipEncoder(Encoder):
             pretrained = weights
             self._weights_id = weights
         try:
-            model = open_clip.create_model(arch, pretrained=pretrained, device=device,
-                                           pretrained_image=False, pretrained_text=False)
+            with _open_clip_logs_at_debug():
+                model = open_clip.create_model(arch, pretrained=pretrained, device=device,
+                                               pretrained_image=False, pretrained_text=False)
         except Exception as e:  # download failures, bad checkpoints, unknown tags
             raise EncoderError(
                 f"cannot build open_clip {arch} with weights {weights!r} ({type(e).__name__}: {e}). "
@@ -199,6 +229,7 @@ def save_random_checkpoint(architecture: str, path: str, seed: int = 0) -> np.nd
 
     open_clip = _open_clip()
     torch.manual_seed(seed)
-    model = open_clip.create_model(architecture, pretrained=None)
+    with _open_clip_logs_at_debug():
+        model = open_clip.create_model(architecture, pretrained=None)
     torch.save({"state_dict": model.state_dict()}, path)
     return None

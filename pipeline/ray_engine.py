@@ -48,6 +48,8 @@ from cmcr.errors import CmcrError, ConfigError, EncoderError
 from cmcr.pipeline.encode import (
     EncodeReport,
     ShardBatches,
+    check_run_settings,
+    check_shards_modality,
     embed_items,
     finish_shard,
     list_shards,
@@ -264,7 +266,9 @@ def encode_shards_ray(
     ray = import_ray()
     if replicas < 1:
         raise ConfigError(f"--replicas must be >= 1, got {replicas}")
+    check_run_settings(batch_size=batch_size, num_workers=num_workers)
     paths = list_shards(shards)
+    check_shards_modality(paths, modality)
     enc = driver_encoder if driver_encoder is not None else load_encoder(
         encoder, device="cpu", precision=precision, clap_tokenizer=clap_tokenizer)
     store = open_store(store_path, enc, modality, overwrite=overwrite, dtype=dtype, command=command)

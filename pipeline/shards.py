@@ -45,6 +45,8 @@ class ShardReport:
         counts: modality -> number of samples written.
         skipped: inputs that did not become samples, with the reason.
         duplicates: samples dropped because their key was already taken in the same modality.
+        replaced: modalities whose folder held shards of different content before (its old
+            ``shards.json`` listed other files or digests): stores encoded from them are stale.
     """
 
     out_dir: Path
@@ -52,13 +54,15 @@ class ShardReport:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
     duplicates: list[Skipped] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"out_dir": str(self.out_dir),
                 "shards": {m: [str(p) for p in ps] for m, ps in self.shards.items()},
                 "counts": dict(self.counts),
                 "skipped": [{"source": s.source, "reason": s.reason} for s in self.skipped],
-                "duplicates": [{"source": s.source, "reason": s.reason} for s in self.duplicates]}
+                "duplicates": [{"source": s.source, "reason": s.reason} for s in self.duplicates],
+                "replaced": list(self.replaced)}
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -125,8 +129,11 @@ class _ShardSink:
         self.total += 1
         self.keys.add(key)
 
-    def finish(self, inputs: Sequence[str], modality: str) -> None:
+    def finish(self, inputs: Sequence[str], modality: str) -> bool:
+        """Close the last shard, remove leftovers, write the index; True when the folder's previous
+        index described other shard contents (stores encoded from those shards are now stale)."""
         self._close()
+        previous = _index_contents(self.folder / INDEX_NAME)
         keep = {p.name for p in self.paths}
         for old in self.folder.glob("shard-*.tar"):
             if old.name not in keep:
@@ -137,6 +144,16 @@ class _ShardSink:
         tmp = self.folder / f".tmp-{INDEX_NAME}"
         tmp.write_text(json.dumps(index, indent=2) + "\n")
         os.replace(tmp, self.folder / INDEX_NAME)
+        return previous is not None and previous != _index_contents(self.folder / INDEX_NAME)
+
+
+def _index_contents(index: Path) -> list[tuple[str, str]] | None:
+    """``(file, sha256)`` of every shard a ``shards.json`` lists; ``None`` without a readable index."""
+    try:
+        entries = json.loads(index.read_text()).get("shards", [])
+        return [(str(e.get("file")), str(e.get("sha256"))) for e in entries]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
 
 
 def write_shards(
@@ -163,7 +180,8 @@ def write_shards(
         A :class:`ShardReport` (shard paths per modality, counts, skipped entries with reasons).
 
     Raises:
-        InputDataError: an input does not exist, is of an unknown kind, or a table lacks the columns.
+        InputDataError: an input does not exist, is of an unknown kind, a table lacks the columns,
+            or no input yields a sample (empty folder/table, everything skipped).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -195,8 +213,20 @@ def write_shards(
                 continue
             meta = {"key": entry.key, "modality": entry.modality, **entry.meta}
             sink.add(entry.key, entry.ext, payload, meta)
+    if not sinks:
+        reasons = "; ".join(f"{s.source}: {s.reason}" for s in report.skipped[:5])
+        raise InputDataError(
+            f"no samples found in {', '.join(str(p) for p in inputs)}"
+            + (f" (modality {modality})" if modality else "")
+            + (f"; skipped {len(report.skipped)} entries ({reasons}{' ...' if len(report.skipped) > 5 else ''})"
+               if report.skipped else " (empty)")
+            + "; pass a folder of media files, a .txt list, a .csv/.jsonl table with rows, or .tar shards"
+        )
     for mod, sink in sorted(sinks.items()):
-        sink.finish([str(p) for p in inputs], mod)
+        if sink.finish([str(p) for p in inputs], mod):
+            report.replaced.append(mod)
+            log.warning("%s: replaced shards of different content; stores encoded from the old shards no "
+                        "longer match them (encode into a new store, or with --overwrite)", out / mod)
         report.shards[mod] = list(sink.paths)
         report.counts[mod] = sink.total
     for s in report.skipped:

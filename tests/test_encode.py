@@ -11,7 +11,13 @@ import pytest
 import cmcr.pipeline.encode as encode_mod
 from cmcr.cli import main
 from cmcr.errors import StoreMismatchError
-from cmcr.pipeline.encode import default_torch_threads, encode_shards, shard_identity
+from cmcr.pipeline.encode import (
+    ChangedShardError,
+    KeyClashError,
+    default_torch_threads,
+    encode_shards,
+    shard_identity,
+)
 from cmcr.pipeline.encoders import load_encoder
 from cmcr.pipeline.shards import write_shards
 from cmcr.stores.store import Store
@@ -38,14 +44,18 @@ def test_messy_images_never_kill_a_shard(tiny_clip, messy_images, tmp_path):
 def test_text_failures_truncation_and_batch_of_one(tiny_clip, tmp_path):
     lst = tmp_path / "caps.csv"
     lst.write_text("caption\na dog\n   \n" + "a very long caption " * 30 + "\n,\nbirds singing\n")
-    shards = write_shards(lst, tmp_path / "shards").shards["text"]
+    sharded = write_shards(lst, tmp_path / "shards")
+    shards = sharded.shards["text"]
+    # an empty caption and a row with an extra field are skipped when sharding (with their row)
+    assert [(s.source, s.reason[:32]) for s in sharded.skipped] == [
+        ("caps.csv:2", "empty or whitespace-only caption"), ("caps.csv:4", "row 4 has 2 fields but the heade")]
     rep = encode_shards(shards, tiny_clip, "text", tmp_path / "store", batch_size=1, num_workers=0, progress=False)
     store = Store.open(tmp_path / "store")
-    assert rep.rows == 3 and rep.failures == 2
+    assert rep.rows == 3 and rep.failures == 0
     rows = store.metadata(["text", "truncated"]).to_pylist()
     assert [r["truncated"] for r in rows] == [False, True, False]
     assert rows[0]["text"] == "a dog"
-    assert {f["error"].split(": ", 1)[1] for f in store.failures().to_pylist()} == {"empty or whitespace-only caption"}
+    assert store.keys() == ["caps/0000001", "caps/0000003", "caps/0000005"]  # keys keep the row numbers
     # the same text through encode() (query path) gives the stored row
     q = tiny_clip.encode("text", ["a dog"])
     np.testing.assert_allclose(store.embeddings(np.float32)[0], q[0], atol=2e-3)
@@ -209,3 +219,112 @@ def test_default_torch_threads_leave_cores_to_the_workers(monkeypatch):
         assert default_torch_threads(0) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _encode_argv(shards, store, modality="text", *extra):
+    return ["encode", str(shards), "-e", TINY_CLIP, "-m", modality, "-s", str(store), "-j", "0", "--no-progress",
+            *extra]
+
+
+def test_resharded_changed_content_is_refused_before_encoding(tiny_clip, tmp_path, capsys):
+    csv = tmp_path / "stale.csv"
+    csv.write_text("caption\na dog\na cat\n")
+    assert main(["shard", str(csv), "--out", str(tmp_path / "sh")]) == 0
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st")) == 0
+    old_digest = shard_identity(tmp_path / "sh" / "text" / "shard-000000.tar").split("#")[1]
+    before = Store.open(tmp_path / "st").embeddings()
+    csv.write_text("caption\nan airplane\na car\na truck\n")
+    assert main(["shard", str(csv), "--out", str(tmp_path / "sh")]) == 0
+    new_digest = shard_identity(tmp_path / "sh" / "text" / "shard-000000.tar").split("#")[1]
+    capsys.readouterr()
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st")) == 2
+    err = "".join(capsys.readouterr().err.split())  # rich wraps long lines anywhere
+    assert "shard-000000.tarchangedsinceitwasencoded" in err
+    assert old_digest in err and new_digest in err and "--overwrite" in err and "newstore" in err
+    store = Store.open(tmp_path / "st", validate="full")  # untouched
+    assert store.num_rows == 2 and len(store.parts) == 1
+    np.testing.assert_array_equal(store.embeddings(), before)
+    with pytest.raises(ChangedShardError):
+        encode_shards(tmp_path / "sh" / "text", tiny_clip, "text", tmp_path / "st", num_workers=0, progress=False)
+    # --overwrite starts the store over (same encoder identity): the new captions under their keys
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st", "text", "--overwrite")) == 0
+    store = Store.open(tmp_path / "st", validate="full")
+    assert store.metadata(["text"]).column("text").to_pylist() == ["an airplane", "a car", "a truck"]
+    np.testing.assert_allclose(store.embeddings(np.float32)[0], tiny_clip.encode("text", ["an airplane"])[0],
+                               atol=2e-3)
+
+
+def test_keys_already_in_the_store_from_another_shard_stop_the_run(tiny_clip, tmp_path):
+    for name, caps in (("a", "a dog\na cat\n"), ("b", "a car\na bus\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "caps.txt").write_text(caps)  # same list name -> same keys caps/0000001, ...
+        write_shards(tmp_path / name / "caps.txt", tmp_path / f"sh-{name}", 1)
+    clash = tmp_path / "sh-a" / "text" / "other-000000.tar"  # another file name: not a changed shard
+    shutil.copy(tmp_path / "sh-b" / "text" / "shard-000001.tar", clash)
+    with pytest.raises(KeyClashError) as e:
+        encode_shards(tmp_path / "sh-a" / "text", tiny_clip, "text", tmp_path / "st", num_workers=0, progress=False)
+    msg = str(e.value)  # other-000000 (b's caps/0000002) sorts first; a's shard-000001 then clashes
+    assert "'caps/0000002'" in msg and "shard-000001.tar" in msg and str(tmp_path / "st") in msg
+    store = Store.open(tmp_path / "st", validate="full")  # parts before the clash are kept, nothing dropped
+    assert store.keys() == ["caps/0000002", "caps/0000001"]
+    assert store.metadata(["text"]).column("text").to_pylist() == ["a bus", "a dog"]
+    assert store.failures().num_rows == 0
+
+
+def test_wrong_modality_for_the_shards_is_refused(tmp_path, capsys):
+    (tmp_path / "caps.txt").write_text("a dog\na cat\n")
+    write_shards(tmp_path / "caps.txt", tmp_path / "sh")
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st", "image")) == 2
+    err = "".join(capsys.readouterr().err.split())
+    assert "holdtextsamples" in err and "-mtext" in err
+    assert not (tmp_path / "st").exists()  # no empty store left behind
+    # without shards.json: every sample fails -> non-zero exit with a summary that says so
+    (tmp_path / "sh" / "text" / "shards.json").unlink()
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st", "image")) == 2
+    err = "".join(capsys.readouterr().err.split())
+    assert "everysamplefailed:2failure(s),norowwritten" in err
+
+
+@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["-b", "-5"], ["-j", "-3"], ["--threads", "0"]])
+def test_cli_rejects_bad_loop_settings(tmp_path, bad, capsys):
+    (tmp_path / "caps.txt").write_text("a dog\n")
+    write_shards(tmp_path / "caps.txt", tmp_path / "sh")
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st", "text", *bad)) == 2
+    assert "Invalid value" in capsys.readouterr().err and not (tmp_path / "st").exists()
+
+
+def test_library_rejects_bad_loop_settings(tiny_clip, tmp_path):
+    from cmcr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch size"):
+        encode_shards(tmp_path, tiny_clip, "text", tmp_path / "st", batch_size=0)
+
+
+def test_ctrl_c_says_what_the_store_holds(tmp_path, monkeypatch, capsys):
+    (tmp_path / "caps.txt").write_text("".join(f"caption {i}\n" for i in range(3)))
+    write_shards(tmp_path / "caps.txt", tmp_path / "sh", 1)  # 3 shards
+    real_write = encode_mod.write_part
+    calls = {"n": 0}
+
+    def interrupted_write(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(encode_mod, "write_part", interrupted_write)
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st")) == 130
+    err = "".join(capsys.readouterr().err.split())
+    assert "interrupted—thestoreholds2completeparts;rerunthesamecommandtoresume" in err
+    monkeypatch.setattr(encode_mod, "write_part", real_write)
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st")) == 0
+    assert Store.open(tmp_path / "st", validate="full").num_rows == 3
+
+
+def test_open_clip_root_logger_messages_go_to_debug(caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        load_encoder(TINY_CLIP, device="cpu")
+    assert not [r for r in caplog.records if r.name == "root" and r.levelno >= logging.WARNING]
+    assert any(r.levelno == logging.DEBUG and "No pretrained weights" in r.getMessage() for r in caplog.records)

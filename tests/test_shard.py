@@ -95,8 +95,10 @@ def test_csv_and_jsonl_tables(tmp_path):
     csv = tmp_path / "caps.csv"
     csv.write_text("id,caption,label,extra\nx1,a dog,dog,7\nx2,,cat,8\nx1,dup,dog,9\n")
     rep = write_shards(csv, tmp_path / "out", key_column="id")
-    assert rep.counts == {"text": 2}  # the empty caption stays: encode records it as a failure
-    assert len(rep.duplicates) == 0 and [s.reason[:13] for s in rep.skipped] == ["duplicate key"]
+    assert rep.counts == {"text": 1}  # the empty caption is skipped with its row, the duplicate key too
+    assert len(rep.duplicates) == 0
+    assert [(s.source, s.reason[:13]) for s in rep.skipped] == [("caps.csv:2", "empty or whit"),
+                                                                 ("caps.csv:3", "duplicate key")]
     first = next(iter_tar_samples(rep.shards["text"][0]))
     assert json.loads(first["json"]) == {"key": "x1", "modality": "text", "source": "caps.csv:1", "label": "dog",
                                          "extra": "7"}
@@ -130,3 +132,51 @@ def test_cli_shard(tmp_path, capsys):
     assert "skipped 1 entries" in err and "notes.md" in err
     assert main(["shard", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert sorted(p.parent.name for p in (tmp_path / "out").glob("*/shard-000000.tar")) == ["audio", "image", "text"]
+
+
+@pytest.mark.parametrize("kind", ["emptydir", "empty.csv", "header_only.csv", "blank.jsonl"])
+def test_no_samples_is_an_error(tmp_path, kind, capsys):
+    src = tmp_path / kind
+    if kind == "emptydir":
+        src.mkdir()
+    else:
+        src.write_text({"empty.csv": "", "header_only.csv": "caption\n", "blank.jsonl": "\n\n"}[kind])
+    with pytest.raises(InputDataError, match="no samples found in"):
+        write_shards(src, tmp_path / "out")
+    assert main(["shard", str(src), "--out", str(tmp_path / "out")]) == 2
+    assert "nosamplesfoundin" in "".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_extra_fields_and_empty_captions_are_skipped_with_their_row(tmp_path):
+    csv = tmp_path / "caps.csv"
+    csv.write_text('caption,label\na dog,pet\na cat, with a hat,pet\n"  ",x\n"a, quoted",y\n,z\n')
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text('{"text": "a bird"}\n{"text": " \\t"}\n{"other": 1}\n')
+    rep = write_shards([csv, jsonl], tmp_path / "out")
+    reasons = {s.source: s.reason for s in rep.skipped}
+    assert reasons["caps.csv:2"].startswith("row 2 has 3 fields but the header has 2 (extra: ['pet'])")
+    assert reasons["caps.csv:3"] == reasons["caps.csv:5"] == reasons["more.jsonl:2"] == \
+        "empty or whitespace-only caption"
+    assert reasons["more.jsonl:3"] == "no 'text' value"
+    samples = list(iter_tar_samples(rep.shards["text"][0]))
+    assert [(s["__key__"], s["txt"].decode()) for s in samples] == [
+        ("caps/0000001", "a dog"), ("caps/0000004", "a, quoted"), ("more/0000001", "a bird")]
+
+
+def test_resharding_other_content_into_the_same_folder_warns(tmp_path, capsys):
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a dog\na cat\n")
+    assert write_shards(caps, tmp_path / "out").replaced == []
+    assert write_shards(caps, tmp_path / "out").replaced == []  # same content: nothing to say
+    caps.write_text("an airplane\na car\n")
+    capsys.readouterr()
+    assert main(["shard", str(caps), "--out", str(tmp_path / "out")]) == 0
+    err = "".join(capsys.readouterr().err.split())
+    assert "heldshardsofdifferentcontentbefore" in err and "--overwrite" in err
+
+
+def test_cli_rejects_samples_per_shard_below_one(tmp_path, capsys):
+    (tmp_path / "caps.txt").write_text("a dog\n")
+    assert main(["shard", str(tmp_path / "caps.txt"), "--out", str(tmp_path / "out"), "-n", "0"]) == 2
+    assert "Invalid value" in capsys.readouterr().err
