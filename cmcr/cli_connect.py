@@ -27,6 +27,18 @@ def _print_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _random_note(sources: list) -> list[dict]:  # noqa: ANN001
+    """Print the random-weights note when an encoder behind ``sources`` has random-init weights;
+    returns those identities (``[]``: none, nothing printed)."""
+    from cmcr.trainer.evaluate import RANDOM_WEIGHTS_NOTE, describe_identity, random_weight_identities
+
+    found = random_weight_identities(*sources)
+    if found:
+        console.print(f"[bold red]note: {RANDOM_WEIGHTS_NOTE}[/] (random-init encoder weights: "
+                      f"{', '.join(describe_identity(i) for i in found)})", highlight=False)
+    return found
+
+
 def connect(
     shared_a: Path = typer.Option(..., "--shared-a", help="Shared-modality store of MCR A (e.g. CLIP text)."),
     shared_b: Path = typer.Option(..., "--shared-b", help="Shared store of MCR B (e.g. CLAP text), same keys."),
@@ -139,6 +151,8 @@ def search(
             side = conn.side_for(s.encoder, s.modality)
             q = conn.project(side, emb, identity=s.encoder, modality=s.modality)
         query = {"key": key, "store": str(store)}
+        title = f"key {key} of {store}"
+        sources = [conn, g, s]
     else:
         if encoder is None:
             raise InputDataError("--media/--text need --encoder (the encoder spec of one connector side)")
@@ -150,18 +164,34 @@ def search(
         side = conn.side_for(enc.identity(), mod)
         q = conn.project(side, raw, identity=enc.identity(), modality=mod)
         query = {"text": text} if text is not None else {"media": str(media), "modality": mod}
+        title = f"text {text!r}" if text is not None else f"{mod} file {media}"
+        sources = [conn, g, enc.identity()]
     hits = _search(g, q, k)
     if as_json:
-        _print_json({"query": query, "gallery": str(gallery), "hits": hits})
+        from cmcr.trainer.evaluate import random_weight_identities
+
+        _print_json({"query": query, "gallery": str(gallery), "hits": hits,
+                     "random_weights": bool(random_weight_identities(*sources))})
         return
-    table = Table(title=f"top {k} in {gallery} for {query}")
-    table.add_column("rank")
-    table.add_column("key")
-    table.add_column("score")
-    table.add_column("metadata")
+    _random_note(sources)
+    console.print(f"top {k} in {gallery} for {title}", highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("rank", justify="right")
+    table.add_column("key", overflow="fold")
+    table.add_column("score", justify="right")
+    table.add_column("label", overflow="fold")
+    table.add_column("source", overflow="fold")
     for i, h in enumerate(hits, 1):
-        table.add_row(str(i), h["key"], f"{h['score']:.4f}", json.dumps(h["metadata"], default=str)[:80])
+        meta = h["metadata"] or {}
+        table.add_row(str(i), str(h["key"]), f"{h['score']:.4f}", _cell(meta.get("label")), _cell(meta.get("source")))
     console.print(table)
+    if any(set(h["metadata"] or {}) - {"label", "source"} for h in hits):
+        console.print("other metadata columns: see --json", style="dim")
+
+
+def _cell(value: object) -> str:
+    """A table cell: the full value (rich folds long ones), ``-`` when absent."""
+    return "-" if value is None else str(value)
 
 
 def _check_readable_file(path: Path, flag: str) -> None:
@@ -222,8 +252,18 @@ def eval_retrieval(
     if as_json:
         _print_json(r)
         return
-    table = Table(title=f"{r['direction']} retrieval, positives by {r['positives_by']}, pool {r['pool']}, "
-                        f"{r['queries']} queries")
+    if r["random_weights"]:
+        from cmcr.stores.store import Store
+
+        _random_note([Store.open(query), Store.open(gallery)])
+    dropped = r["queries_without_positive"]
+    total = r["queries"] + dropped
+    counted = (f"{total} queries ({r['queries']} scored; {dropped} without a positive in the gallery, not scored)"
+               if dropped else f"{total} queries")
+    same = "key" if by == "key" else f"`{label_column}`"
+    console.print(f"{r['direction']} retrieval, positives: same {same}, pool {r['pool']}, {counted}",
+                  highlight=False, soft_wrap=True)
+    table = Table()
     for col in ("metric", "value", "chance"):
         table.add_column(col)
     for name in ("R@1", "R@5", "R@10", "mAP"):
@@ -257,10 +297,15 @@ def eval_zeroshot(
     side = conn.side_for(enc.identity(), "text")
     zc = conn.project(side, raw, identity=enc.identity(), modality="text")
     r = evaluate_zeroshot(store, zc, names, label_column=label_column)
-    r.update({"prompt": prompt, "side": side})
+    from cmcr.stores.store import Store
+    from cmcr.trainer.evaluate import random_weight_identities
+
+    sources = [conn, Store.open(store), enc.identity()]
+    r.update({"prompt": prompt, "side": side, "random_weights": bool(random_weight_identities(*sources))})
     if as_json:
         _print_json(r)
         return
+    _random_note(sources)
     console.print(f"zero-shot on {store} ({r['items']} items, {r['classes']} classes, prompt {prompt!r}, text side "
                   f"{side}): top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f} (chance {r['chance']['top1']:.4f} / "
                   f"{r['chance']['top5']:.4f})")

@@ -40,7 +40,9 @@ def test_connect_project_search_eval(tiny_synthetic, tmp_path, capsys, monkeypat
     assert r["direction"] == "audio->image" and r["pool"] == 60 and "chance" in r
     assert main(["search", "-c", str(out), "-g", str(tmp_path / "img"), "--key", "pair000003", "--store",
                  str(p["eval_audio_b"]), "-k", "5", "--json"]) == 0
-    hits = json.loads(capsys.readouterr().out)["hits"]
+    res = json.loads(capsys.readouterr().out)
+    hits = res["hits"]
+    assert res["random_weights"] is False  # synthetic encoders are not random-init
     assert len(hits) == 5 and hits[0]["score"] >= hits[-1]["score"] and "label" in hits[0]["metadata"]
     # a raw (unprojected) gallery is refused with a clear error
     assert main(["search", "-c", str(out), "-g", str(p["eval_image_a"]), "--key", "pair000003", "--store",
@@ -258,3 +260,81 @@ def test_search_media_that_is_missing_a_folder_or_unreadable(tmp_path, capsys, m
     monkeypatch.setattr(cli_connect, "open", refuse, raising=False)  # running as root: chmod 000 does not stop reads
     assert main([*common, "--media", str(wav)]) == 2
     assert "cannot be read (Permission denied)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_search_table_shows_full_label_and_source_and_a_human_title(tiny_encoded, sample_data, capsys, monkeypatch):
+    from rich.console import Console
+
+    from cmcr import cli_connect
+    from cmcr.stores.store import Store
+    from tests.fixtures_encode import TINY_CLIP
+
+    conn, st = tiny_encoded
+    img = Store.open(st["clip_image"])
+    source = img.metadata(["source"]).column("source")[5].as_py()
+    media = sample_data / "images" / source
+    monkeypatch.setattr(cli_connect, "console", Console(width=250, force_terminal=False))
+    capsys.readouterr()
+    assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(media), "--encoder",
+                 TINY_CLIP, "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"top 3 in {st['clip_image.cmcr']} for image file {media}" in out and "{'" not in out
+    header = next(line for line in out.splitlines() if "rank" in line)
+    assert [c.strip() for c in header.strip("┃│ ").split("┃")] == ["rank", "key", "score", "label", "source"]
+    assert source in out and img.metadata(["label"]).column("label")[5].as_py() in out
+    assert "height" not in out and "see --json" in out  # the other columns only with --json
+    # tiny random-init encoders: the note, in the table output and as a flag in --json
+    assert "random weights: not meaningful" in out and "cmcr-tiny-clip" in out
+    res = _search_json(capsys, "-c", conn, "-g", st["clip_image.cmcr"], "--media", media, "--encoder", TINY_CLIP)
+    assert res["random_weights"] is True and "height" in res["hits"][0]["metadata"]
+    # a narrow terminal folds long values instead of cutting them
+    monkeypatch.setattr(cli_connect, "console", Console(width=60, force_terminal=False))
+    assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(media), "--encoder",
+                 TINY_CLIP, "-k", "3"]) == 0
+    assert "…" not in capsys.readouterr().out
+
+
+def test_eval_reports_dropped_queries_and_random_weights(tiny_encoded, tiny_synthetic, tiny_trained, tmp_path,
+                                                         capsys, monkeypatch):
+    from rich.console import Console
+
+    from cmcr import cli_connect
+    from tests.fixtures_encode import TINY_CLAP
+
+    monkeypatch.setattr(cli_connect, "console", Console(width=250, force_terminal=False))
+    conn, st = tiny_encoded
+    # images -> sounds by label (tiny random-init encoders): the note, and the flag in --json
+    capsys.readouterr()
+    assert main(["eval", "retrieval", str(st["clip_image.cmcr"]), str(st["clap_audio.cmcr"]), "--by", "label",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["random_weights"] is True
+    assert main(["eval", "retrieval", str(st["clip_image.cmcr"]), str(st["clap_audio.cmcr"]), "--by", "label"]) == 0
+    out = capsys.readouterr().out
+    assert "positives: same `label`" in out and "random weights: not meaningful" in out
+    assert f"{r['queries']} queries" in out and "without a positive" not in out  # every label has a sound
+    assert main(["eval", "retrieval", str(st["clip_image.cmcr"]), str(st["clap_audio.cmcr"]), "--by", "bogus"]) == 2
+    assert "--by" in capsys.readouterr().err
+    assert main(["eval", "zeroshot", "-c", str(conn), "-s", str(st["clap_audio.cmcr"]), "--classes", "dog,cat",
+                 "--encoder", TINY_CLAP]) == 0
+    assert "random weights: not meaningful" in capsys.readouterr().out
+    assert main(["eval", "zeroshot", "-c", str(conn), "-s", str(st["clap_audio.cmcr"]), "--classes", "dog,cat",
+                 "--encoder", TINY_CLAP, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["random_weights"] is True
+    # synthetic encoders are not random-init: no note, flag False; queries whose key the gallery lacks are dropped
+    from cmcr.stores.store import Store
+    from tests.fixtures_connect import write_store
+
+    p = tiny_synthetic
+    assert main(["project", str(tiny_trained), str(p["eval_audio_b"]), str(tmp_path / "aud")]) == 0
+    assert main(["project", str(tiny_trained), str(p["eval_image_a"]), str(tmp_path / "img")]) == 0
+    img = Store.open(tmp_path / "img")
+    write_store(tmp_path / "img50", img.embeddings()[:50], modality="image", encoder=img.encoder, keys=img.keys()[:50])
+    capsys.readouterr()
+    assert main(["eval", "retrieval", str(tmp_path / "aud"), str(tmp_path / "img50"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["random_weights"] is False and r["queries"] == 50 and r["queries_without_positive"] == 10
+    assert main(["eval", "retrieval", str(tmp_path / "aud"), str(tmp_path / "img50")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "random weights" not in out and "positives: same key" in out
+    assert "60 queries (50 scored; 10 without a positive in the gallery, not scored)" in out

@@ -10,20 +10,25 @@ Library API (used by ``cmcr project`` / ``cmcr eval`` and the demo)::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cmcr.errors import StoreMismatchError
+from cmcr.errors import ConfigError, StoreMismatchError
 from cmcr.stores.store import Store, canonical_json
 from cmcr.trainer.connector import Connector, same_space
 from cmcr.trainer.metrics import DEFAULT_KS, retrieval_metrics, zeroshot_accuracy
 
 log = logging.getLogger(__name__)
+
+#: The note printed next to any figure computed from random-init encoder weights.
+RANDOM_WEIGHTS_NOTE = "random weights: not meaningful"
 
 
 def _open(x: Store | str | os.PathLike) -> Store:
@@ -110,6 +115,54 @@ def build_store_index(store: Store) -> dict[str, Any] | None:
     return build_index(store)
 
 
+def _base_identities(identity: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The raw encoder identities behind ``identity`` (a projected identity nests its raw one under ``base``)."""
+    base = identity.get("base")
+    return _base_identities(base) if isinstance(base, Mapping) else [dict(identity)]
+
+
+def _connector_side_identities(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """Encoder identities recorded by the sides of the connector in ``folder`` (``[]`` when unreadable)."""
+    try:
+        meta = json.loads((Path(folder) / "connector.json").read_text())
+        return [dict(side["encoder"]) for side in meta["sides"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def random_weight_identities(*sources: Store | Connector | Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The encoder identities behind ``sources`` whose ``weights`` start with ``random`` (random-init
+    encoders: any figure computed from them is not meaningful).
+
+    Args:
+        sources: stores (a projected store counts its base encoder and both sides of the connector
+            recorded in its manifest), connectors (both sides' encoders) or encoder identity dicts.
+
+    Returns:
+        The distinct random-weight identities, in order of appearance (``[]``: none).
+    """
+    found: list[dict[str, Any]] = []
+    for src in sources:
+        if isinstance(src, Connector):
+            idents = [side.encoder for side in src.sides.values()]
+        elif isinstance(src, Store):
+            idents = _base_identities(src.encoder)
+            projected = (src.manifest.get("extra") or {}).get("projected") or {}
+            if projected.get("connector_path"):
+                idents += _connector_side_identities(projected["connector_path"])
+        else:
+            idents = _base_identities(src)
+        for ident in idents:
+            if str(ident.get("weights", "")).startswith("random") and ident not in found:
+                found.append(dict(ident))
+    return found
+
+
+def describe_identity(identity: Mapping[str, Any]) -> str:
+    """``family:architecture@weights`` of an encoder identity (for notes and messages)."""
+    return f"{identity.get('family')}:{identity.get('architecture')}@{identity.get('weights')}"
+
+
 def check_same_space(query: Store, gallery: Store) -> None:
     """Raise :class:`StoreMismatchError` unless the two stores' embeddings can be compared by cosine
     (projected by the same connector, or raw from the same encoder)."""
@@ -137,12 +190,14 @@ def evaluate_retrieval(
 
     Returns:
         :func:`cmcr.trainer.metrics.retrieval_metrics` output plus ``direction``
-        (``"audio->image"``), ``positives_by``, ``query_store``, ``gallery_store``.
+        (``"audio->image"``), ``positives_by``, ``query_store``, ``gallery_store``, ``random_weights``
+        (True when an encoder behind either store, or behind the connector that projected it, has
+        random-init weights: see :func:`random_weight_identities`).
 
     Raises:
         StoreMismatchError: the stores live in different spaces.
         StoreFormatError: ``by="label"`` and a store lacks ``label_column``.
-        ValueError: ``by`` is neither ``key`` nor ``label``.
+        ConfigError: ``by`` is neither ``key`` nor ``label``.
     """
     q, g = _open(query_store), _open(gallery_store)
     check_same_space(q, g)
@@ -152,10 +207,11 @@ def evaluate_retrieval(
         ql = q.metadata([label_column]).column(label_column).to_pylist()
         gl = g.metadata([label_column]).column(label_column).to_pylist()
     else:
-        raise ValueError(f"by must be 'key' or 'label', got {by!r}")
+        raise ConfigError(f"--by must be 'key' or 'label', got {by!r}")
     result = retrieval_metrics(q.embeddings(np.float32), g.embeddings(np.float32), ql, gl, ks=ks)
     result.update({"direction": f"{q.modality}->{g.modality}", "positives_by": by if by == "key" else
-                   f"label:{label_column}", "query_store": str(q.path), "gallery_store": str(g.path)})
+                   f"label:{label_column}", "query_store": str(q.path), "gallery_store": str(g.path),
+                   "random_weights": bool(random_weight_identities(q, g))})
     return result
 
 
