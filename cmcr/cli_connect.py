@@ -83,7 +83,7 @@ def connect(
     d = result["data"]
     console.print(f"pairs: {d['pairs']} (keys only in A: {d['only_a']}, only in B: {d['only_b']})")
     m = result["metrics"]
-    console.print(f"connector {result['fingerprint']} written to {result['connector']} — final loss "
+    console.print(f"connector {result['fingerprint']} written to {result['connector']} — last epoch mean loss "
                   f"{m.get('loss', float('nan')):.4f}" + (f", held-out shared R@1 {m['val_shared_R@1']:.3f}"
                                                          if "val_shared_R@1" in m else ""))
     console.print(f"metrics: {Path(out) / 'metrics.jsonl'}, loss curve: {Path(out) / 'loss_curve.png'}")

@@ -50,6 +50,24 @@ def test_connect_project_search_eval(tiny_synthetic, tmp_path, capsys, monkeypat
     assert "cmcr project" in capsys.readouterr().err
 
 
+def test_connect_labels_step_loss_and_epoch_mean_loss(tiny_synthetic, tmp_path, capsys, monkeypatch):
+    """The bar shows the running step loss, the summary the last epoch's mean: both say which."""
+    from cmcr.trainer import loop
+
+    monkeypatch.setattr(loop, "plot_loss_curve", lambda history, path: None)
+    p = tiny_synthetic
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nhidden_dim = 32\nout_dim = 16\n[optim]\nbatch_size = 64\n[run]\ndevice = 'cpu'\n")
+    assert main(["connect", "--shared-a", str(p["text_a"]), "--shared-b", str(p["text_b"]), "--memory-a",
+                 str(p["image_a"]), "--memory-b", str(p["audio_b"]), "--out", str(tmp_path / "c"), "--config",
+                 str(cfg), "--epochs", "1", "--name-a", "mcr-a", "--name-b", "mcr-b"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "last epoch mean loss" in out and "final loss" not in out
+    assert "step loss" in out  # the progress bar's final render
+    mean = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    assert f"last epoch mean loss {mean:.4f}" in out
+
+
 def test_bench_synthetic_cli(tmp_path, capsys):
     rc = main(["bench", "synthetic", "--out", str(tmp_path / "s"), "--n-shared", "200", "--n-memory", "200",
                "--n-eval", "50", "--epochs", "1", "--variants", "full", "--json"])

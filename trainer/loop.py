@@ -358,7 +358,7 @@ def make_connector(proj_a: torch.nn.Module, proj_b: torch.nn.Module, stores: Con
 
 
 class _Reporter:
-    """Rich progress bar (loss, pairs/s), or a user callback, or nothing."""
+    """Rich progress bar (the last step's loss, labelled "step loss"; pairs/s), or a user callback, or nothing."""
 
     def __init__(self, progress: bool | Callable[[dict[str, Any]], None]):
         self.callback = progress if callable(progress) else None
@@ -368,7 +368,7 @@ class _Reporter:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]:.4f}"),
+                                TextColumn("step loss {task.fields[loss]:.4f}"),
                                 TextColumn("{task.fields[rate]:,.0f} pairs/s"), TimeRemainingColumn())
 
     def completion(self, side: str, done: int, total: int) -> None:
