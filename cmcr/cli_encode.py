@@ -148,17 +148,17 @@ def _run(shards: list[str], encoder: str, modality: str, store: Path, *, batch_s
         from cmcr.pipeline.ray_engine import encode_shards_ray
 
         report = encode_shards_ray(shards, encoder, modality, store, batch_size=batch_size, num_workers=0,
-                                   overwrite=overwrite, progress=progress, dtype=dtype, command=command,
-                                   device=device, precision=precision, clap_tokenizer=tokenizer, address=address,
-                                   replicas=replicas, gpus_per_replica=gpus_per_replica)
+                                   overwrite=overwrite, start_over=overwrite, progress=progress, dtype=dtype,
+                                   command=command, device=device, precision=precision, clap_tokenizer=tokenizer,
+                                   address=address, replicas=replicas, gpus_per_replica=gpus_per_replica)
     elif engine == "local":
         from cmcr.pipeline.encode import encode_shards
         from cmcr.pipeline.encoders import load_encoder
 
         enc = load_encoder(encoder, device=device, precision=precision, clap_tokenizer=tokenizer)
         report = encode_shards(shards, enc, modality, store, batch_size=batch_size, num_workers=num_workers,
-                               overwrite=overwrite, progress=progress, dtype=dtype, command=command,
-                               torch_threads=threads or None)
+                               overwrite=overwrite, start_over=overwrite, progress=progress, dtype=dtype,
+                               command=command, torch_threads=threads or None)
     else:
         raise ConfigError(f"--engine must be local or ray, got {engine!r}")
     return report

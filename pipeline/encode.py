@@ -415,20 +415,22 @@ def metadata_table(modality: str, infos: Sequence[dict[str, Any]], metas: Sequen
 
 
 def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *, overwrite: bool = False,
-               dtype: str = "float16", command: str | None = None) -> Store:
+               dtype: str = "float16", command: str | None = None, start_over: bool = False) -> Store:
     """Open (or create) the store for ``encoder``/``modality``.
 
     Args:
-        overwrite: start over: an existing store at ``store_path`` (any identity) is removed first,
-            so nothing is resumed.
+        overwrite: replace a store made by another encoder identity / preprocessing / modality
+            (a store of the same identity is opened and resumed).
+        start_over: remove an existing store at ``store_path`` (any identity) first, so nothing is
+            resumed (the CLI's ``--overwrite``).
 
     Raises:
         StoreMismatchError: a store made by another encoder identity / preprocessing / modality
             exists at ``store_path`` and ``overwrite`` is False.
     """
     encoder.check_modality(modality)
-    if overwrite and (Path(store_path) / MANIFEST).is_file():
-        log.warning("--overwrite: removing the store %s and starting over", store_path)
+    if start_over and (Path(store_path) / MANIFEST).is_file():
+        log.warning("removing the store %s and starting over", store_path)
         shutil.rmtree(store_path)
     return Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
                                 overwrite=overwrite, preprocessing=encoder.preprocessing(modality),
@@ -696,6 +698,7 @@ def encode_shards(
     prefetch_factor: int = 4,
     command: str | None = None,
     torch_threads: int | None = None,
+    start_over: bool = False,
 ) -> EncodeReport:
     """Encode webdataset shards into a store: one atomic part per shard; reruns resume.
 
@@ -706,8 +709,8 @@ def encode_shards(
         store_path: store folder (created if missing).
         batch_size: samples per forward pass.
         num_workers: DataLoader worker processes for decode/preprocess (0 = in the main process).
-        overwrite: remove an existing store at ``store_path`` first and start over (any identity;
-            without it a store made by another encoder identity/preprocessing is refused).
+        overwrite: replace a store made by another encoder identity/preprocessing instead of failing.
+        start_over: remove an existing store at ``store_path`` first (any identity; nothing resumed).
         dtype: storage dtype of a new store (``float16`` or ``float32``).
         torch_threads: torch threads of the forward pass in this process, restored afterwards.
             ``None``: on a CPU encoder :func:`default_torch_threads` (CPUs minus decode workers, at
@@ -729,7 +732,8 @@ def encode_shards(
     check_run_settings(batch_size=batch_size, num_workers=num_workers)
     paths = list_shards(shards)
     check_shards_modality(paths, modality)
-    store = open_store(store_path, encoder, modality, overwrite=overwrite, dtype=dtype, command=command)
+    store = open_store(store_path, encoder, modality, overwrite=overwrite, dtype=dtype, command=command,
+                       start_over=start_over)
     report = EncodeReport(store=str(store.path))
     todo, idents = shards_to_do(paths, store)
     report.shards_skipped = len(paths) - len(todo)

@@ -212,6 +212,7 @@ def encode_shards_ray(
     batch_size: int = 64,
     num_workers: int = 0,
     overwrite: bool = False,
+    start_over: bool = False,
     progress: bool = True,
     dtype: str = "float16",
     command: str | None = None,
@@ -239,7 +240,7 @@ def encode_shards_ray(
         store_path: store folder (created if missing), written by this (driver) process only.
         batch_size: samples per forward pass (and per preprocessed Ray row).
         num_workers: cap on concurrent read/preprocess tasks (0 = as many as Ray schedules).
-        overwrite, dtype, command: as in the local engine.
+        overwrite, start_over, dtype, command: as in the local engine.
         device: ``auto`` / ``cpu`` / ``cuda``: must agree with ``gpus_per_replica``.
         precision, clap_tokenizer: passed to :func:`~cmcr.pipeline.encoders.load_encoder` in each actor.
         address: Ray cluster address (``auto``, ``ray://head:10001``, ``host:6379``); ``None`` connects
@@ -271,7 +272,8 @@ def encode_shards_ray(
     check_shards_modality(paths, modality)
     enc = driver_encoder if driver_encoder is not None else load_encoder(
         encoder, device="cpu", precision=precision, clap_tokenizer=clap_tokenizer)
-    store = open_store(store_path, enc, modality, overwrite=overwrite, dtype=dtype, command=command)
+    store = open_store(store_path, enc, modality, overwrite=overwrite, dtype=dtype, command=command,
+                       start_over=start_over)
     report = RayEncodeReport(store=str(store.path), replicas=replicas, address=address,
                              torch_threads=max(1, int(cpus_per_replica)))
     todo, idents = shards_to_do(paths, store)

@@ -244,8 +244,9 @@ def test_resharded_changed_content_is_refused_before_encoding(tiny_clip, tmp_pat
     store = Store.open(tmp_path / "st", validate="full")  # untouched
     assert store.num_rows == 2 and len(store.parts) == 1
     np.testing.assert_array_equal(store.embeddings(), before)
-    with pytest.raises(ChangedShardError):
-        encode_shards(tmp_path / "sh" / "text", tiny_clip, "text", tmp_path / "st", num_workers=0, progress=False)
+    with pytest.raises(ChangedShardError):  # overwrite= only replaces a store of another identity
+        encode_shards(tmp_path / "sh" / "text", tiny_clip, "text", tmp_path / "st", num_workers=0, progress=False,
+                      overwrite=True)
     # --overwrite starts the store over (same encoder identity): the new captions under their keys
     assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st", "text", "--overwrite")) == 0
     store = Store.open(tmp_path / "st", validate="full")
