@@ -116,7 +116,7 @@ def search(
     store: Path | None = typer.Option(None, "--store", help="Store holding --key (raw or projected)."),
     encoder: str | None = typer.Option(None, "--encoder", help="Encoder spec for --media/--text (see `cmcr encode`)."),
     modality: str | None = typer.Option(None, "--modality", help="Modality of --media (image/audio); guessed."),
-    k: int = typer.Option(10, "-k", help="Number of results."),
+    k: int = typer.Option(10, "-k", min=1, help="Number of results."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Search a projected store with a media file, a text or a key of a store.
@@ -175,17 +175,18 @@ def search(
         return
     _random_note(sources)
     console.print(f"top {k} in {gallery} for {title}", highlight=False, soft_wrap=True)
+    shown = [c for c in ("label", "source") if any((h["metadata"] or {}).get(c) is not None for h in hits)]
     table = Table()
     table.add_column("rank", justify="right")
     table.add_column("key", overflow="fold")
     table.add_column("score", justify="right")
-    table.add_column("label", overflow="fold")
-    table.add_column("source", overflow="fold")
+    for c in shown:
+        table.add_column(c, overflow="fold")
     for i, h in enumerate(hits, 1):
         meta = h["metadata"] or {}
-        table.add_row(str(i), str(h["key"]), f"{h['score']:.4f}", _cell(meta.get("label")), _cell(meta.get("source")))
+        table.add_row(str(i), str(h["key"]), f"{h['score']:.4f}", *[_cell(meta.get(c)) for c in shown])
     console.print(table)
-    if any(set(h["metadata"] or {}) - {"label", "source"} for h in hits):
+    if any(set(h["metadata"] or {}) - set(shown) for h in hits):
         console.print("other metadata columns: see --json", style="dim")
 
 
@@ -313,8 +314,17 @@ def eval_zeroshot(
 
 def _class_names(classes: str) -> list[str]:
     p = Path(classes)
+    if p.is_dir():
+        raise InputDataError(f"--classes {classes}: is a folder; give a file with one class name per line, or "
+                             f"comma-separated names")
     if p.exists():
-        names = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+        try:
+            names = [x.strip() for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputDataError(f"--classes {classes}: cannot be read as UTF-8 text ({e})") from e
+    elif "," not in classes and ("/" in classes or p.suffix.lower() in (".txt", ".csv", ".lst", ".tsv")):
+        raise InputDataError(f"--classes {classes}: file not found (give a file with one class name per line, "
+                             f"or comma-separated names)")
     else:
         names = [x.strip() for x in classes.split(",") if x.strip()]
     if not names:

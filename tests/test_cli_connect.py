@@ -356,3 +356,22 @@ def test_eval_reports_dropped_queries_and_random_weights(tiny_encoded, tiny_synt
     out = " ".join(capsys.readouterr().out.split())
     assert "random weights" not in out and "positives: same key" in out
     assert "60 queries (50 scored; 10 without a positive in the gallery, not scored)" in out
+
+
+def test_eval_zeroshot_classes_file_missing_or_a_folder(tmp_path, capsys):
+    from cmcr.cli_connect import _class_names
+
+    common = ["eval", "zeroshot", "-c", str(tmp_path / "conn"), "-s", str(tmp_path / "s"), "--encoder",
+              "open_clip:ViT-B-32"]
+    assert main([*common, "--classes", "classes.txt"]) == 2  # not silently one class named "classes.txt"
+    assert "--classes classes.txt: file not found" in " ".join(capsys.readouterr().err.split())
+    assert main([*common, "--classes", str(tmp_path)]) == 2
+    assert "is a folder" in " ".join(capsys.readouterr().err.split())
+    f = tmp_path / "c.txt"
+    f.write_text("dog\n\ncat\n")
+    assert _class_names(str(f)) == ["dog", "cat"] and _class_names("dog, cat") == ["dog", "cat"]
+
+
+def test_search_k_must_be_positive(capsys):
+    assert main(["search", "-c", "x", "-g", "y", "--text", "a dog", "-k", "0"]) == 2
+    assert "-k" in capsys.readouterr().err
