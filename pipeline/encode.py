@@ -466,18 +466,13 @@ class ShardResult:
         self.samples += len(prepared.keys) + len(prepared.failures)
 
 
-def write_part(store: Store, modality: str, result: ShardResult, dim: int,
-               existing: set[str] | None = None) -> int:
+def write_part(store: Store, modality: str, result: ShardResult, dim: int) -> int:
     """Append one shard's rows (and failure records) to the store as one atomic part; returns rows.
 
     A key repeated inside the shard becomes a ``write`` failure (the first sample keeps it). A key
     already in the store came from another shard: the same key would name two samples (two
     corpora with the same keys, or one sharded twice into different folders), so nothing of this
     shard is written and :class:`KeyClashError` stops the run.
-
-    Args:
-        existing: the store's keys, kept by a caller that writes many parts (updated in place);
-            read from the store when ``None``.
 
     Raises:
         KeyClashError: names the first clashing key, the shard, the store and the fixes.
@@ -486,9 +481,7 @@ def write_part(store: Store, modality: str, result: ShardResult, dim: int,
     emb = np.concatenate(result.embeddings) if result.embeddings else np.zeros((0, dim), np.float32)
     failures = list(result.failures)
     seen: set[str] = set()
-    if existing is None:
-        existing = set(store.keys()) if store.num_rows else set()
-    clashes = [k for k in keys if k in existing]
+    clashes = store.keys_present(keys)
     if clashes:
         raise KeyClashError(
             f"{len(clashes)} key(s) of shard {result.source} are already in the store {store.path} from "
@@ -512,7 +505,6 @@ def write_part(store: Store, modality: str, result: ShardResult, dim: int,
         emb = emb[keep]
     store.append_part(keys, emb, metadata_table(modality, infos, metas), source=result.part_source or result.source,
                       failures=failures)
-    existing.update(keys)
     return len(keys)
 
 
@@ -644,7 +636,7 @@ class EncodeReport:
 
 def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: str,
                  batches: Sequence[tuple[Prepared, np.ndarray, np.ndarray, list[dict[str, Any]]]],
-                 read_error: str | None, report: EncodeReport, existing_keys: set[str]) -> None:
+                 read_error: str | None, report: EncodeReport) -> None:
     """Write one complete shard (every engine ends a shard here) and count it in ``report``.
 
     Args:
@@ -653,7 +645,6 @@ def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: s
             embed failure records)`` as returned by :func:`embed_items`.
         read_error: why the tar could not be read to the end, or ``None``. Then no part is written
             (a rerun retries the shard): only a ``read`` failure plus the batches' failure records.
-        existing_keys: the store's keys, updated in place (see :func:`write_part`).
     """
     result = ShardResult(source=shard_source(shard), part_source=identity)
     for batch in batches:
@@ -667,7 +658,7 @@ def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: s
         log.error("%s: %s; no part written (fix or remove the shard, then rerun)", shard, read_error)
         return
     tw = time.perf_counter()
-    report.rows += write_part(store, modality, result, dim, existing_keys)
+    report.rows += write_part(store, modality, result, dim)
     report.write_s += time.perf_counter() - tw
     report.failures += len(result.failures)
     report.failure_examples += result.failures[: max(0, 10 - len(report.failure_examples))]
@@ -792,7 +783,6 @@ def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: 
                         multiprocessing_context="fork" if nw and os.name == "posix" else None)
     n_workers = max(1, nw)
     pending: dict[int, dict[str, Any]] = {}
-    existing_keys: set[str] = set(store.keys()) if store.num_rows else set()
     live_failures = 0
 
     with progress_bar(progress) as bar:
@@ -826,8 +816,7 @@ def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: 
                 st["error"] = st["error"] or msg["error"]
             if st["ends"] == n_workers and len(st["batches"]) >= (st["n"] or 0):
                 batches = [st["batches"][b] for b in range(st["n"])]
-                finish_shard(store, modality, encoder.dim, todo[i], idents[i], batches, st["error"], report,
-                             existing_keys)
+                finish_shard(store, modality, encoder.dim, todo[i], idents[i], batches, st["error"], report)
                 del pending[i]
                 elapsed = time.perf_counter() - t0
                 bar.update(task, advance=1, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),

@@ -367,7 +367,6 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
     pending: dict[int, dict[str, Any]] = {}
     written: set[int] = set()
     error: str | None = None
-    existing_keys: set[str] = set(store.keys()) if store.num_rows else set()
     live_failures = 0
     t_start = time.perf_counter()
     with progress_bar(progress) as bar:
@@ -411,8 +410,7 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
                     st["error"] = pickle.loads(row["payload"])
                 if st["n"] is not None and len(st["batches"]) >= st["n"]:
                     batches = [st["batches"][b] for b in range(st["n"])]
-                    finish_shard(store, modality, enc.dim, todo[i], idents[i], batches, st["error"], report,
-                                 existing_keys)
+                    finish_shard(store, modality, enc.dim, todo[i], idents[i], batches, st["error"], report)
                     del pending[i]
                     written.add(i)
                     elapsed = time.perf_counter() - t_start

@@ -225,6 +225,7 @@ class Store:
         self.path = Path(path)
         self.manifest = manifest
         self._key_set: set[str] | None = None
+        self._key_set_rows = -1  # num_rows the cached key set was built for
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
@@ -684,6 +685,7 @@ class Store:
             atomic_write_json(self.path / MANIFEST, manifest)
             self.manifest = manifest
             existing.update(keys)
+            self._key_set_rows = self.num_rows
         return part
 
     def add_failures(self, failures: Sequence[Mapping[str, Any]]) -> None:
@@ -773,9 +775,18 @@ class Store:
             f.unlink(missing_ok=True)
 
     def _keys_set(self) -> set[str]:
-        if self._key_set is None:
-            self._key_set = set(self.keys())
+        """The store's keys as a set, cached; rebuilt when the manifest lists rows the cache has not
+        seen (another writer appended parts since)."""
+        if self._key_set is None or self._key_set_rows != self.num_rows:
+            self._key_set = set(self.keys()) if self.num_rows else set()
+            self._key_set_rows = self.num_rows
         return self._key_set
+
+    def keys_present(self, keys: Sequence[str]) -> list[str]:
+        """Those of ``keys`` that the store already holds, in the given order (uses the cached key set)."""
+        self._reload()
+        existing = self._keys_set()
+        return [k for k in keys if k in existing]
 
     # ------------------------------------------------------------------ reading
     def _part_paths(self) -> list[Path]:

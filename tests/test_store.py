@@ -373,3 +373,14 @@ def test_concurrent_writers_do_not_lose_parts(tmp_path):
     assert [p.wait(timeout=60) for p in procs] == [0, 0]
     store = Store.open(tmp_path / "s", validate="full")
     assert store.num_rows == 30 and len(store.done_sources()) == 10
+
+
+def test_key_check_sees_rows_appended_by_another_writer(tmp_path):
+    first = new_store(tmp_path / "s")
+    second = Store.open(tmp_path / "s")
+    first.append_part(["a"], unit_rows(1, 8))  # first caches its key set here
+    second.append_part(["b"], unit_rows(1, 8))
+    assert first.keys_present(["a", "b", "c"]) == ["a", "b"]
+    with pytest.raises(StoreValidationError, match="'b'.*already in the store"):
+        first.append_part(["b"], unit_rows(1, 8))
+    assert Store.open(tmp_path / "s", validate="full").keys() == ["a", "b"]
