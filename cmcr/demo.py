@@ -342,7 +342,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     seconds["evaluate"] = time.perf_counter() - t
 
     t = stage("6/7 search")
-    searches = _example_searches(clip, connector, z_img_store, z_aud_store)
+    searches = _example_searches(clip, connector, z_img_store, z_aud_store, z_aud)
     for s in searches:
         console.print(f"[bold]{s['query']}[/] → " + ", ".join(f"{h['key']} ({h['label']}, {h['score']:.3f})"
                                                              for h in s["hits"][:5]))
@@ -390,14 +390,14 @@ def _zeroshot(clip, clap, connector, z_img, img_labels, z_aud, aud_labels, zeros
     return rows
 
 
-def _example_searches(clip, connector, z_img_store, z_aud_store) -> list[dict[str, Any]]:  # noqa: ANN001
+def _example_searches(clip, connector, z_img_store, z_aud_store, z_aud) -> list[dict[str, Any]]:  # noqa: ANN001
     """Two searches through the projected stores' FAISS indexes: an audio clip's projection → images, and a
     caption through CLIP's text encoder → audio clips (CLIP never saw audio)."""
     from cmcr.stores.index import open_index
 
     aud_meta = z_aud_store.metadata(["label", "source"]).to_pylist()
     q_row = next((i for i, m in enumerate(aud_meta) if m.get("label") == AUDIO_QUERY_LABEL), 0)
-    z_query_audio = z_aud_store.embeddings(np.float32)[q_row]
+    z_query_audio = z_aud[q_row]  # the projected audio rows, already read for the evaluation
     z_txt = connector.project("A", clip.encode("text", [TEXT_QUERY]), identity=clip.identity(), modality="text")
 
     def hits(store, query: np.ndarray, k: int = 5) -> list[dict[str, Any]]:  # noqa: ANN001
