@@ -165,7 +165,9 @@ def load_demo_encoders(opts: DemoOptions, console: Console):
                          f"using random init {fallback!r}")
             enc = load_encoder(fallback, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
         encoders.append(enc)
-    random_weights = any(str(e.identity().get("weights", "")).startswith("random") for e in encoders)
+    from cmcr.trainer.evaluate import random_weight_identities
+
+    random_weights = bool(random_weight_identities(*(e.identity() for e in encoders)))
     if random_weights:
         console.print(Panel.fit(
             "[bold]No pretrained weights in use[/] for at least one encoder.\n"

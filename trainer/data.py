@@ -15,6 +15,7 @@ Pseudo embeddings (semantic completion) are computed once per memory with
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,8 @@ class ConnectStores:
                                    strict=True)}
 
 
-def _open(x: Store | str | Path) -> Store:
+def as_store(x: Store | str | os.PathLike) -> Store:
+    """``x`` itself when it is a :class:`Store`, else the store opened at that path."""
     return x if isinstance(x, Store) else Store.open(x)
 
 
@@ -67,7 +69,7 @@ def open_connect_stores(shared_a: Store | str | Path, shared_b: Store | str | Pa
             encoder; a memory comes from another encoder (or dim) than its MCR's shared store,
             or holds the shared modality; a store is a pseudo (completion) or projected store.
     """
-    sa, sb, ma, mb = (_open(x) for x in (shared_a, shared_b, memory_a, memory_b))
+    sa, sb, ma, mb = (as_store(x) for x in (shared_a, shared_b, memory_a, memory_b))
     for role, s in zip(STORE_ROLES, (sa, sb, ma, mb), strict=True):
         if (s.manifest.get("extra") or {}).get("pseudo"):
             raise StoreMismatchError(f"{s.path} ({role}) holds pseudo embeddings (a completion store); pass the "

@@ -23,16 +23,13 @@ import numpy as np
 from cmcr.errors import ConfigError, StoreMismatchError
 from cmcr.stores.store import Store, canonical_json
 from cmcr.trainer.connector import Connector, same_space
+from cmcr.trainer.data import as_store
 from cmcr.trainer.metrics import DEFAULT_KS, retrieval_metrics, zeroshot_accuracy
 
 log = logging.getLogger(__name__)
 
 #: The note printed next to any figure computed from random-init encoder weights.
 RANDOM_WEIGHTS_NOTE = "random weights: not meaningful"
-
-
-def _open(x: Store | str | os.PathLike) -> Store:
-    return x if isinstance(x, Store) else Store.open(x)
 
 
 def project_store(
@@ -69,7 +66,7 @@ def project_store(
         StoreMismatchError: ``out_path`` holds another projection and ``overwrite`` is False.
     """
     conn = connector if isinstance(connector, Connector) else Connector.load(connector)
-    src = _open(store)
+    src = as_store(store)
     side = conn.side_for(src.encoder, src.modality)
     identity = conn.projected_identity(side, src.encoder)
     extra = {"projected": {"connector": conn.fingerprint, "connector_path": str(conn.path), "side": side,
@@ -199,7 +196,7 @@ def evaluate_retrieval(
         StoreFormatError: ``by="label"`` and a store lacks ``label_column``.
         ConfigError: ``by`` is neither ``key`` nor ``label``.
     """
-    q, g = _open(query_store), _open(gallery_store)
+    q, g = as_store(query_store), as_store(gallery_store)
     check_same_space(q, g)
     if by == "key":
         ql, gl = q.keys(), g.keys()
@@ -233,7 +230,7 @@ def evaluate_zeroshot(
     Returns:
         :func:`cmcr.trainer.metrics.zeroshot_accuracy` output plus ``store`` and ``modality``.
     """
-    s = _open(store)
+    s = as_store(store)
     labels = [str(x) for x in s.metadata([label_column]).column(label_column).to_pylist()]
     out = zeroshot_accuracy(s.embeddings(np.float32), labels, class_embeddings, class_names)
     out.update({"store": str(s.path), "modality": s.modality})
