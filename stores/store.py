@@ -1,13 +1,23 @@
 """The embedding store: Parquet parts + a JSON manifest + a failures table.
 
-Layout of a store folder (format version 1, documented in ``docs/store-format.md``)::
+Layout of a store folder (format version 2, documented in ``docs/store-format.md``)::
 
     <store>/manifest.json                 written last, atomically (temp file + rename)
-    <store>/parts/part-NNNNNN.parquet     key: string, embedding: fixed_size_list<float16|float32>[D],
-                                          plus the store's metadata columns (same in every part)
+    <store>/parts/part-NNNNNN.parquet     key: string plus the store's metadata columns (same in every part)
+    <store>/parts/part-NNNNNN.npy         the part's embeddings: a plain (rows, D) float16|float32 .npy
     <store>/failures.parquet              key, source, stage, error, time: inputs that were rejected
     <store>/index/...                     FAISS index and its parameters (see :mod:`cmcr.stores.index`)
     <store>/.lock                         advisory lock held by writers (fcntl)
+    <store>/.verified.json                cache of part files whose sha256 was checked (see below)
+
+Format version 1 stores (embeddings inside the Parquet part as ``fixed_size_list``) are still
+read, validated and appended to (in version 1 layout); new stores are version 2, whose reads run
+at ``numpy.load`` speed (the embedding bytes are copied straight from the file into the result).
+
+Integrity on read: opening checks every listed file's presence, size, row count and schema; a
+part's sha256 is verified lazily, the first time its bytes are read, and remembered in
+``.verified.json`` by file identity (device, inode, size, mtime), so a swapped or rewritten part
+is hashed again and refused. Rows of a cosine store are sampled for unit norm on every read.
 
 A part is visible only once the manifest lists it. A process killed in the middle of an append
 leaves at most a temp file or an unlisted part file behind; both are ignored by readers and
@@ -22,10 +32,12 @@ Typical use::
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as _dt
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -44,11 +56,14 @@ from cmcr import __version__
 from cmcr.errors import StoreError, StoreFormatError, StoreMismatchError, StoreValidationError
 
 FORMAT_NAME = "cmcr-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads (and appends to, keeping their layout).
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 FAILURES = "failures.parquet"
 LOCK = ".lock"
+VERIFIED = ".verified.json"
 KEY_COLUMN = "key"
 EMBEDDING_COLUMN = "embedding"
 RESERVED_COLUMNS = (KEY_COLUMN, EMBEDDING_COLUMN)
@@ -64,7 +79,11 @@ NORM_TOLERANCE = {"float16": 2e-3, "float32": 1e-4}
 #: Tolerance applied to rows handed to :meth:`Store.append_part` (before the cast to the store dtype).
 INPUT_NORM_TOLERANCE = 1e-3
 ROW_GROUP_SIZE = 65536
-_PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
+_PART_RE = re.compile(r"^part-(\d{6,})\.(parquet|npy)$")
+#: Rows read per block when streaming, converting or checking embeddings.
+_BLOCK_ROWS = 65536
+#: Rows per block whose norms are sampled on read (cosine stores): one row in ``_NORM_STRIDE``.
+_NORM_STRIDE = 97
 
 
 def _now() -> str:
@@ -129,13 +148,17 @@ def atomic_write_parquet(path: str | os.PathLike, table: pa.Table, **kwargs: Any
 
 @dataclass(frozen=True)
 class PartInfo:
-    """One Parquet part as listed in the manifest.
+    """One part as listed in the manifest.
 
     Attributes:
-        file: path relative to the store folder (``parts/part-000000.parquet``).
+        file: Parquet file, relative to the store folder (``parts/part-000000.parquet``): keys and
+            metadata (format 2), or keys, embeddings and metadata (format 1).
         rows: number of rows (0 is allowed: a source whose every sample failed).
-        sha256: hex digest of the file.
+        sha256: hex digest of ``file``.
         source: what the part was made from (input shard path, ``.npy`` file...), or ``None``.
+        bytes: size of ``file`` (format 2; ``None`` in format 1).
+        embeddings_file: the part's ``(rows, D)`` ``.npy`` file (format 2; ``None`` in format 1).
+        embeddings_sha256, embeddings_bytes: digest and size of ``embeddings_file`` (format 2).
     """
 
     file: str
@@ -143,15 +166,33 @@ class PartInfo:
     sha256: str
     source: str | None = None
     created_at: str = ""
+    bytes: int | None = None
+    embeddings_file: str | None = None
+    embeddings_sha256: str | None = None
+    embeddings_bytes: int | None = None
+
+    def files(self) -> list[tuple[str, str, int | None]]:
+        """``(relative path, sha256, size or None)`` of every file of the part."""
+        out = [(self.file, self.sha256, self.bytes)]
+        if self.embeddings_file:
+            out.append((self.embeddings_file, str(self.embeddings_sha256), self.embeddings_bytes))
+        return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "rows": self.rows, "sha256": self.sha256,
-                "source": self.source, "created_at": self.created_at}
+        d: dict[str, Any] = {"file": self.file, "rows": self.rows, "sha256": self.sha256}
+        if self.embeddings_file is not None:
+            d.update(bytes=self.bytes, embeddings_file=self.embeddings_file,
+                     embeddings_sha256=self.embeddings_sha256, embeddings_bytes=self.embeddings_bytes)
+        d.update(source=self.source, created_at=self.created_at)
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> PartInfo:
         return cls(file=d["file"], rows=int(d["rows"]), sha256=d["sha256"],
-                   source=d.get("source"), created_at=d.get("created_at", ""))
+                   source=d.get("source"), created_at=d.get("created_at", ""),
+                   bytes=None if d.get("bytes") is None else int(d["bytes"]),
+                   embeddings_file=d.get("embeddings_file"), embeddings_sha256=d.get("embeddings_sha256"),
+                   embeddings_bytes=None if d.get("embeddings_bytes") is None else int(d["embeddings_bytes"]))
 
 
 @dataclass
@@ -226,6 +267,8 @@ class Store:
         self.manifest = manifest
         self._key_set: set[str] | None = None
         self._key_set_rows = -1  # num_rows the cached key set was built for
+        self._schema: pa.Schema | None = None  # metadata columns' schema, once known
+        self._verified: dict[str, list[Any]] | None = None  # cache of sha256-checked files
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
@@ -242,6 +285,7 @@ class Store:
         preprocessing: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
         command: str | None = None,
+        format_version: int = FORMAT_VERSION,
     ) -> Store:
         """Create an empty store folder.
 
@@ -256,6 +300,8 @@ class Store:
             preprocessing: modality-specific preprocessing parameters (sample rate, crop policy...).
             extra: free-form provenance recorded in the manifest (e.g. ``normalized_on_import``).
             command: the command line that created the store (provenance).
+            format_version: ``2`` (default); ``1`` writes the old layout (embeddings inside the
+                Parquet parts), for tools that cannot read ``.npy`` files.
 
         Raises:
             StoreError: a store already exists at ``path``.
@@ -275,10 +321,12 @@ class Store:
             raise StoreFormatError("a cosine store must hold L2-normalised rows (normalized=True)")
         if int(dim) <= 0:
             raise StoreFormatError(f"dim must be positive, got {dim}")
+        if format_version not in SUPPORTED_VERSIONS:
+            raise StoreFormatError(f"format_version must be one of {SUPPORTED_VERSIONS}, got {format_version!r}")
         now = _now()
         manifest = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": int(format_version),
             "modality": modality,
             "encoder": _validate_identity(encoder),
             "preprocessing": json.loads(canonical_json(dict(preprocessing or {}))),
@@ -318,8 +366,10 @@ class Store:
             modality, encoder, dim, preprocessing: when given, the store must match them
                 (encoder identities compare as canonical JSON, so a same-dim store from another
                 model is refused).
-            validate: ``"fast"`` (manifest, part files present, schemas, row counts), ``"full"``
-                (also sha256, NaN/Inf, norms, duplicate keys; reads every row) or ``"none"``.
+            validate: ``"fast"`` (manifest; part files present, their sizes, schemas, row counts),
+                ``"full"`` (also sha256, NaN/Inf, norms, duplicate keys; reads every row) or
+                ``"none"``. Whatever is chosen, reads verify each part's sha256 lazily (see the
+                module docstring).
 
         Raises:
             StoreError: no store at ``path``.
@@ -385,6 +435,11 @@ class Store:
 
     # ------------------------------------------------------------------ properties
     @property
+    def version(self) -> int:
+        """The store's format version (1: embeddings in the Parquet parts; 2: a ``.npy`` per part)."""
+        return int(self.manifest.get("format_version", FORMAT_VERSION))
+
+    @property
     def modality(self) -> str:
         return self.manifest["modality"]
 
@@ -436,7 +491,10 @@ class Store:
         """Short hash of what the store holds (modality, identity, dim, parts' sha256): it changes
         whenever rows are added, so connectors and indexes can record which contents they saw."""
         body = {k: self.manifest[k] for k in ("modality", "encoder", "preprocessing", "dim", "metric")}
-        body["parts"] = [p["sha256"] for p in self.manifest["parts"]]
+        if self.version == 1:
+            body["parts"] = [p["sha256"] for p in self.manifest["parts"]]
+        else:
+            body["parts"] = [f"{p['sha256']}:{p['embeddings_sha256']}" for p in self.manifest["parts"]]
         return identity_fingerprint(body)
 
     def describe(self) -> dict[str, Any]:
@@ -461,8 +519,8 @@ class Store:
             "created_at": self.manifest.get("created_at"),
             "updated_at": self.manifest.get("updated_at"),
             "extra": self.manifest.get("extra", {}),
-            "bytes_on_disk": sum((self.path / p.file).stat().st_size for p in self.parts
-                                 if (self.path / p.file).exists()),
+            "bytes_on_disk": sum((self.path / f).stat().st_size for p in self.parts for f, _, _ in p.files()
+                                 if (self.path / f).exists()),
         }
 
     # ------------------------------------------------------------------ checks
@@ -499,10 +557,10 @@ class Store:
         m, where = self.manifest, self.path / MANIFEST
         if m.get("format") != FORMAT_NAME:
             raise StoreFormatError(f"{where}: 'format' is {m.get('format')!r}, expected {FORMAT_NAME!r}")
-        if m.get("format_version") != FORMAT_VERSION:
+        if m.get("format_version") not in SUPPORTED_VERSIONS:
             raise StoreFormatError(
                 f"{where}: format_version {m.get('format_version')!r} is not supported by cmcr {__version__} "
-                f"(supports {FORMAT_VERSION}); upgrade cmcr or re-create the store"
+                f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade cmcr or re-create the store"
             )
         for name in ("modality", "encoder", "dim", "dtype", "normalized", "metric", "num_rows", "parts"):
             if name not in m:
@@ -512,42 +570,117 @@ class Store:
         total = sum(int(p["rows"]) for p in m["parts"])
         if total != int(m["num_rows"]):
             raise StoreFormatError(f"{where}: num_rows is {m['num_rows']} but the parts hold {total} rows")
+        if self.version >= 2:
+            for p in m["parts"]:
+                if not p.get("embeddings_file") or not p.get("embeddings_sha256"):
+                    raise StoreFormatError(
+                        f"{where}: part {p.get('file')!r} lacks 'embeddings_file' / 'embeddings_sha256' "
+                        f"(required by format 2); restore the manifest or re-create the store")
 
-    def _expected_schema(self) -> pa.Schema | None:
+    def _meta_schema(self) -> pa.Schema | None:
+        """Schema of the metadata columns (``None`` until the first part fixes them).
+
+        Format 2 keeps the exact Arrow schema in ``manifest.metadata_schema`` (base64 Arrow IPC).
+        Format 1 printed the types as strings; a type the string parser does not know (struct,
+        dictionary...) is taken from the first part's Parquet schema instead.
+        """
         cols = self.manifest.get("columns")
         if cols is None:
             return None
-        fields = [pa.field(KEY_COLUMN, pa.string()),
-                  pa.field(EMBEDDING_COLUMN, _embedding_type(self.dtype, self.dim))]
-        fields += [pa.field(c["name"], _type_from_string(c["type"])) for c in cols]
-        return pa.schema(fields)
+        if self._schema is not None:
+            return self._schema
+        where = self.path / MANIFEST
+        if self.manifest.get("metadata_schema"):
+            try:
+                schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.manifest["metadata_schema"])))
+            except (ValueError, pa.ArrowInvalid) as e:
+                raise StoreFormatError(f"{where}: 'metadata_schema' is not a readable Arrow schema ({e}); "
+                                       f"restore the manifest or re-create the store") from e
+            if schema.names != [c["name"] for c in cols]:
+                raise StoreFormatError(f"{where}: 'metadata_schema' names {schema.names} differ from 'columns'")
+        else:
+            try:
+                schema = pa.schema([pa.field(c["name"], _type_from_string(c["type"])) for c in cols])
+            except StoreFormatError:
+                if not self.manifest["parts"]:
+                    raise
+                first = self.path / self.manifest["parts"][0]["file"]
+                try:
+                    found = pq.read_schema(first)
+                except Exception as e:  # pyarrow raises several types for corrupt files
+                    raise StoreFormatError(f"{first}: not a readable Parquet file ({e})") from e
+                names = [c["name"] for c in cols]
+                missing = [n for n in names if n not in found.names]
+                if missing:
+                    raise StoreFormatError(f"{first}: metadata column(s) {missing} listed in the manifest are missing")
+                schema = pa.schema([found.field(n).remove_metadata() for n in names])
+        self._schema = pa.schema([f.remove_metadata() for f in schema])
+        return self._schema
+
+    def _expected_schema(self) -> pa.Schema | None:
+        """Full Arrow schema of a Parquet part (key, [embedding in format 1], metadata columns)."""
+        meta = self._meta_schema()
+        if meta is None:
+            return None
+        fields = [pa.field(KEY_COLUMN, pa.string())]
+        if self.version == 1:
+            fields.append(pa.field(EMBEDDING_COLUMN, _embedding_type(self.dtype, self.dim)))
+        return pa.schema(fields + list(meta))
 
     def _check_part_schema(self, part: PartInfo, schema: pa.Schema) -> None:
         where = self.path / part.file
-        emb = schema.field(EMBEDDING_COLUMN).type if EMBEDDING_COLUMN in schema.names else None
-        if KEY_COLUMN not in schema.names or emb is None:
-            raise StoreFormatError(
-                f"{where}: a part needs columns 'key' and 'embedding', found {schema.names}")
-        if not pa.types.is_fixed_size_list(emb):
-            raise StoreFormatError(
-                f"{where}: 'embedding' must be fixed_size_list<{self.dtype}>[{self.dim}], found {emb}")
-        if emb.list_size != self.dim:
-            raise StoreFormatError(
-                f"{where}: rows have length {emb.list_size}, the store's dim is {self.dim} "
-                f"(every part of a store must have the same dim; re-encode this part)"
-            )
-        found_dtype = {pa.float16(): "float16", pa.float32(): "float32"}.get(emb.value_type)
-        if found_dtype != self.dtype:
-            raise StoreFormatError(f"{where}: embedding dtype is {emb.value_type}, the store's dtype is {self.dtype}")
-        expected = self._expected_schema()
-        if expected is not None:
-            found = [f"{f.name}:{f.type}" for f in schema if f.name not in RESERVED_COLUMNS]
-            want = [f"{f.name}:{f.type}" for f in expected if f.name not in RESERVED_COLUMNS]
+        if KEY_COLUMN not in schema.names:
+            raise StoreFormatError(f"{where}: a part needs a 'key' column, found {schema.names}")
+        if self.version == 1:
+            emb = schema.field(EMBEDDING_COLUMN).type if EMBEDDING_COLUMN in schema.names else None
+            if emb is None:
+                raise StoreFormatError(
+                    f"{where}: a part needs columns 'key' and 'embedding', found {schema.names}")
+            if not pa.types.is_fixed_size_list(emb):
+                raise StoreFormatError(
+                    f"{where}: 'embedding' must be fixed_size_list<{self.dtype}>[{self.dim}], found {emb}")
+            if emb.list_size != self.dim:
+                raise StoreFormatError(
+                    f"{where}: rows have length {emb.list_size}, the store's dim is {self.dim} "
+                    f"(every part of a store must have the same dim; re-encode this part)"
+                )
+            found_dtype = {pa.float16(): "float16", pa.float32(): "float32"}.get(emb.value_type)
+            if found_dtype != self.dtype:
+                raise StoreFormatError(
+                    f"{where}: embedding dtype is {emb.value_type}, the store's dtype is {self.dtype}")
+        meta = self._meta_schema()
+        if meta is not None:
+            found = [(f.name, f.type) for f in schema if f.name not in RESERVED_COLUMNS]
+            want = [(f.name, f.type) for f in meta]
             if found != want:
                 raise StoreFormatError(
-                    f"{where}: metadata columns {found} differ from the store's columns {want}; "
-                    f"every part of a store must have the same columns"
+                    f"{where}: metadata columns {[f'{n}:{t}' for n, t in found]} differ from the store's columns "
+                    f"{[f'{n}:{t}' for n, t in want]}; every part of a store must have the same columns "
+                    f"(was the part replaced? restore it or re-create the store)"
                 )
+
+    def _check_npy(self, part: PartInfo) -> int:
+        """Header of a format-2 part's ``.npy``: shape ``(rows, dim)``, store dtype, C order, size.
+        Returns the header length in bytes."""
+        where = self.path / str(part.embeddings_file)
+        try:
+            with open(where, "rb") as f:
+                shape, fortran, dtype, header = _read_npy_header(f, where)
+        except FileNotFoundError:
+            raise StoreFormatError(
+                f"{where}: part listed in the manifest is missing; restore it or re-create the store") from None
+        if tuple(shape) != (part.rows, self.dim) or dtype != np.dtype(DTYPES[self.dtype]) or fortran:
+            raise StoreFormatError(
+                f"{where}: holds a {'Fortran-order ' if fortran else ''}{dtype} array of shape {tuple(shape)}, "
+                f"the manifest says ({part.rows}, {self.dim}) {self.dtype} (was the part replaced? restore it or "
+                f"re-create the store)")
+        size = where.stat().st_size
+        expected = header + part.rows * self.dim * dtype.itemsize
+        if size != expected or (part.embeddings_bytes is not None and size != part.embeddings_bytes):
+            raise StoreFormatError(
+                f"{where}: {size} bytes, expected {expected} for {part.rows} rows (truncated or changed after it "
+                f"was written; restore it or re-create the store)")
+        return header
 
     def _check_parts(self, full: bool) -> None:
         seen: set[str] = set()
@@ -556,6 +689,10 @@ class Store:
             if not where.exists():
                 raise StoreFormatError(
                     f"{where}: part listed in the manifest is missing; restore it or re-create the store")
+            if part.bytes is not None and where.stat().st_size != part.bytes:
+                raise StoreFormatError(
+                    f"{where}: {where.stat().st_size} bytes, the manifest says {part.bytes} (the file was changed "
+                    f"after it was written; restore it or re-create the store)")
             try:
                 meta = pq.read_metadata(where)
             except Exception as e:  # pyarrow raises several types for corrupt files
@@ -563,22 +700,25 @@ class Store:
             self._check_part_schema(part, meta.schema.to_arrow_schema())
             if meta.num_rows != part.rows:
                 raise StoreFormatError(f"{where}: holds {meta.num_rows} rows, the manifest says {part.rows}")
+            if part.embeddings_file:
+                self._check_npy(part)
             if not full:
                 continue
-            digest = sha256_file(where)
-            if digest != part.sha256:
-                raise StoreValidationError(
-                    f"{where}: sha256 {digest[:12]}… differs from the manifest's {part.sha256[:12]}…; "
-                    f"the file was changed after it was written — restore it or re-create the store"
-                )
-            table = pq.read_table(where, columns=[KEY_COLUMN, EMBEDDING_COLUMN], memory_map=True)
-            keys = table.column(KEY_COLUMN).to_pylist()
-            _check_rows(_embedding_matrix(table.column(EMBEDDING_COLUMN), self.dim), keys, self.normalized,
-                        NORM_TOLERANCE[self.dtype], where)
+            for rel, sha, _ in part.files():
+                digest = sha256_file(self.path / rel)
+                if digest != sha:
+                    raise StoreValidationError(_digest_message(self.path / rel, digest, sha))
+            keys = pq.read_table(where, columns=[KEY_COLUMN], memory_map=True).column(KEY_COLUMN).to_pylist()
+            start = 0
+            for block in self._part_blocks(part, _BLOCK_ROWS, verify=False):
+                _check_rows(block, keys[start:start + len(block)], self.normalized, NORM_TOLERANCE[self.dtype],
+                            where if self.version == 1 else self.path / str(part.embeddings_file), first_row=start)
+                start += len(block)
             for k in keys:
                 if k in seen:
                     raise StoreValidationError(f"{where}: duplicate key {k!r} (keys must be unique in a store)")
                 seen.add(k)
+        self._mark_verified([(rel, sha) for part in self.parts for rel, sha, _ in part.files()] if full else [])
 
     def validate(self) -> dict[str, Any]:
         """Full validation (every row): manifest, schemas, sha256, NaN/Inf, norms, unique keys.
@@ -601,6 +741,7 @@ class Store:
         *,
         source: str | None = None,
         failures: Sequence[Mapping[str, Any]] = (),
+        check_rows: bool = True,
     ) -> PartInfo:
         """Validate rows and append them as one new part, atomically.
 
@@ -617,6 +758,12 @@ class Store:
                 source; see :meth:`done_sources`.
             failures: records ``{"key", "source", "stage", "error"}`` of inputs of this source that
                 were rejected.
+            check_rows: check NaN/Inf and norms (default). ``False`` is for callers that have just
+                checked the very same rows (``store import``); keys are always checked.
+
+        What is written is read back before the manifest lists it: row count, schema (metadata
+        columns keep their real Arrow types: structs, lists, dictionaries...) and values of the
+        Parquet file, header and size of the ``.npy``.
 
         Returns:
             The new :class:`PartInfo`.
@@ -624,7 +771,7 @@ class Store:
         Raises:
             StoreValidationError: wrong shape, NaN/Inf, un-normalised rows in a normalised store,
                 empty or duplicate keys, a source that already has a part (message names the row/key).
-            StoreFormatError: metadata columns differ from the store's.
+            StoreFormatError: metadata columns differ from the store's, or do not read back as written.
         """
         keys = [str(k) for k in keys]
         emb = np.asarray(embeddings)
@@ -639,14 +786,16 @@ class Store:
         emb = emb.reshape(n, self.dim)
         tol = NORM_TOLERANCE["float16"] if emb.dtype == np.float16 else INPUT_NORM_TOLERANCE
         origin = f" from {source}" if source else ""
-        _check_rows(emb, keys, self.normalized, tol, f"{self.path} (rows being appended{origin})")
+        if check_rows:
+            _check_rows(emb, keys, self.normalized, tol, f"{self.path} (rows being appended{origin})")
         for i, k in enumerate(keys):
             if not k:
                 raise StoreValidationError(f"{self.path}: row {i} has an empty key; every row needs a unique key")
         if len(set(keys)) != n:
             dup = _first_duplicate(keys)
             raise StoreValidationError(f"{self.path}: key {dup!r} appears twice in the rows being appended")
-        table = self._build_table(keys, np.ascontiguousarray(emb, dtype=DTYPES[self.dtype]), metadata)
+        emb = np.ascontiguousarray(emb, dtype=DTYPES[self.dtype])
+        table = self._build_table(keys, emb if self.version == 1 else None, metadata)
 
         with _lock(self.path):
             self._reload()
@@ -662,23 +811,33 @@ class Store:
                     f"{self.path}: key {clash!r} (row {keys.index(clash)} of the rows being appended"
                     f"{f' from {source}' if source else ''}) is already in the store; keys must be unique"
                 )
-            if self.manifest.get("columns") is None:
-                self.manifest["columns"] = [
-                    {"name": f.name, "type": str(f.type)} for f in table.schema if f.name not in RESERVED_COLUMNS
-                ]
             index = max((int(_PART_RE.match(Path(p["file"]).name).group(1)) for p in self.manifest["parts"]),
                         default=-1) + 1
             rel = f"{PARTS_DIR}/part-{index:06d}.parquet"
-            # float16 has at most 65536 values, so Parquet's dictionary encoding never falls back
-            # to PLAIN for a float16 embedding column: encode it PLAIN (4x faster writes, 2-4x
-            # faster reads), and skip its min/max statistics, which no reader uses
-            others = [f.name for f in table.schema if f.name != EMBEDDING_COLUMN]
-            atomic_write_parquet(self.path / rel, table, compression=_compression(table.schema),
-                                 row_group_size=ROW_GROUP_SIZE, use_dictionary=others, write_statistics=others)
-            part = PartInfo(file=rel, rows=n, sha256=sha256_file(self.path / rel), source=source, created_at=_now())
+            if self.version == 1:
+                # float16 has at most 65536 values, so Parquet's dictionary encoding never falls back
+                # to PLAIN for a float16 embedding column: encode it PLAIN, without statistics
+                others = [f.name for f in table.schema if f.name != EMBEDDING_COLUMN]
+                atomic_write_parquet(self.path / rel, table, compression=_compression(table.schema),
+                                     row_group_size=ROW_GROUP_SIZE, use_dictionary=others, write_statistics=others)
+                part = PartInfo(file=rel, rows=n, sha256=sha256_file(self.path / rel), source=source,
+                                created_at=_now())
+            else:
+                rel_npy = f"{PARTS_DIR}/part-{index:06d}.npy"
+                emb_sha, emb_bytes = _write_npy(self.path / rel_npy, emb)
+                atomic_write_parquet(self.path / rel, table, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+                part = PartInfo(file=rel, rows=n, sha256=sha256_file(self.path / rel), source=source,
+                                created_at=_now(), bytes=(self.path / rel).stat().st_size, embeddings_file=rel_npy,
+                                embeddings_sha256=emb_sha, embeddings_bytes=emb_bytes)
+            schema = self._read_back(part, table)
+            manifest = dict(self.manifest)
+            if manifest.get("columns") is None:
+                meta = pa.schema([f.remove_metadata() for f in schema if f.name not in RESERVED_COLUMNS])
+                manifest["columns"] = [{"name": f.name, "type": str(f.type)} for f in meta]
+                if self.version >= 2:
+                    manifest["metadata_schema"] = base64.b64encode(meta.serialize().to_pybytes()).decode("ascii")
             if failures:
                 self._merge_failures(failures, default_source=source)
-            manifest = dict(self.manifest)
             manifest["parts"] = [*self.manifest["parts"], part.to_json()]
             manifest["num_rows"] = int(self.manifest["num_rows"]) + n
             manifest["updated_at"] = _now()
@@ -686,7 +845,52 @@ class Store:
             self.manifest = manifest
             existing.update(keys)
             self._key_set_rows = self.num_rows
+            self._mark_verified([(f, sha) for f, sha, _ in part.files()])
         return part
+
+    def _read_back(self, part: PartInfo, table: pa.Table) -> pa.Schema:
+        """Read a just-written part back (before the manifest lists it): rows, schema, values.
+
+        Returns the Parquet file's Arrow schema. On any difference the part's files are removed and
+        :class:`StoreFormatError` names the column and the fix.
+        """
+        where = self.path / part.file
+        try:
+            try:
+                got = pq.read_table(where, memory_map=True, columns=[c for c in table.column_names
+                                                                     if c != EMBEDDING_COLUMN])
+            except Exception as e:  # pyarrow raises several types
+                raise StoreFormatError(
+                    f"{where}: the part just written cannot be read back ({e}); a metadata column has a type "
+                    f"Parquet cannot hold — convert it (e.g. to string) before writing") from e
+            if got.num_rows != part.rows:
+                raise StoreFormatError(f"{where}: wrote {part.rows} rows, read back {got.num_rows}")
+            expected = self._expected_schema()
+            if expected is not None:
+                want = pa.schema([f for f in expected if f.name != EMBEDDING_COLUMN])
+                found = pa.schema([f.remove_metadata() for f in got.schema])
+                for w, f in zip(want, found, strict=False):
+                    if w.name != f.name or w.type != f.type:
+                        raise StoreFormatError(
+                            f"{where}: metadata column {w.name!r} reads back as {f.type}, the store's type is "
+                            f"{w.type}; write values of the store's type")
+            for name in got.column_names:
+                wrote, read = table.column(name), got.column(name)
+                try:
+                    same = wrote.cast(read.type).equals(read) if wrote.type != read.type else wrote.equals(read)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    same = False
+                if not same:
+                    raise StoreFormatError(
+                        f"{where}: metadata column {name!r} ({wrote.type}) does not read back as written (read "
+                        f"{read.type}); convert it to a plain type (string, integer, float, list, struct) first")
+            if part.embeddings_file:
+                self._check_npy(part)
+            return got.schema
+        except StoreFormatError:
+            for rel, _, _ in part.files():
+                (self.path / rel).unlink(missing_ok=True)
+            raise
 
     def add_failures(self, failures: Sequence[Mapping[str, Any]]) -> None:
         """Record rejected inputs ``{"key", "source", "stage", "error"}`` in ``failures.parquet``
@@ -717,10 +921,12 @@ class Store:
                 keep.append(i)
         atomic_write_parquet(self.path / FAILURES, merged.take(pa.array(keep, pa.int64())))
 
-    def _build_table(self, keys: list[str], emb: np.ndarray, metadata: Any) -> pa.Table:
-        arrays = [pa.array(keys, pa.string()),
-                  pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), self.dim)]
-        names = [KEY_COLUMN, EMBEDDING_COLUMN]
+    def _build_table(self, keys: list[str], emb: np.ndarray | None, metadata: Any) -> pa.Table:
+        arrays: list[Any] = [pa.array(keys, pa.string())]
+        names = [KEY_COLUMN]
+        if emb is not None:  # format 1: embeddings inside the Parquet part
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), self.dim))
+            names.append(EMBEDDING_COLUMN)
         if metadata is None:
             meta = pa.table({})
         elif isinstance(metadata, pa.Table):
@@ -735,9 +941,9 @@ class Store:
                 raise StoreValidationError(
                     f"{self.path}: metadata column {name!r} has {meta.num_rows} values for {len(keys)} keys"
                 )
-        expected = self._expected_schema()
+        expected = self._meta_schema()
         if expected is not None:
-            want = [f for f in expected if f.name not in RESERVED_COLUMNS]
+            want = list(expected)
             if sorted(meta.column_names) != sorted(f.name for f in want):
                 raise StoreFormatError(
                     f"{self.path}: metadata columns {sorted(meta.column_names)} differ from the store's columns "
@@ -767,7 +973,7 @@ class Store:
 
     def _clean_leftovers(self) -> None:
         """Remove temp files and part files that no manifest lists (left by a killed writer)."""
-        listed = {Path(p["file"]).name for p in self.manifest["parts"]}
+        listed = {Path(f).name for p in self.parts for f, _, _ in p.files()}
         for f in (self.path / PARTS_DIR).iterdir():
             if f.name.startswith(".tmp-") or (_PART_RE.match(f.name) and f.name not in listed):
                 f.unlink(missing_ok=True)
@@ -788,30 +994,166 @@ class Store:
         existing = self._keys_set()
         return [k for k in keys if k in existing]
 
+    # ------------------------------------------------------------------ integrity (lazy sha256)
+    def _verified_cache(self) -> dict[str, list[Any]]:
+        if self._verified is None:
+            try:
+                self._verified = json.loads((self.path / VERIFIED).read_text())
+                if not isinstance(self._verified, dict):
+                    self._verified = {}
+            except (OSError, ValueError):
+                self._verified = {}
+        return self._verified
+
+    def _is_verified(self, rel: str, sha: str) -> bool:
+        entry = self._verified_cache().get(rel)
+        return bool(entry) and entry == [sha, *_file_id(self.path / rel)]
+
+    def _mark_verified(self, files: Sequence[tuple[str, str]]) -> None:
+        """Remember that ``files`` (relative path, sha256) were hashed and matched, keyed by file
+        identity; a read-only store simply re-hashes next time."""
+        if not files:
+            return
+        cache = self._verified_cache()
+        listed = {f for p in self.parts for f, _, _ in p.files()}
+        for rel, sha in files:
+            with contextlib.suppress(OSError):
+                cache[rel] = [sha, *_file_id(self.path / rel)]
+        for rel in [r for r in cache if r not in listed]:
+            del cache[rel]
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(self.path / VERIFIED, json.dumps(cache, sort_keys=True).encode())
+
+    def _verify_file(self, rel: str, sha: str) -> None:
+        """Hash ``rel`` unless the cache says it was verified as it is now."""
+        if self._is_verified(rel, sha):
+            return
+        digest = sha256_file(self.path / rel)
+        if digest != sha:
+            raise StoreValidationError(_digest_message(self.path / rel, digest, sha))
+        self._mark_verified([(rel, sha)])
+
+    def _part_blocks(self, part: PartInfo, block_rows: int, *, verify: bool = True) -> Iterator[np.ndarray]:
+        """The part's embeddings in order, ``(<= block_rows, D)`` store-dtype arrays (fresh arrays).
+
+        Format 2: read from the ``.npy`` with one read per block; when ``verify`` and the file was not
+        verified yet, its sha256 is computed on the way and checked at the end of the part (rows of
+        a part that fails are yielded before the error). Cosine stores: sampled rows must be unit.
+        """
+        if part.rows == 0:
+            return
+        if part.embeddings_file is None:  # format 1
+            if verify:
+                self._verify_file(part.file, part.sha256)
+            pf = pq.ParquetFile(self.path / part.file, memory_map=True)
+            start = 0
+            for rb in pf.iter_batches(batch_size=block_rows, columns=[EMBEDDING_COLUMN]):
+                block = np.array(_chunk_matrix(rb.column(0), self.dim, self.path / part.file))
+                self._sample_norms(block, part.file, start)
+                start += len(block)
+                yield block
+            return
+        rel = part.embeddings_file
+        hasher = hashlib.sha256() if verify and not self._is_verified(rel, str(part.embeddings_sha256)) else None
+        header = self._check_npy(part)
+        dtype = np.dtype(DTYPES[self.dtype])
+        with open(self.path / rel, "rb") as f:
+            head = f.read(header)
+            if hasher is not None:
+                hasher.update(head)
+            for start in range(0, part.rows, block_rows):
+                block = np.empty((min(block_rows, part.rows - start), self.dim), dtype=dtype)
+                _readinto(f, block, self.path / rel)
+                if hasher is not None:
+                    hasher.update(_bytes_view(block))
+                self._sample_norms(block, rel, start)
+                yield block
+        if hasher is not None:
+            self._check_digest(rel, hasher.hexdigest(), str(part.embeddings_sha256))
+
+    def _check_digest(self, rel: str, digest: str, sha: str) -> None:
+        if digest != sha:
+            raise StoreValidationError(_digest_message(self.path / rel, digest, sha))
+        self._mark_verified([(rel, sha)])
+
+    def _sample_norms(self, block: np.ndarray, rel: str, first_row: int) -> None:
+        """Cosine stores: every ``_NORM_STRIDE``-th row of ``block`` must have unit norm."""
+        if not self.normalized or not len(block):
+            return
+        sample = np.asarray(block[::_NORM_STRIDE], dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", sample, sample))
+        bad = ~(np.abs(norms - 1.0) <= NORM_TOLERANCE[self.dtype])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise StoreValidationError(
+                f"{self.path / rel}: row {first_row + i * _NORM_STRIDE} has L2 norm {norms[i]:.4g}, but this cosine "
+                f"store holds unit rows — the file was changed after it was written; restore it or re-create "
+                f"the store (`cmcr store validate` checks every row)")
+
+    def _verified_parquet(self, part: PartInfo) -> Path:
+        """Path of the part's Parquet file, its sha256 verified (lazily, see the module docstring).
+        Format 1 parts also hold the embeddings: their hash is checked when the rows are read."""
+        if part.embeddings_file is not None:
+            self._verify_file(part.file, part.sha256)
+        return self.path / part.file
+
     # ------------------------------------------------------------------ reading
     def _part_paths(self) -> list[Path]:
-        return [self.path / p.file for p in self.parts]
+        return [self._verified_parquet(p) for p in self.parts]
 
     def embeddings(self, dtype: str | np.dtype | None = None) -> np.ndarray:
         """All embeddings as one C-contiguous ``(N, D)`` array, in row order (parts in manifest order).
 
         Args:
             dtype: ``None`` for the store dtype (float16 by default), or e.g. ``np.float32``.
-                Conversion happens chunk by chunk into the output (no extra full-size copy).
+                Conversion happens block by block into the output (no extra full-size copy).
 
-        Reads each Parquet chunk zero-copy and copies it once into a preallocated array.
+        Format 2 reads each part's ``.npy`` bytes straight into the result (one copy, as
+        ``numpy.load`` does). Part digests are verified the first time a part is read.
+
+        Raises:
+            StoreFormatError, StoreValidationError: a part was changed, swapped or truncated after it
+                was written (the message names the file).
         """
-        out = np.empty((self.num_rows, self.dim), dtype=np.dtype(dtype or DTYPES[self.dtype]))
+        want = np.dtype(dtype or DTYPES[self.dtype])
+        out = np.empty((self.num_rows, self.dim), dtype=want)
         pos = 0
-        for path in self._part_paths():
-            col = pq.read_table(path, columns=[EMBEDDING_COLUMN], memory_map=True).column(EMBEDDING_COLUMN)
-            for chunk in col.chunks:
-                m = _chunk_matrix(chunk, self.dim)
-                out[pos:pos + len(m)] = m
-                pos += len(m)
+        for part in self.parts:
+            if part.embeddings_file is not None and want == np.dtype(DTYPES[self.dtype]) and part.rows:
+                self._read_part_into(part, out[pos:pos + part.rows])
+            else:
+                for block in self._part_blocks(part, _BLOCK_ROWS):
+                    out[pos:pos + len(block)] = block
+                    pos += len(block)
+                continue
+            pos += part.rows
         if pos != self.num_rows:
             raise StoreFormatError(f"{self.path}: read {pos} rows, manifest says {self.num_rows}")
         return out
+
+    def _read_part_into(self, part: PartInfo, dest: np.ndarray) -> None:
+        """Copy a format-2 part's rows into ``dest`` (C-contiguous, store dtype), checking it."""
+        rel = str(part.embeddings_file)
+        header = self._check_npy(part)
+        verify = not self._is_verified(rel, str(part.embeddings_sha256))
+        with open(self.path / rel, "rb") as f:
+            head = f.read(header)
+            _readinto(f, dest, self.path / rel)
+        for start in range(0, part.rows, _BLOCK_ROWS):
+            self._sample_norms(dest[start:start + _BLOCK_ROWS], rel, start)
+        if verify:
+            h = hashlib.sha256(head)
+            h.update(_bytes_view(dest))
+            self._check_digest(rel, h.hexdigest(), str(part.embeddings_sha256))
+
+    def iter_part_embeddings(
+        self, index: int, block_rows: int = _BLOCK_ROWS, dtype: str | np.dtype | None = None
+    ) -> Iterator[np.ndarray]:
+        """Embeddings of part ``index`` (0-based, manifest order) as ``(<= block_rows, D)`` arrays in
+        ``dtype`` (store dtype by default): RAM bounded by the block, any format version."""
+        want = np.dtype(dtype or DTYPES[self.dtype])
+        for block in self._part_blocks(self.parts[index], block_rows):
+            yield block if block.dtype == want else block.astype(want)
 
     def keys(self) -> list[str]:
         """All keys as a list of N str, in row order."""
@@ -844,15 +1186,41 @@ class Store:
     ) -> Iterator[Batch]:
         """Stream the store in batches of at most ``batch_size`` rows (RAM bounded by the batch).
 
-        Yields :class:`Batch` with ``embeddings`` ``(n, D)`` in ``dtype`` (store dtype by default).
+        Yields :class:`Batch` with ``embeddings`` ``(n, D)`` in ``dtype`` (store dtype by default),
+        ``keys`` and the requested metadata ``columns``. Part digests are verified on the way (an
+        error is raised at the end of a part that was changed after it was written).
         """
         want = np.dtype(dtype or DTYPES[self.dtype])
-        for path in self._part_paths():
-            pf = pq.ParquetFile(path, memory_map=True)
-            for rb in pf.iter_batches(batch_size=batch_size, columns=[KEY_COLUMN, EMBEDDING_COLUMN, *columns]):
-                emb = np.ascontiguousarray(_chunk_matrix(rb.column(EMBEDDING_COLUMN), self.dim), dtype=want)
-                meta = pa.Table.from_batches([rb.select(list(columns))]) if columns else pa.table({})
-                yield Batch(keys=rb.column(KEY_COLUMN).to_pylist(), embeddings=emb, metadata=meta)
+        columns = list(columns)
+        unknown = [c for c in columns if c not in self.metadata_columns]
+        if unknown:
+            raise StoreFormatError(f"{self.path}: no metadata column(s) {unknown}; known: {self.metadata_columns}")
+        for part in self.parts:
+            if part.rows == 0:
+                continue
+            pf = pq.ParquetFile(self._verified_parquet(part), memory_map=True)
+            if part.embeddings_file is None:  # format 1: embeddings in the same file
+                self._verify_file(part.file, part.sha256)
+                start = 0
+                for rb in pf.iter_batches(batch_size=batch_size, columns=[KEY_COLUMN, EMBEDDING_COLUMN, *columns]):
+                    emb = np.ascontiguousarray(_chunk_matrix(rb.column(EMBEDDING_COLUMN), self.dim, part.file),
+                                               dtype=want)
+                    self._sample_norms(emb, part.file, start)
+                    start += rb.num_rows
+                    meta = pa.Table.from_batches([rb.select(columns)]) if columns else pa.table({})
+                    yield Batch(keys=rb.column(KEY_COLUMN).to_pylist(), embeddings=emb, metadata=meta)
+                continue
+            blocks = self._part_blocks(part, batch_size)
+            pending = np.empty((0, self.dim), dtype=DTYPES[self.dtype])
+            for rb in pf.iter_batches(batch_size=batch_size, columns=[KEY_COLUMN, *columns]):
+                while len(pending) < rb.num_rows:
+                    pending = np.concatenate([pending, next(blocks)]) if len(pending) else next(blocks)
+                emb, pending = pending[:rb.num_rows], pending[rb.num_rows:]
+                meta = pa.Table.from_batches([rb.select(columns)]) if columns else pa.table({})
+                yield Batch(keys=rb.column(KEY_COLUMN).to_pylist(),
+                            embeddings=np.ascontiguousarray(emb, dtype=want), metadata=meta)
+            for _ in blocks:  # the end of the part: digest check
+                raise StoreFormatError(f"{self.path / str(part.embeddings_file)}: more rows than its Parquet part")
 
     def rows_of(self, keys: Sequence[str]) -> np.ndarray:
         """``(len(keys),) int64`` row numbers of ``keys``.
@@ -906,10 +1274,10 @@ def _compression(schema: pa.Schema) -> dict[str, str]:
     return {f.name: ("none" if f.name == EMBEDDING_COLUMN else "zstd") for f in schema}
 
 
-def _chunk_matrix(chunk: pa.Array, dim: int) -> np.ndarray:
+def _chunk_matrix(chunk: pa.Array, dim: int, where: Any = None) -> np.ndarray:
     """Zero-copy ``(n, dim)`` view of one FixedSizeList chunk (honours slice offsets)."""
     if chunk.null_count:
-        raise StoreFormatError("embedding column holds null rows; every row needs an embedding")
+        raise StoreFormatError(f"{where or 'embedding column'}: null embedding rows; every row needs an embedding")
     values = chunk.values.slice(chunk.offset * dim, len(chunk) * dim)
     return values.to_numpy(zero_copy_only=True).reshape(-1, dim)
 
@@ -929,15 +1297,90 @@ def _first_duplicate(keys: Sequence[str]) -> str | None:
     return None
 
 
-def _check_rows(emb: np.ndarray, keys: Sequence[str], normalized: bool, tol: float, where: Any) -> None:
-    """NaN/Inf and norm checks, vectorised, in blocks of 65536 rows (float32 arithmetic)."""
+def _file_id(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _digest_message(where: Path, digest: str, sha: str) -> str:
+    return (f"{where}: sha256 {digest[:12]}… differs from the manifest's {sha[:12]}…; the file was changed or "
+            f"swapped after it was written — restore it from a backup or re-create the store "
+            f"(`cmcr store validate` checks every part)")
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The ``.npy`` (format 1.0) header of a C-order array (magic, header dict, padding)."""
+    bio = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        bio, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
+    return bio.getvalue()
+
+
+def _read_npy_header(f: Any, where: Any) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, header length) of an open ``.npy`` file; never unpickles."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, OSError, SyntaxError) as e:
+        raise StoreFormatError(f"{where}: not a readable .npy file ({e}); restore it or re-create the store") from e
+    if dtype.hasobject:
+        raise StoreFormatError(f"{where}: holds Python objects, not floats; restore it or re-create the store")
+    return tuple(shape), bool(fortran), dtype, f.tell()
+
+
+def _bytes_view(a: np.ndarray) -> memoryview:
+    """Byte view of a C-contiguous array (no copy; works for empty arrays)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("array must be C-contiguous")
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def _readinto(f: Any, dest: np.ndarray, where: Any) -> None:
+    """Fill C-contiguous ``dest`` with the next bytes of ``f`` (one read per 1 GiB)."""
+    view = _bytes_view(dest)
+    pos = 0
+    while pos < len(view):
+        n = f.readinto(view[pos:pos + (1 << 30)])
+        if not n:
+            raise StoreFormatError(f"{where}: file ends early (truncated); restore it or re-create the store")
+        pos += n
+
+
+def _write_npy(path: Path, emb: np.ndarray) -> tuple[str, int]:
+    """Write C-contiguous ``emb`` as a ``.npy`` atomically (temp file, fsync, rename); the sha256 is
+    computed from memory on the way. Returns (sha256 hex, file size)."""
+    header = _npy_header(emb.shape, emb.dtype)
+    data = _bytes_view(np.ascontiguousarray(emb))
+    h = hashlib.sha256(header)
+    h.update(data)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return h.hexdigest(), len(header) + len(data)
+
+
+def _check_rows(
+    emb: np.ndarray, keys: Sequence[str], normalized: bool, tol: float, where: Any, first_row: int = 0
+) -> None:
+    """NaN/Inf and norm checks, vectorised, in blocks of 65536 rows (float32 arithmetic).
+    ``first_row`` is added to the row numbers in messages (``keys`` are those of ``emb``'s rows)."""
     for start in range(0, len(emb), 65536):
         block = np.asarray(emb[start:start + 65536], dtype=np.float32)
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             i = start + int(np.flatnonzero(~finite)[0])
             raise StoreValidationError(
-                f"{where}: row {i} (key {keys[i]!r}) holds NaN or Inf; drop or re-encode that input"
+                f"{where}: row {first_row + i} (key {keys[i]!r}) holds NaN or Inf; drop or re-encode that input"
             )
         if normalized:
             norms = np.sqrt(np.einsum("ij,ij->i", block, block))
@@ -945,7 +1388,7 @@ def _check_rows(emb: np.ndarray, keys: Sequence[str], normalized: bool, tol: flo
             if bad.any():
                 i = start + int(np.flatnonzero(bad)[0])
                 raise StoreValidationError(
-                    f"{where}: row {i} (key {keys[i]!r}) has L2 norm {norms[i - start]:.6f}, but a cosine store "
+                    f"{where}: row {first_row + i} (key {keys[i]!r}) has L2 norm {norms[i - start]:.6f}, but a cosine store "
                     f"needs unit rows (|norm - 1| <= {tol}); L2-normalise the embeddings first "
                     f"(`cmcr store import --normalize`)"
                 )

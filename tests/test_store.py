@@ -198,37 +198,52 @@ def test_open_or_create_refuses_other_identity_unless_overwrite(tmp_path):
 
 
 def _write_foreign_part(store: Store, table: pa.Table, rows: int) -> None:
-    """Simulate another tool writing a part + manifest entry by hand."""
-    path = store.path / "parts" / "part-000099.parquet"
-    pq.write_table(table, path)
-    m = json.loads((store.path / "manifest.json").read_text())
+    """Simulate another tool writing a part + manifest entry by hand (in the store's format:
+    format 2 takes the ``embedding`` column out into a ``.npy``)."""
     from cmcr.stores.store import sha256_file
 
-    m["parts"].append({"file": "parts/part-000099.parquet", "rows": rows, "sha256": sha256_file(path), "source": None})
+    path = store.path / "parts" / "part-000099.parquet"
+    entry = {"file": "parts/part-000099.parquet", "rows": rows, "source": None}
+    if store.version >= 2:
+        col = table.column("embedding").combine_chunks()
+        emb = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        np.save(store.path / "parts" / "part-000099.npy", emb)
+        table = table.drop_columns(["embedding"])
+        npy = store.path / "parts" / "part-000099.npy"
+        entry.update(embeddings_file="parts/part-000099.npy", embeddings_sha256=sha256_file(npy))
+    pq.write_table(table, path)
+    entry["sha256"] = sha256_file(path)
+    m = json.loads((store.path / "manifest.json").read_text())
+    m["parts"].append(entry)
     m["num_rows"] += rows
     (store.path / "manifest.json").write_text(json.dumps(m))
 
 
-def test_open_rejects_part_with_other_dim_or_dtype_or_columns(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_open_rejects_part_with_other_dim_or_dtype_or_columns(tmp_path, version):
     for name, emb_type, extra in [
         ("dim", pa.list_(pa.float16(), 4), {"label": pa.array(["x"])}),
         ("dtype", pa.list_(pa.float32(), 8), {"label": pa.array(["x"])}),
         ("columns", pa.list_(pa.float16(), 8), {"other": pa.array(["x"])}),
     ]:
-        store = new_store(tmp_path / name)
+        store = new_store(tmp_path / name, format_version=version)
         store.append_part(["a"], unit_rows(1, 8), {"label": ["x"]})
         dim = emb_type.list_size
         values = pa.array(unit_rows(1, dim).reshape(-1).astype(
             np.float16 if emb_type.value_type == pa.float16() else np.float32))
         table = pa.table({"key": ["b"], "embedding": pa.FixedSizeListArray.from_arrays(values, dim), **extra})
         _write_foreign_part(store, table, 1)
-        with pytest.raises(StoreFormatError, match="part-000099.parquet") as info:
+        with pytest.raises(StoreFormatError, match="part-000099") as info:
             Store.open(tmp_path / name)
-        assert {"dim": "dim is 8", "dtype": "dtype is float16", "columns": "metadata columns"}[name] in str(info.value)
+        want = {1: {"dim": "dim is 8", "dtype": "dtype is float16", "columns": "metadata columns"},
+                2: {"dim": "the manifest says (1, 8) float16", "dtype": "the manifest says (1, 8) float16",
+                    "columns": "metadata columns"}}[version][name]
+        assert want in str(info.value)
 
 
-def test_full_validation_finds_duplicate_keys_across_parts_and_tampering(tmp_path):
-    store = new_store(tmp_path / "s")
+@pytest.mark.parametrize("version", [1, 2])
+def test_full_validation_finds_duplicate_keys_across_parts_and_tampering(tmp_path, version):
+    store = new_store(tmp_path / "s", format_version=version)
     store.append_part(["a", "b"], unit_rows(2, 8))
     table = pa.table({"key": ["b"], "embedding": pa.FixedSizeListArray.from_arrays(
         pa.array(unit_rows(1, 8).reshape(-1).astype(np.float16)), 8)})
@@ -237,12 +252,12 @@ def test_full_validation_finds_duplicate_keys_across_parts_and_tampering(tmp_pat
     with pytest.raises(StoreValidationError, match="duplicate key 'b'"):
         Store.open(tmp_path / "s", validate="full")
 
-    store2 = new_store(tmp_path / "t")
+    store2 = new_store(tmp_path / "t", format_version=version)
     store2.append_part(["a"], unit_rows(1, 8))
     part = tmp_path / "t" / "parts" / "part-000000.parquet"
     t = pq.read_table(part)
     pq.write_table(t.set_column(0, "key", pa.array(["z"])), part)
-    with pytest.raises(StoreValidationError, match="sha256"):
+    with pytest.raises(StoreError, match="sha256|bytes, the manifest says"):  # format 2: the size already differs
         Store.open(tmp_path / "t", validate="full")
 
 
@@ -316,14 +331,15 @@ def test_killed_append_leaves_store_readable(tmp_path, where):
     proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "s"), where], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()
     leftovers = [p.name for p in (tmp_path / "s" / "parts").iterdir()]
-    assert len(leftovers) == 2  # the earlier part and the orphan / temp file
+    # the earlier part (.parquet + .npy) and the orphan / temp files of the killed one
+    assert len(leftovers) == 4, leftovers
     reopened = Store.open(tmp_path / "s", validate="full")
     assert reopened.keys() == [f"k{i}" for i in range(6)]
     np.testing.assert_allclose(reopened.embeddings(np.float32), rows, atol=1e-3)
     assert reopened.done_sources() == {"shard-0"}  # the killed source is not marked done: a rerun redoes it
     reopened.append_part([f"late{i}" for i in range(4)], unit_rows(4, 8, 5), source="shard-late")
     names = sorted(p.name for p in (tmp_path / "s" / "parts").iterdir())
-    assert names == ["part-000000.parquet", "part-000001.parquet"]
+    assert names == ["part-000000.npy", "part-000000.parquet", "part-000001.npy", "part-000001.parquet"]
     assert Store.open(tmp_path / "s", validate="full").num_rows == 10
 
 
