@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from cmcr.errors import StoreMismatchError, StoreValidationError
-from cmcr.stores.store import EMBEDDING_COLUMN, Store, _chunk_matrix, canonical_json
+from cmcr.stores.store import Store, canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -485,9 +484,7 @@ class MemoryQueue:
             parts = list(self.store.parts)
             order = self._rng.permutation(len(parts))
             for i in order:
-                pf = pq.ParquetFile(self.store.path / parts[i].file, memory_map=True)
-                for rb in pf.iter_batches(batch_size=self.read_rows, columns=[EMBEDDING_COLUMN]):
-                    block = np.asarray(_chunk_matrix(rb.column(0), self.store.dim), dtype=np.float32)
+                for block in self.store.iter_part_embeddings(int(i), self.read_rows, np.float32):
                     yield block[self._rng.permutation(len(block))]
             self._pass += 1
 

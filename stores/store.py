@@ -82,6 +82,7 @@ ROW_GROUP_SIZE = 65536
 _PART_RE = re.compile(r"^part-(\d{6,})\.(parquet|npy)$")
 #: Rows read per block when streaming, converting or checking embeddings.
 _BLOCK_ROWS = 65536
+_EMPTY_TABLE = pa.schema([]).empty_table()
 #: Rows per block whose norms are sampled on read (cosine stores): one row in ``_NORM_STRIDE``.
 _NORM_STRIDE = 97
 
@@ -612,7 +613,8 @@ class Store:
                 names = [c["name"] for c in cols]
                 missing = [n for n in names if n not in found.names]
                 if missing:
-                    raise StoreFormatError(f"{first}: metadata column(s) {missing} listed in the manifest are missing")
+                    raise StoreFormatError(
+                        f"{first}: metadata column(s) {missing} listed in the manifest are missing") from None
                 schema = pa.schema([found.field(n).remove_metadata() for n in names])
         self._schema = pa.schema([f.remove_metadata() for f in schema])
         return self._schema
@@ -909,7 +911,7 @@ class Store:
             rows["stage"].append(str(f.get("stage", "")))
             rows["error"].append(str(f.get("error", "")))
             rows["time"].append(str(f.get("time") or now))
-        new = pa.table(rows, schema=FAILURE_SCHEMA)
+        new = pa.Table.from_pydict(rows, schema=FAILURE_SCHEMA)
         old = self.failures()
         merged = pa.concat_tables([old, new]) if old.num_rows else new
         seen: set[tuple[str, str, str]] = set()
@@ -928,7 +930,7 @@ class Store:
             arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), self.dim))
             names.append(EMBEDDING_COLUMN)
         if metadata is None:
-            meta = pa.table({})
+            meta = _EMPTY_TABLE
         elif isinstance(metadata, pa.Table):
             meta = metadata
         else:
@@ -1178,7 +1180,7 @@ class Store:
             raise StoreFormatError(f"{self.path}: no metadata column(s) {unknown}; known: {self.metadata_columns}")
         tables = [pq.read_table(p, columns=[KEY_COLUMN, *cols], memory_map=True) for p in self._part_paths()]
         if not tables:
-            return pa.table({KEY_COLUMN: pa.array([], pa.string())})
+            return pa.schema([pa.field(KEY_COLUMN, pa.string())]).empty_table()
         return pa.concat_tables(tables)
 
     def iter_batches(
@@ -1207,7 +1209,7 @@ class Store:
                                                dtype=want)
                     self._sample_norms(emb, part.file, start)
                     start += rb.num_rows
-                    meta = pa.Table.from_batches([rb.select(columns)]) if columns else pa.table({})
+                    meta = pa.Table.from_batches([rb.select(columns)]) if columns else _EMPTY_TABLE
                     yield Batch(keys=rb.column(KEY_COLUMN).to_pylist(), embeddings=emb, metadata=meta)
                 continue
             blocks = self._part_blocks(part, batch_size)
@@ -1216,7 +1218,7 @@ class Store:
                 while len(pending) < rb.num_rows:
                     pending = np.concatenate([pending, next(blocks)]) if len(pending) else next(blocks)
                 emb, pending = pending[:rb.num_rows], pending[rb.num_rows:]
-                meta = pa.Table.from_batches([rb.select(columns)]) if columns else pa.table({})
+                meta = pa.Table.from_batches([rb.select(columns)]) if columns else _EMPTY_TABLE
                 yield Batch(keys=rb.column(KEY_COLUMN).to_pylist(),
                             embeddings=np.ascontiguousarray(emb, dtype=want), metadata=meta)
             for _ in blocks:  # the end of the part: digest check
@@ -1388,7 +1390,8 @@ def _check_rows(
             if bad.any():
                 i = start + int(np.flatnonzero(bad)[0])
                 raise StoreValidationError(
-                    f"{where}: row {first_row + i} (key {keys[i]!r}) has L2 norm {norms[i - start]:.6f}, but a cosine store "
+                    f"{where}: row {first_row + i} (key {keys[i]!r}) has L2 norm {norms[i - start]:.6f}, "
+                    f"but a cosine store "
                     f"needs unit rows (|norm - 1| <= {tol}); L2-normalise the embeddings first "
                     f"(`cmcr store import --normalize`)"
                 )

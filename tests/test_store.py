@@ -350,8 +350,11 @@ def test_kill_at_random_points_never_corrupts(tmp_path):
         """
         import sys, numpy as np
         from cmcr.stores.store import Store
+        import pyarrow as pa
         s = Store.open(sys.argv[1])
         rng = np.random.default_rng(int(sys.argv[2]))
+        pa.array(["warm up"])  # pyarrow imports pandas on first use: not part of the timing
+        print("go", flush=True)
         i = 0
         while True:
             x = rng.standard_normal((2000, 64)).astype(np.float32)
@@ -360,8 +363,10 @@ def test_kill_at_random_points_never_corrupts(tmp_path):
             i += 1
         """
     )
-    for attempt, delay in enumerate((1.5, 2.0, 2.7)):
-        proc = subprocess.Popen([sys.executable, "-c", script, str(store.path), str(attempt)])
+    for attempt, delay in enumerate((0.4, 0.9, 1.5)):  # seconds after the writer's start-up
+        proc = subprocess.Popen([sys.executable, "-c", script, str(store.path), str(attempt)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "go"
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
