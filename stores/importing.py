@@ -15,9 +15,12 @@ L2-normalised on request (``normalize=True``, recorded in the manifest as
 ``extra.import.normalized_on_import``) and written as store parts of ``part_rows`` rows.
 
 Atomicity and resume: the store is built in ``<out>/../.<out name>.importing`` and renamed to
-``<out>`` when complete. A killed import leaves that folder behind; rerunning the same import
-(same inputs and options) resumes it, skipping parts already written (each part's ``source`` is
-``<file>:<first row>-<end row>``).
+``<out>`` when complete, after it has been opened and checked. A killed import leaves that folder
+behind; rerunning the same import resumes it, skipping parts already written (each part's
+``source`` is ``<file>:<first row>-<end row>``). "The same import" is decided on content, not
+paths: the resume signature holds the sha256 of every key and of the metadata table, and for each
+input file its size, modification time and a digest of sampled blocks (``_sample_digest``), so a
+keys file edited in place (even to the same size and time) starts the import over.
 """
 
 from __future__ import annotations
@@ -281,16 +284,56 @@ def _parquet_chunks(
 
 
 # ---------------------------------------------------------------------- the import
+#: ``_sample_digest`` reads the head, the tail and this many evenly spaced blocks of a file.
+_SAMPLE_BLOCKS = 64
+_SAMPLE_BYTES = 1 << 16
+
+
+def _sample_digest(path: Path) -> str:
+    """sha256 of a file's size, first and last MiB and ``_SAMPLE_BLOCKS`` evenly spaced 64 KiB
+    blocks (whole files up to 8 MiB): cheap on GB inputs, and any swap or rewrite of the content
+    that shows in those bytes changes it."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 8 << 20:
+            h.update(f.read())
+        else:
+            offsets = [0, *(int(size * i / (_SAMPLE_BLOCKS + 1)) for i in range(1, _SAMPLE_BLOCKS + 1))]
+            for off in offsets:
+                f.seek(off)
+                h.update(f.read(1 << 20 if off == 0 else _SAMPLE_BYTES))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read())
+    return h.hexdigest()
+
+
 def _signature(files: list[Path], options: Mapping[str, Any]) -> str:
-    body = {"files": [(str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)) for f in files],
+    """Resume key of an import: its options (with content digests of keys and metadata) and, per
+    input file, size, mtime (ns) and sampled digest."""
+    body = {"files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns, _sample_digest(f)) for f in files],
             "options": options}
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:16]
 
 
 def _keys_digest(keys: Sequence[str] | None) -> str | None:
+    """Content digest of a key list (order matters)."""
     if keys is None:
         return None
-    return "sha256:" + hashlib.sha256("\n".join(map(str, keys)).encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for s in range(0, len(keys), 65536):
+        h.update(("\n".join(map(str, keys[s:s + 65536])) + "\n").encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _table_digest(table: pa.Table | None) -> str | None:
+    """Content digest of a metadata table (its Arrow IPC stream)."""
+    if table is None:
+        return None
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return "sha256:" + hashlib.sha256(sink.getvalue()).hexdigest()
 
 
 def _expand_sources(sources: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
@@ -504,14 +547,18 @@ def import_embeddings(
     itemsize = np.dtype(DTYPES[dtype]).itemsize
     part_rows = int(part_rows or max(1, min(MAX_PART_ROWS, PART_BYTES // (dim * itemsize))))
     options = {"modality": modality, "encoder": identity, "normalize": normalize, "dtype": dtype, "metric": metric,
-               "keys": str(keys) if isinstance(keys, (str, os.PathLike)) else _keys_digest(keys),
+               "keys": str(keys) if isinstance(keys, (str, os.PathLike)) else None,
+               "keys_sha256": _keys_digest(key_list) if is_npy else None,
                "key_column": key_column, "metadata": str(metadata) if isinstance(metadata, (str, os.PathLike))
-               else None, "metadata_columns": meta_cols, "embedding_column": embedding_column,
+               else None, "metadata_sha256": _table_digest(meta_table),
+               "metadata_columns": meta_cols, "embedding_column": embedding_column,
                "row_keys": row_keys, "part_rows": part_rows, "skip_bad_rows": skip_bad_rows,
                "preprocessing": dict(preprocessing or {})}
     signature = _signature(files, options)
     import_record = {"sources": [str(f) for f in files], "normalized_on_import": bool(normalize),
-                     "keys": options["keys"], "metadata": options["metadata"], "signature": signature}
+                     "keys": options["keys"] or options["keys_sha256"], "keys_sha256": options["keys_sha256"],
+                     "metadata": options["metadata"], "metadata_sha256": options["metadata_sha256"],
+                     "signature": signature}
 
     # -- build in a temp store folder next to ``out`` (resumable), rename when complete
     tmp = out.parent / f".{out.name}.importing"
@@ -553,12 +600,13 @@ def import_embeddings(
                 rows = rows[take]
                 meta = meta.take(pa.array(take)) if meta is not None else None
             store.append_part([chunk.keys[i] for i in keep], rows, metadata=meta, source=source,
-                              failures=failures)
+                              failures=failures, check_rows=False)  # _clean_rows checked these rows
             bar.advance(task, n)
     if store.num_rows == 0 and total:
         raise StoreValidationError(f"every row of {[str(f) for f in files]} was rejected; see {tmp}/failures.parquet")
 
-    # -- publish: rename the finished temp store to ``out`` (the old store, if any, goes last)
+    # -- publish: the finished temp store must open (manifest, schemas, sizes) before it becomes ``out``
+    Store.open(tmp, validate="fast")
     if out.exists():
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         os.replace(out, old)

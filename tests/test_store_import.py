@@ -196,12 +196,28 @@ def test_import_round_trip_property(tmp_path_factory, n, d, part_rows, parquet):
     np.testing.assert_allclose(s.embeddings(), x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
 
 
-def test_embedding_column_is_plain_encoded(tmp_path):
-    """Regression (store.py append_part): float16 embeddings were dictionary-encoded (float16 has at most
-    65536 values, so Parquet never fell back to PLAIN), making 1M x 512 reads ~3x and writes ~4x slower."""
-    np.save(tmp_path / "e.npy", clustered_embeddings(3000, 64))
+def test_embeddings_are_a_plain_npy_and_keys_dictionary_encoded(tmp_path):
+    """Format 2: a part's embeddings are a plain .npy (what numpy.load reads); keys and metadata
+    stay in Parquet with dictionary encoding and statistics."""
+    x = clustered_embeddings(3000, 64)
+    np.save(tmp_path / "e.npy", x)
     s = import_embeddings(tmp_path / "e.npy", tmp_path / "s", modality="image", encoder={"family": "x"},
                           row_keys=True, progress=False)
+    assert s.version == 2
+    emb = np.load(tmp_path / "s" / s.parts[0].embeddings_file)
+    np.testing.assert_array_equal(emb, x.astype(np.float16))
+    meta = pq.ParquetFile(tmp_path / "s" / s.parts[0].file).metadata
+    assert meta.schema.names == ["key"]
+    key = meta.row_group(0).column(0)
+    assert "RLE_DICTIONARY" in key.encodings and key.is_stats_set
+
+
+def test_format1_embedding_column_is_plain_encoded(tmp_path):
+    """Regression (format 1 writer, still used to append to format-1 stores): float16 embeddings were
+    dictionary-encoded (float16 has at most 65536 values, so Parquet never fell back to PLAIN),
+    making 1M x 512 reads ~3x and writes ~4x slower."""
+    s = Store.create(tmp_path / "s", modality="image", encoder={"family": "x"}, dim=64, format_version=1)
+    s.append_part([f"k{i}" for i in range(3000)], clustered_embeddings(3000, 64))
     meta = pq.ParquetFile(tmp_path / "s" / s.parts[0].file).metadata
     cols = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i)
             for i in range(meta.row_group(0).num_columns)}
@@ -209,3 +225,34 @@ def test_embedding_column_is_plain_encoded(tmp_path):
     assert "RLE_DICTIONARY" not in emb.encodings and "PLAIN" in emb.encodings
     assert not emb.is_stats_set
     assert "RLE_DICTIONARY" in cols["key"].encodings  # keys keep dictionary + statistics
+
+
+def test_resume_after_keys_file_changed_starts_over(tmp_path, monkeypatch):
+    """Issue 13 defect 3: a killed import resumed after its keys file was rewritten in place (same path,
+    size and mtime) mixed old and new keys; the resume state is now keyed on content."""
+    import os
+
+    np.save(tmp_path / "e.npy", clustered_embeddings(40, 4))
+    keys = tmp_path / "keys.txt"
+    keys.write_text("".join(f"old-{i:03d}\n" for i in range(40)))
+    kw = {"modality": "text", "encoder": {"family": "x"}, "keys": keys, "part_rows": 10, "progress": False}
+    real = Store.append_part
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Store, "append_part", dying)
+    with pytest.raises(KeyboardInterrupt):
+        import_embeddings(tmp_path / "e.npy", tmp_path / "s", **kw)
+    monkeypatch.setattr(Store, "append_part", real)
+    st = keys.stat()
+    keys.write_text("".join(f"new-{i:03d}\n" for i in range(40)))  # same size
+    os.utime(keys, ns=(st.st_atime_ns, st.st_mtime_ns))              # same mtime
+    s = import_embeddings(tmp_path / "e.npy", tmp_path / "s", **kw)
+    assert s.keys() == [f"new-{i:03d}" for i in range(40)]
+    assert s.manifest["extra"]["import"]["keys_sha256"].startswith("sha256:")
+    s.validate()
