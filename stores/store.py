@@ -826,8 +826,13 @@ class Store:
                                 created_at=_now())
             else:
                 rel_npy = f"{PARTS_DIR}/part-{index:06d}.npy"
+                try:
+                    atomic_write_parquet(self.path / rel, table, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+                except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                    raise StoreFormatError(
+                        f"{self.path / rel}: the metadata columns {[f'{f.name}: {f.type}' for f in table.schema][1:]} "
+                        f"cannot be written to Parquet ({e}); convert that column (e.g. to string) first") from e
                 emb_sha, emb_bytes = _write_npy(self.path / rel_npy, emb)
-                atomic_write_parquet(self.path / rel, table, compression="zstd", row_group_size=ROW_GROUP_SIZE)
                 part = PartInfo(file=rel, rows=n, sha256=sha256_file(self.path / rel), source=source,
                                 created_at=_now(), bytes=(self.path / rel).stat().st_size, embeddings_file=rel_npy,
                                 embeddings_sha256=emb_sha, embeddings_bytes=emb_bytes)
