@@ -94,13 +94,13 @@ def test_validate_reports_corruption_and_stale_index(tmp_path, capsys, store_fac
                       source="late")
     assert main(["store", "info", str(store.path)]) == 0
     assert "STALE" in capsys.readouterr().out
-    part = store.path / store.parts[0].file
+    part = store.path / store.parts[0].embeddings_file  # the rows: only a full validation reads them
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0xFF
     part.write_bytes(bytes(data))
     assert main(["store", "validate", str(store.path), "--json"]) == 1
     rep = json.loads(capsys.readouterr().out)
-    assert rep["ok"] is False and "part-000000.parquet" in rep["error"]
+    assert rep["ok"] is False and "part-000000.npy" in rep["error"]
     assert main(["store", "validate", str(store.path), "--fast"]) == 0
     assert main(["store", "info", str(tmp_path / "nowhere")]) == 2
 
