@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from cmcr.errors import InputDataError, StoreError, StoreValidationError
 from cmcr.stores.index import rows_progress
-from cmcr.stores.store import DTYPES, INPUT_NORM_TOLERANCE, MANIFEST, Store, canonical_json
+from cmcr.stores.store import DTYPES, INPUT_NORM_TOLERANCE, MANIFEST, Store, _screen_rows, canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,20 @@ def _list_matrix(col: pa.Array | pa.ChunkedArray, dim: int, path: Path, first_ro
 def _clean_rows(
     chunk: _Chunk, *, dtype: np.dtype, normalize: bool, need_unit: bool, skip_bad_rows: bool
 ) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
-    """Check / normalise / cast one chunk in blocks. Returns (rows in ``dtype``, kept indices, failures)."""
+    """Check / normalise / cast one chunk in blocks. Returns (rows in ``dtype``, kept indices, failures).
+
+    Fast path (no ``normalize``): one cast into the output and a screen of the rows
+    (:func:`cmcr.stores.store._screen_rows`); only a chunk the screen flags goes through the
+    row-by-row diagnosis below.
+    """
     n, dim = chunk.emb.shape
     out = np.empty((n, dim), dtype=dtype)
+    if not normalize:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[...] = chunk.emb  # one cast (a plain copy when the dtypes match)
+        # unit rows cannot overflow float16; otherwise screen the cast rows (NaN, Inf, overflow)
+        if _screen_rows(chunk.emb, True, INPUT_NORM_TOLERANCE) if need_unit else _screen_rows(out, False, 0.0):
+            return out, list(range(n)), []
     bad: dict[int, str] = {}
     for s in range(0, n, _CHECK_BLOCK):
         block = np.array(chunk.emb[s:s + _CHECK_BLOCK], dtype=np.float32)
@@ -595,11 +606,13 @@ def import_embeddings(
             rows, keep, failures = _clean_rows(chunk, dtype=np.dtype(DTYPES[dtype]), normalize=normalize,
                                                need_unit=need_unit, skip_bad_rows=skip_bad_rows)
             meta = chunk.metadata
+            kept_keys = chunk.keys
             if len(keep) != n:
                 take = np.asarray(keep, dtype=np.int64)
                 rows = rows[take]
                 meta = meta.take(pa.array(take)) if meta is not None else None
-            store.append_part([chunk.keys[i] for i in keep], rows, metadata=meta, source=source,
+                kept_keys = [chunk.keys[i] for i in keep]
+            store.append_part(kept_keys, rows, metadata=meta, source=source,
                               failures=failures, check_rows=False)  # _clean_rows checked these rows
             bar.advance(task, n)
     if store.num_rows == 0 and total:

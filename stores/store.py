@@ -788,15 +788,21 @@ class Store:
         emb = emb.reshape(n, self.dim)
         tol = NORM_TOLERANCE["float16"] if emb.dtype == np.float16 else INPUT_NORM_TOLERANCE
         origin = f" from {source}" if source else ""
-        if check_rows:
-            _check_rows(emb, keys, self.normalized, tol, f"{self.path} (rows being appended{origin})")
         for i, k in enumerate(keys):
             if not k:
                 raise StoreValidationError(f"{self.path}: row {i} has an empty key; every row needs a unique key")
         if len(set(keys)) != n:
             dup = _first_duplicate(keys)
             raise StoreValidationError(f"{self.path}: key {dup!r} appears twice in the rows being appended")
-        emb = np.ascontiguousarray(emb, dtype=DTYPES[self.dtype])
+        cast = np.ascontiguousarray(emb, dtype=DTYPES[self.dtype])
+        # format 2: the .npy digest is computed from memory in a thread while the rows are checked
+        hashing = _start_npy_digest(cast) if self.version >= 2 else None
+        try:
+            if check_rows:
+                _check_rows(emb, keys, self.normalized, tol, f"{self.path} (rows being appended{origin})")
+        finally:
+            digest = hashing() if hashing is not None else None
+        emb = cast
         table = self._build_table(keys, emb if self.version == 1 else None, metadata)
 
         with _lock(self.path):
@@ -832,7 +838,7 @@ class Store:
                     raise StoreFormatError(
                         f"{self.path / rel}: the metadata columns {[f'{f.name}: {f.type}' for f in table.schema][1:]} "
                         f"cannot be written to Parquet ({e}); convert that column (e.g. to string) first") from e
-                emb_sha, emb_bytes = _write_npy(self.path / rel_npy, emb)
+                emb_sha, emb_bytes = _write_npy(self.path / rel_npy, emb, digest)
                 part = PartInfo(file=rel, rows=n, sha256=sha256_file(self.path / rel), source=source,
                                 created_at=_now(), bytes=(self.path / rel).stat().st_size, embeddings_file=rel_npy,
                                 embeddings_sha256=emb_sha, embeddings_bytes=emb_bytes)
@@ -1358,13 +1364,39 @@ def _readinto(f: Any, dest: np.ndarray, where: Any) -> None:
         pos += n
 
 
-def _write_npy(path: Path, emb: np.ndarray) -> tuple[str, int]:
-    """Write C-contiguous ``emb`` as a ``.npy`` atomically (temp file, fsync, rename); the sha256 is
-    computed from memory on the way. Returns (sha256 hex, file size)."""
+def _start_npy_digest(emb: np.ndarray) -> Any:
+    """Start hashing the ``.npy`` bytes of C-contiguous ``emb`` in a thread (hashlib releases the
+    GIL); returns a function that waits and gives the sha256 hex digest."""
+    import threading
+
+    result: list[str] = []
+    header = _npy_header(emb.shape, emb.dtype)
+
+    def run() -> None:
+        h = hashlib.sha256(header)
+        h.update(_bytes_view(emb))
+        result.append(h.hexdigest())
+
+    th = threading.Thread(target=run, name="cmcr-npy-sha256", daemon=True)
+    th.start()
+
+    def wait() -> str:
+        th.join()
+        return result[0]
+
+    return wait
+
+
+def _write_npy(path: Path, emb: np.ndarray, digest: str | None = None) -> tuple[str, int]:
+    """Write C-contiguous ``emb`` as a ``.npy`` atomically (temp file, fsync, rename). ``digest``:
+    the sha256 of those bytes when already known (:func:`_start_npy_digest`), else computed here.
+    Returns (sha256 hex, file size)."""
     header = _npy_header(emb.shape, emb.dtype)
     data = _bytes_view(np.ascontiguousarray(emb))
-    h = hashlib.sha256(header)
-    h.update(data)
+    if digest is None:
+        h = hashlib.sha256(header)
+        h.update(data)
+        digest = h.hexdigest()
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(header)
@@ -1373,14 +1405,39 @@ def _write_npy(path: Path, emb: np.ndarray) -> tuple[str, int]:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-    return h.hexdigest(), len(header) + len(data)
+    return digest, len(header) + len(data)
+
+
+def _screen_rows(emb: np.ndarray, normalized: bool, tol: float) -> bool:
+    """Fast pass over all rows in cache-sized blocks through one reused float32 buffer: True when
+    every row is finite (a NaN/Inf anywhere makes its squared norm non-finite) and, for a
+    normalised store, within half the norm tolerance. False sends the rows to the exact check."""
+    n = len(emb)
+    if n == 0:
+        return True
+    rows = 1024
+    buf = np.empty((min(rows, n), emb.shape[1]), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, n, rows):
+            blk = emb[start:start + rows]
+            b = buf[:len(blk)]
+            b[...] = blk
+            sq = np.einsum("ij,ij->i", b, b)
+            if not np.isfinite(sq).all():
+                return False
+            if normalized and not (np.abs(np.sqrt(sq) - 1.0) <= tol * 0.5).all():
+                return False
+    return True
 
 
 def _check_rows(
     emb: np.ndarray, keys: Sequence[str], normalized: bool, tol: float, where: Any, first_row: int = 0
 ) -> None:
-    """NaN/Inf and norm checks, vectorised, in blocks of 65536 rows (float32 arithmetic).
+    """NaN/Inf and norm checks, vectorised (float32 arithmetic); a fast screen
+    (:func:`_screen_rows`) passes clean rows, anything it flags is checked exactly, block by block.
     ``first_row`` is added to the row numbers in messages (``keys`` are those of ``emb``'s rows)."""
+    if _screen_rows(emb, normalized, tol):
+        return
     for start in range(0, len(emb), 65536):
         block = np.asarray(emb[start:start + 65536], dtype=np.float32)
         finite = np.isfinite(block).all(axis=1)
