@@ -92,7 +92,7 @@ def read_keys(path: str | os.PathLike, key_column: str = "key") -> list[str]:
     if path.suffix.lower() == ".txt":
         if not path.exists():
             raise InputDataError(f"{path}: file not found")
-        return [line.rstrip("\r\n") for line in path.read_text().splitlines()]
+        return path.read_text().splitlines()
     table = _read_table(path, key_column)
     if key_column in table.column_names:
         col = table.column(key_column)
@@ -124,6 +124,11 @@ def _keys_array(col: pa.ChunkedArray, where: Any) -> pa.ChunkedArray:
 
 
 def _check_keys(keys: Sequence[str], where: Any) -> None:
+    """Keys must be non-empty and unique; the row-by-row scan only runs to name the offending row."""
+    distinct = set(keys)
+    if len(distinct) == len(keys) and "" not in distinct:
+        return
+    del distinct
     seen: dict[str, int] = {}
     for i, k in enumerate(keys):
         if not k:
