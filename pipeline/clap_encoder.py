@@ -221,16 +221,16 @@ def _tiny_config(name: str) -> dict[str, Any] | None:
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    import torch
+    """Read a laion_clap checkpoint safely (:func:`cmcr.safeload.load_torch_file`, numpy scalars
+    allowlisted) and return its state dict without ``module.`` prefixes.
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # official checkpoints pickle extra objects (epoch, args)
-        log.info("%s needs full unpickling (weights_only=False); only load checkpoints you trust", path)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise EncoderError(f"cannot read CLAP checkpoint {path} ({type(e).__name__}: {e})") from e
+    Raises:
+        UnsafeFileError / CorruptFileError: see :mod:`cmcr.safeload`.
+        EncoderError: the file holds no state dict.
+    """
+    from cmcr.safeload import NUMPY_SCALAR_GLOBALS, load_torch_file
+
+    obj = load_torch_file(path, what="CLAP checkpoint", allowed_globals=NUMPY_SCALAR_GLOBALS)
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
         raise EncoderError(f"{path}: expected a state dict (or {{'state_dict': ...}}), found {type(obj).__name__}")
