@@ -151,8 +151,9 @@ def test_corrupt_newest_training_checkpoint_falls_back_to_the_previous_one(two_e
     assert any("epoch-0002.pt" in w and "resuming from the previous checkpoint epoch-0001.pt" in w for w in warned)
     import json
 
-    res = json.loads(cap.out)
-    assert [r["epoch"] for r in res["history"]] == [1, 2, 3]  # epoch 2 redone from epoch 1's state
+    assert json.loads(cap.out)["metrics"]["epoch"] == 3
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # epoch 2 redone from epoch 1's state
     assert load_torch_file(out / "checkpoints" / "epoch-0002.pt", what="t")["epoch"] == 2  # rewritten
 
 
