@@ -132,10 +132,12 @@ def _load_resume_checkpoint(existing: list[Path], device: torch.device) -> tuple
             state = load_torch_file(path, what="training checkpoint", map_location=device)
             missing = [k for k in _CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["(not a dict)"]
             if missing:
-                raise CorruptFileError(f"training checkpoint {path} lacks {missing}; it is not a complete cmcr checkpoint")
+                raise CorruptFileError(f"training checkpoint {path} lacks {missing}; it is not a complete cmcr "
+                                       f"checkpoint")
         except UnsafeFileError as e:
-            raise TrainingError(f"{e}. cmcr writes its checkpoints with tensors and plain values only, so this file "
-                                f"was changed or replaced by someone else: delete it (or pass --overwrite) and rerun") from None
+            raise TrainingError(f"{e}. cmcr writes its checkpoints with tensors and plain values only, so this "
+                                f"file was changed or replaced by someone else: delete it (or pass --overwrite) "
+                                f"and rerun") from None
         except CorruptFileError as e:
             problems.append(str(e))
             older = [p for p in existing if p < path]
