@@ -323,6 +323,10 @@ class ClapEncoder(Encoder):
             from cmcr.stores.store import sha256_file
 
             self._weights_id = "sha256:" + sha256_file(ckpt_path)
+        # tiny test configs accept small tokenizers (their text tower has a few hundred tokens)
+        min_vocab = int(tiny["roberta"].get("min_tokenizer_vocab", 256)) if tiny else MIN_VOCAB
+        self.tokenizer, self._tokenizer_id = resolve_tokenizer(tokenizer_dir, allow_fallback=spec.is_random,
+                                                               min_vocab=min_vocab)
         # the checkpoint is read (safely) before anything is built: a wrong spec or an unsafe file fails fast
         state_dict = _load_checkpoint(ckpt_path) if ckpt_path is not None else None
         if state_dict is not None and is_fusion_state_dict(state_dict) != fusion:
@@ -330,10 +334,6 @@ class ClapEncoder(Encoder):
             kind = "a fusion" if not fusion else "a non-fusion"
             raise EncoderError(f"{ckpt_path} is {kind} CLAP checkpoint but the spec asks for "
                                f"{'a fusion' if fusion else 'a non-fusion'} model ({arch}); use {right}")
-        # tiny test configs accept small tokenizers (their text tower has a few hundred tokens)
-        min_vocab = int(tiny["roberta"].get("min_tokenizer_vocab", 256)) if tiny else MIN_VOCAB
-        self.tokenizer, self._tokenizer_id = resolve_tokenizer(tokenizer_dir, allow_fallback=spec.is_random,
-                                                               min_vocab=min_vocab)
 
         import torch
 
