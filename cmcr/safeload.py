@@ -129,17 +129,10 @@ def load_torch_file(path: str | os.PathLike, *, what: str, allowed_globals: Iter
         msg = str(e)
         refused = _refused_globals(p, allowed)
         if refused:
-            raise UnsafeFileError(
-                f"{what} {p} holds pickled objects cmcr refuses to unpickle ({', '.join(refused[:8])}"
-                f"{', ...' if len(refused) > 8 else ''}): loading it fully could run code from the file, so it "
-                f"is only read with torch.load(weights_only=True). {_convert_hint(p)}"
-            ) from None
+            raise _unsafe(p, what, refused) from None
         proto = _pickle_protocol(p)
         if proto is not None and proto > 2:
-            raise UnsafeFileError(
-                f"{what} {p} was pickled with protocol {proto}, which torch's safe loader cannot check, and cmcr "
-                f"never unpickles files fully. {_convert_hint(p)} (torch.save's default protocol 2 is readable)"
-            ) from None
+            raise _unsafe(p, what, protocol=proto) from None
         if "Unsupported global" in msg or "Can only build" in msg or "blocked" in msg:
             raise UnsafeFileError(
                 f"{what} {p} holds objects cmcr refuses to unpickle ({_last_line(msg)}). {_convert_hint(p)}"
@@ -149,6 +142,39 @@ def load_torch_file(path: str | os.PathLike, *, what: str, allowed_globals: Iter
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
         raise CorruptFileError(f"{what} {p} is not a readable torch file ({type(e).__name__}: "
                                f"{_first_sentence(str(e))}); it may be truncated or of another format") from None
+
+
+def _unsafe(p: Path, what: str, refused: list[str] | None = None, protocol: int | None = None) -> UnsafeFileError:
+    if refused:
+        return UnsafeFileError(
+            f"{what} {p} holds pickled objects cmcr refuses to unpickle ({', '.join(refused[:8])}"
+            f"{', ...' if len(refused) > 8 else ''}): loading it fully could run code from the file, so it "
+            f"is only read with torch.load(weights_only=True). {_convert_hint(p)}")
+    return UnsafeFileError(
+        f"{what} {p} was pickled with protocol {protocol}, which torch's safe loader cannot check, and cmcr "
+        f"never unpickles files fully. {_convert_hint(p)} (torch.save's default protocol 2 is readable)")
+
+
+def check_torch_file(path: str | os.PathLike, *, what: str, allowed_globals: Iterable[Any] = ()) -> None:
+    """Refuse a torch file that another library will load, without loading its tensors.
+
+    Scans only the pickle (``torch.serialization.get_unsafe_globals_in_checkpoint``): use it before
+    handing a user's file to a library that loads it itself (open_clip loads with
+    ``weights_only=True`` too; this gives cmcr's clear message first). ``.safetensors``/``.npz``/
+    ``.npy`` files and files that are not torch zip archives are left to the loader.
+
+    Raises:
+        UnsafeFileError: as :func:`load_torch_file`.
+    """
+    p = Path(path)
+    if p.suffix.lower() in (".safetensors", ".npz", ".npy") or not p.is_file() or not zipfile.is_zipfile(p):
+        return
+    refused = _refused_globals(p, list(allowed_globals))
+    if refused:
+        raise _unsafe(p, what, refused)
+    proto = _pickle_protocol(p)
+    if proto is not None and proto > 2:
+        raise _unsafe(p, what, protocol=proto)
 
 
 def _pickle_protocol(path: Path) -> int | None:

@@ -167,3 +167,16 @@ def test_no_readable_training_checkpoint_is_a_clear_error(tiny_synthetic, tmp_pa
     with pytest.raises(TrainingError, match="no readable checkpoint.*epoch-0001.pt.*--overwrite"):
         loop.train_connector(tiny_synthetic["text_a"], tiny_synthetic["text_b"], tiny_synthetic["image_a"],
                              tiny_synthetic["audio_b"], out, tiny_config(epochs=1), resume=True, plot=False)
+
+
+def test_payload_in_open_clip_checkpoint_is_refused_before_open_clip_loads_it(tiny_clip, tmp_path):
+    from cmcr.pipeline.encoders import load_encoder
+
+    marker = tmp_path / "PWNED"
+    good = tmp_path / "clip.pt"
+    torch.save(tiny_clip.model.state_dict(), good)
+    evil = plant({"state_dict": tiny_clip.model.state_dict()}, tmp_path / "evil.pt", marker)
+    with pytest.raises(UnsafeFileError, match=r"open_clip checkpoint .*evil\.pt holds pickled objects"):
+        load_encoder(f"open_clip:cmcr-tiny-clip@{evil}", device="cpu")
+    assert not marker.exists()
+    assert load_encoder(f"open_clip:cmcr-tiny-clip@{good}", device="cpu").identity()["weights"].startswith("sha256:")
