@@ -16,7 +16,9 @@ Output folder::
     completions/A, completions/B           pseudo embeddings (stores keyed like the shared stores)
 
 Seeds are recorded; ``resume=True`` continues from the newest checkpoint when the training
-settings and the stores' fingerprints are unchanged (``epochs`` may grow). A non-finite loss
+settings and the stores' fingerprints are unchanged (``epochs`` may grow). Checkpoints are read
+with ``torch.load(weights_only=True)`` only (:mod:`cmcr.safeload`): a corrupt newest checkpoint is
+skipped with a warning (the previous one is used), one holding other pickled objects stops the run. A non-finite loss
 stops the run with :class:`TrainingError` and leaves the last good checkpoint in place.
 """
 
