@@ -291,6 +291,25 @@ def is_fusion_state_dict(sd: dict[str, Any]) -> bool:
     return any(".fusion_model." in k or ".mel_conv2d." in k or ".mel_conv1d." in k for k in sd)
 
 
+def _patch_embed_in_fp32(patch_embed: Any) -> None:
+    """Run HTSAT's fusion patch embedding outside autocast, in float32.
+
+    Under bf16/fp16 autocast laion_clap's ``PatchEmbed.forward`` (fusion branch) writes the float32
+    output of its attention fusion into a half-precision tensor (``global_x[longer_idx] = ...``)
+    and fails ("Index put requires the source and destination dtypes match"). The layer is a
+    convolution and a small attention block: float32 costs nothing measurable.
+    """
+    import torch
+
+    inner = patch_embed.forward
+
+    def forward(x: Any, longer_idx: Any = None) -> Any:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return inner(x.float(), longer_idx=longer_idx)
+
+    patch_embed.forward = forward
+
+
 class ClapEncoder(Encoder):
     """laion_clap model adapter (modalities ``audio`` and ``text``; ``ARCH-fusion`` = fusion model)."""
 
@@ -377,6 +396,8 @@ class ClapEncoder(Encoder):
         model.eval()
         self.model = model
         self.front_end = FusionFrontEnd.from_audio_cfg(model_cfg["audio_cfg"]) if fusion else None
+        if fusion:
+            _patch_embed_in_fp32(model.audio_branch.patch_embed)
         if self.front_end is not None and self.front_end.sample_rate != self.audio_policy.sample_rate:
             raise EncoderError(f"audio policy rate {self.audio_policy.sample_rate} Hz does not match the model's "
                                f"{self.front_end.sample_rate} Hz")

@@ -196,3 +196,13 @@ def test_real_fusion_architecture_random_init(tmp_path):
     b = enc.embed("audio", enc.collate("audio", [pre(r)[0] for r in raws]))
     np.testing.assert_array_equal(a, b)
     assert a.shape == (3, 512) and np.isfinite(a).all()
+
+
+def test_fusion_under_bf16_autocast(tiny_fusion):
+    """laion_clap's fusion patch embedding breaks under autocast (dtype mismatch in an index put);
+    cmcr runs that layer in float32."""
+    half = load_encoder(TINY_FUSION, device="cpu", precision="bf16")
+    pre = tiny_fusion.preprocessor("audio")
+    batch = tiny_fusion.collate("audio", [pre(wav_bytes(clip(s, seed=20 + i)))[0] for i, s in enumerate((3.0, 25.0))])
+    cos = (tiny_fusion.embed("audio", batch) * half.embed("audio", batch)).sum(axis=1)
+    assert (cos > 0.999).all(), cos
