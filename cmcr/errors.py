@@ -52,3 +52,12 @@ class TrainingError(CmcrError):
 
 class ConfigError(CmcrError):
     """A configuration value or file is invalid."""
+
+
+class CorruptFileError(InputDataError):
+    """A file a user handed in (checkpoint, connector) is missing, empty, truncated or of another format."""
+
+
+class UnsafeFileError(InputDataError):
+    """A torch file holds pickled objects outside the safe allowlist (they could run code); cmcr
+    never unpickles such a file (see :mod:`cmcr.safeload`)."""

@@ -8,6 +8,7 @@ Spec syntax (``FAMILY:ARCHITECTURE[@WEIGHTS]``)::
     open_clip:ViT-B-32@random               random init, seed 0 (``@random:7`` for seed 7)
     open_clip:cmcr-tiny-clip@random         the tiny test configuration shipped in pipeline/model_configs
     clap:HTSAT-tiny@/path/630k-audioset-best.pt   laion_clap checkpoint (non-fusion)
+    clap:HTSAT-tiny-fusion@/path/630k-fusion-best.pt   laion_clap fusion model (the paper's; clap_fusion.py)
     clap:HTSAT-tiny@random                  random init (tokenizer: see clap_encoder)
     clap:cmcr-tiny-clap@random              the tiny CLAP test configuration
 

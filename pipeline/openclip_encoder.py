@@ -124,8 +124,10 @@ class OpenClipEncoder(Encoder):
             if not ckpt.is_file():
                 raise EncoderError(f"open_clip checkpoint {ckpt} does not exist; pass an existing file "
                                    f"(open_clip:{arch}@/path/ckpt.pt) or a pretrained tag")
+            from cmcr.safeload import check_torch_file
             from cmcr.stores.store import sha256_file
 
+            check_torch_file(ckpt, what="open_clip checkpoint")  # open_clip loads it with weights_only=True too
             pretrained = str(ckpt)
             self._weights_id = "sha256:" + sha256_file(ckpt)
         else:

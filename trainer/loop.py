@@ -16,7 +16,9 @@ Output folder::
     completions/A, completions/B           pseudo embeddings (stores keyed like the shared stores)
 
 Seeds are recorded; ``resume=True`` continues from the newest checkpoint when the training
-settings and the stores' fingerprints are unchanged (``epochs`` may grow). A non-finite loss
+settings and the stores' fingerprints are unchanged (``epochs`` may grow). Checkpoints are read
+with ``torch.load(weights_only=True)`` only (:mod:`cmcr.safeload`): a corrupt newest checkpoint is
+skipped with a warning (the previous one is used), one holding other pickled objects stops the run. A non-finite loss
 stops the run with :class:`TrainingError` and leaves the last good checkpoint in place.
 """
 
@@ -105,6 +107,48 @@ def _save_checkpoint(folder: Path, state: dict[str, Any], keep: int) -> Path:
     for old in _checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+_CHECKPOINT_KEYS = ("epoch", "projector_a", "projector_b", "optimizer", "scheduler", "noise_generator",
+                    "torch_rng", "config", "stores", "history")
+
+
+def _load_resume_checkpoint(existing: list[Path], device: torch.device) -> tuple[Path, dict[str, Any]]:
+    """The newest readable training checkpoint: ``(path, state)``.
+
+    Checkpoints are read with :func:`cmcr.safeload.load_torch_file` (``weights_only=True``; they
+    hold only tensors and plain values, so nothing is allowlisted). A corrupt newest checkpoint
+    (truncated, empty, not a torch file, keys missing) is skipped with a warning and the previous
+    one is used. A checkpoint that names objects outside the allowlist is *not* skipped: it was
+    not written by cmcr, and the run stops with an error naming it.
+
+    Raises:
+        TrainingError: a checkpoint holds unsafe objects, or no checkpoint is readable.
+    """
+    from cmcr.errors import CorruptFileError, UnsafeFileError
+    from cmcr.safeload import load_torch_file
+
+    problems = []
+    for path in reversed(existing):
+        try:
+            state = load_torch_file(path, what="training checkpoint", map_location=device)
+            missing = [k for k in _CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["(not a dict)"]
+            if missing:
+                raise CorruptFileError(f"training checkpoint {path} lacks {missing}; it is not a complete cmcr "
+                                       f"checkpoint")
+        except UnsafeFileError as e:
+            raise TrainingError(f"{e}. cmcr writes its checkpoints with tensors and plain values only, so this "
+                                f"file was changed or replaced by someone else: delete it (or pass --overwrite) "
+                                f"and rerun") from None
+        except CorruptFileError as e:
+            problems.append(str(e))
+            older = [p for p in existing if p < path]
+            log.warning("%s; %s", e, f"resuming from the previous checkpoint {older[-1].name}" if older else
+                        "no older checkpoint is left")
+            continue
+        return path, state
+    raise TrainingError(f"no readable checkpoint in {existing[0].parent} ({'; '.join(problems)}); pass --overwrite to "
+                        f"start over")
 
 
 def _write_history(folder: Path, history: list[dict[str, Any]]) -> None:
@@ -218,6 +262,8 @@ def train_connector(
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
+    # read the checkpoint before the (slow) data loading: an unsafe or unreadable file stops the run at once
+    resumed = _load_resume_checkpoint(existing, device) if resume and existing else None
 
     reporter = _Reporter(progress)
     data = load_pairs(stores, cfg, out, progress=reporter.completion if progress else None)
@@ -244,17 +290,17 @@ def train_connector(
     history: list[dict[str, Any]] = []
     start_epoch = 0
 
-    if resume and existing:
-        ckpt = torch.load(existing[-1], map_location=device, weights_only=False)
+    if resumed is not None:
+        ckpt_path, ckpt = resumed
         if canonical_json(ckpt["config"]) != canonical_json(cfg.training_fields()):
             raise TrainingError(
-                f"{existing[-1]}: the checkpoint was trained with other settings {canonical_json(ckpt['config'])}; "
+                f"{ckpt_path}: the checkpoint was trained with other settings {canonical_json(ckpt['config'])}; "
                 f"resume with the same config (only epochs/device may change) or pass --overwrite"
             )
         old_fp = {k: v["fingerprint"] for k, v in ckpt["stores"].items()}
         new_fp = {k: v["fingerprint"] for k, v in store_info.items()}
         if old_fp != new_fp:
-            raise TrainingError(f"{existing[-1]}: the stores changed since the checkpoint ({old_fp} -> {new_fp}); "
+            raise TrainingError(f"{ckpt_path}: the stores changed since the checkpoint ({old_fp} -> {new_fp}); "
                                 f"resume needs the same stores, or pass --overwrite")
         proj_a.load_state_dict(ckpt["projector_a"])
         proj_b.load_state_dict(ckpt["projector_b"])
@@ -265,7 +311,7 @@ def train_connector(
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt["history"])
         _write_history(out, history)
-        log.info("resuming from %s (epoch %d of %d)", existing[-1], start_epoch, cfg.epochs)
+        log.info("resuming from %s (epoch %d of %d)", ckpt_path, start_epoch, cfg.epochs)
     elif resume:
         log.info("no checkpoint in %s: starting a new run", out)
 
