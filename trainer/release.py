@@ -338,3 +338,32 @@ def describe(conn: Connector) -> dict[str, Any]:
             "weights_sha256": conn.weights_sha256, "created_at": conn.created_at, "out_dim": conn.out_dim,
             "sides": sides, "architecture": arch, "provenance": provenance,
             "metrics": conn.metrics}
+
+
+def write_standin(path: str | os.PathLike, preset: str, seed: int = 0) -> Path:
+    """Write a random stand-in of a released file (same key names, shapes and dtypes; BatchNorm statistics
+    plausible, ``num_batches_tracked`` set) — for demos and tests where the real file is absent. Its
+    projections are not meaningful.
+
+    Raises:
+        ConnectorError: unknown preset.
+    """
+    if preset not in PRESETS:
+        raise ConnectorError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}")
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for key, shape in sorted(PRESETS[preset].expected_shapes().items()):
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(1000, dtype=torch.int64)
+        elif key.endswith("running_var"):
+            state[key] = 0.01 + 0.05 * torch.rand(shape, generator=g)
+        elif key.endswith("running_mean") or key.endswith("bias"):
+            state[key] = 0.05 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:  # BatchNorm weight
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            state[key] = torch.randn(shape, generator=g) / shape[1] ** 0.5
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
