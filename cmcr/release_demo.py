@@ -63,6 +63,7 @@ AUTHORS = {
     ("ULIP_CLIP", "3D x Vision"): [[0.6783, 0.1781, 0.1436], [0.1193, 0.7866, 0.0941], [0.1319, 0.2170, 0.6512]],
     ("ULIP_CLIP", "3D x Text"): [[0.7448, 0.1236, 0.1316], [0.2459, 0.5625, 0.1916], [0.2007, 0.2648, 0.5346]],
 }
+RELEASED_DIM = 512
 PRESET_OF = {"CLAP_CLIP": ("clap_clip", "clap"), "ULIP_CLIP": ("ulip_clip", "ulip")}
 
 
@@ -187,6 +188,9 @@ def load_release_encoders(opts: ReleaseDemoOptions, notes: list[str]) -> tuple[d
                              f"init {fallback!r}")
             except (CmcrError, OSError, RuntimeError, ValueError) as e2:
                 unavailable[mcr] = f"encoder {spec!r} cannot be loaded ({_first_line(e)}; {_first_line(e2)})"
+        if mcr in encoders and encoders[mcr].dim != RELEASED_DIM:
+            unavailable[mcr] = (f"encoder {spec!r} embeds {encoders.pop(mcr).dim}-d rows; the released heads take "
+                                f"{RELEASED_DIM}-d")
     return encoders, unavailable
 
 
