@@ -78,7 +78,7 @@ def import_cmd(
     Example: cmcr connector import cmcr/data/release/ulip_clip.pt --preset ulip_clip --out runs/ulip_clip
     --side-b ulip:PointBERT@/ckpt/pointbert_ULIP-2.pt
     """
-    from cmcr.trainer.release import PRESETS, describe, import_release
+    from cmcr.trainer.release import PRESETS, import_release
 
     if preset not in PRESETS:
         raise ConnectorError(f"--preset {preset!r}: use one of {', '.join(sorted(PRESETS))}")
@@ -91,11 +91,11 @@ def import_cmd(
                 clap_tokenizer=clap_tokenizer)
     conn = import_release(file, preset, out, sides=overrides, bound_by=bound_by, overwrite=overwrite)
     if as_json:
-        typer.echo(json.dumps(describe(conn), indent=2, default=str))
+        typer.echo(json.dumps(conn.describe(), indent=2, default=str))
         return
     console.print(f"imported {file} ({preset}) as connector {conn.fingerprint} in {out}", highlight=False,
                   soft_wrap=True)
-    _print_info(describe(conn))
+    _print_info(conn.describe())
 
 
 @connector_app.command("info")
@@ -109,9 +109,8 @@ def info_cmd(
     Example: cmcr connector info runs/ulip_clip --json
     """
     from cmcr.trainer.connector import Connector
-    from cmcr.trainer.release import describe
 
-    d = describe(Connector.load(folder))
+    d = Connector.load(folder).describe()
     if as_json:
         typer.echo(json.dumps(d, indent=2, default=str))
         return

@@ -253,3 +253,13 @@ def test_swapped_sides_of_an_imported_connector_are_detected(tmp_path):
     (copy / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ConnectorError, match="swapped"):
         Connector.load(copy)
+
+
+def test_cli_info_of_a_trained_connector(tiny_trained, capsys):
+    assert main(["connector", "info", str(tiny_trained), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["provenance"]["kind"] == "trained" and "shared_a" in info["provenance"]["stores"]
+    assert info["sides"]["A"]["match"] == "exact identity" and info["sides"]["A"]["mcr"] == "mcr-a"
+    assert info["fingerprint"] == Connector.load(tiny_trained).fingerprint
+    assert main(["connector", "info", str(tiny_trained)]) == 0
+    assert "trained by `cmcr connect`" in capsys.readouterr().out

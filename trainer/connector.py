@@ -295,6 +295,24 @@ class Connector:
         return {"family": PROJECTED_FAMILY, "connector": self.fingerprint, "side": side,
                 "mcr": self.sides[side].mcr, "base": dict(base), "dim": self.out_dim}
 
+    def describe(self) -> dict[str, Any]:
+        """What ``cmcr connector info`` shows: fingerprint, sides (MCR, modalities, accepted identities),
+        architectures (with parameter counts) and provenance (training stores, or the imported file)."""
+        sides = {}
+        for s in SIDES:
+            info = self.sides[s]
+            sides[s] = {"mcr": info.mcr, "modalities": list(info.modalities), "shared_modality": info.shared_modality,
+                        "input_dim": info.input_dim, "encoder": info.encoder,
+                        "accepts": info.accepts if info.accepts is not None else [info.encoder],
+                        "match": "exact identity" if info.accepts is None else
+                        "identity patterns (fields named must be equal; others are free)"}
+        arch = {s: {**self.architecture[s],
+                    "parameters": int(sum(p.numel() for p in self.projectors[s].parameters()))} for s in SIDES}
+        provenance = dict(self.provenance) or {"kind": "trained", "stores": self.stores, "training": self.training}
+        return {"path": str(self.path) if self.path else None, "fingerprint": self.fingerprint,
+                "weights_sha256": self.weights_sha256, "created_at": self.created_at, "out_dim": self.out_dim,
+                "sides": sides, "architecture": arch, "provenance": provenance, "metrics": self.metrics}
+
     # ----------------------------------------------------------------------------- files
     def to_json(self) -> dict[str, Any]:
         return {

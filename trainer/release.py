@@ -320,26 +320,6 @@ def import_release(
     return conn
 
 
-def describe(conn: Connector) -> dict[str, Any]:
-    """What ``cmcr connector info`` shows: fingerprint, sides (MCR, modalities, accepted identities),
-    architectures (with parameter counts) and provenance (training stores or the imported file)."""
-    sides = {}
-    for s in SIDES:
-        info = conn.sides[s]
-        sides[s] = {"mcr": info.mcr, "modalities": list(info.modalities), "shared_modality": info.shared_modality,
-                    "input_dim": info.input_dim, "encoder": info.encoder,
-                    "accepts": info.accepts if info.accepts is not None else [info.encoder],
-                    "match": "exact identity" if info.accepts is None else "identity patterns (fields named must be "
-                                                                           "equal; others are free)"}
-    arch = {s: {**conn.architecture[s], "parameters": int(sum(p.numel() for p in conn.projectors[s].parameters()))}
-            for s in SIDES}
-    provenance = dict(conn.provenance) or {"kind": "trained", "stores": conn.stores, "training": conn.training}
-    return {"path": str(conn.path) if conn.path else None, "fingerprint": conn.fingerprint,
-            "weights_sha256": conn.weights_sha256, "created_at": conn.created_at, "out_dim": conn.out_dim,
-            "sides": sides, "architecture": arch, "provenance": provenance,
-            "metrics": conn.metrics}
-
-
 def write_standin(path: str | os.PathLike, preset: str, seed: int = 0) -> Path:
     """Write a random stand-in of a released file (same key names, shapes and dtypes; BatchNorm statistics
     plausible, ``num_batches_tracked`` set) — for demos and tests where the real file is absent. Its
