@@ -43,7 +43,7 @@ TEXTS = ("a toilet", "BBQ", "a train")
 #: Encoder specs: the weights the released heads were trained on, and the fast (tiny, random, 512-d) ones.
 DEFAULT_SPECS = {"clip": "open_clip:ViT-B-32", "clap": "clap:HTSAT-tiny-fusion", "ulip": "ulip:PointBERT"}
 FAST_SPECS = {"clip": "open_clip:cmcr-tiny-clip-512@random", "clap": "clap:cmcr-tiny-clap-512@random",
-              "ulip": "ulip:cmcr-tiny-ulip@random"}
+              "ulip": "ulip:cmcr-tiny-ulip-512@random"}
 MODALITY_NAMES = {"image": "Vision", "text": "Text", "audio": "Audio", "3d": "3D"}
 #: (connector, rows (mcr, modality), columns (mcr, modality)) in the authors' order.
 MATRICES = (

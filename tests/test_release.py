@@ -12,6 +12,7 @@ import torch
 
 from cmcr.cli import main
 from cmcr.errors import ConnectorError
+from cmcr.stores.store import Store
 from cmcr.trainer.connector import META_FILE, Connector
 from cmcr.trainer.evaluate import evaluate_retrieval, project_store
 from cmcr.trainer.release import CLAP_FUSION_630K, CLIP_VITB32_OPENAI, ULIP2_POINTBERT, import_release
@@ -139,6 +140,26 @@ def test_imported_connector_projects_and_evaluates_stores(tmp_path):
     assert pi.encoder["side"] == "A" and pp.encoder["side"] == "B" and pi.encoder["connector"] == conn.fingerprint
     r = evaluate_retrieval(pp, pi, by="key")
     assert r["direction"] == "3d->image" and r["pool"] == 20
+
+
+def test_cli_project_and_search_on_an_imported_connector(tmp_path, capsys):
+    conn = import_release(ULIP_CLIP, "ulip_clip", tmp_path / "u")
+    rng = np.random.default_rng(5)
+    keys = [f"item{i}" for i in range(12)]
+    write_store(tmp_path / "clip_image", unit_rows(rng, 12, 512), modality="image", keys=keys,
+                encoder=CLIP_VITB32_OPENAI)
+    clouds = unit_rows(rng, 12, 512)
+    write_store(tmp_path / "ulip_3d", clouds, modality="3d", keys=keys, encoder=ULIP2_POINTBERT)
+    assert main(["project", str(tmp_path / "u"), str(tmp_path / "clip_image"), str(tmp_path / "pi")]) == 0
+    capsys.readouterr()
+    assert main(["search", "-c", str(tmp_path / "u"), "-g", str(tmp_path / "pi"), "--key", "item3",
+                 "--store", str(tmp_path / "ulip_3d"), "-k", "5", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    z_img = conn.project("A", Store.open(tmp_path / "clip_image").embeddings(np.float32),
+                         identity=CLIP_VITB32_OPENAI, modality="image")
+    z_q = conn.project("B", clouds[3], identity=ULIP2_POINTBERT, modality="3d")
+    best = np.argsort(-(z_img @ z_q))[:5]
+    assert [h["key"] for h in hits] == [keys[i] for i in best]
 
 
 def test_side_binding_override_and_sha256_of_the_official_clip_file(tmp_path):
