@@ -25,6 +25,15 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a demo run with other settings in --out (a rerun with the same "
                                         "settings resumes without it)."),
+    release: bool = typer.Option(False, "--release",
+                                 help="Instead: the C-MCR authors' demo (toilet/BBQ/train through their released "
+                                      "connectors, softmax(10·cos) next to their numbers; writes <out>/release)."),
+    ulip: str = typer.Option(None, "--ulip", envvar="CMCR_ULIP_ENCODER",
+                             help="With --release: ULIP encoder spec (default ulip:PointBERT)."),
+    clap_clip: Path = typer.Option(None, "--clap-clip", help="With --release: the released clap_clip.pt "
+                                   "(not shipped; default: a random stand-in, flagged)."),
+    ulip_clip: Path = typer.Option(None, "--ulip-clip", help="With --release: the released ulip_clip.pt "
+                                   "(default: the copy in cmcr/data/release)."),
 ) -> None:
     """Run shard -> encode -> connect -> project -> eval -> search on the bundled media and write a report.
 
@@ -35,7 +44,16 @@ def demo(
     Example: cmcr demo --out demo-out
     Example: cmcr demo --clip open_clip:ViT-B-32@/ckpt/clip.pt --clap clap:HTSAT-tiny@/ckpt/630k-audioset-best.pt
     --clap-tokenizer /ckpt/roberta-base
+    Example: cmcr demo --release --clip open_clip:ViT-B-32 --clap clap:HTSAT-tiny-fusion@/ckpt/630k-fusion-best.pt
+    --ulip ulip:PointBERT@/ckpt/pointbert_ULIP-2.pt --clap-clip /ckpt/clap_clip.pt
     """
+    if release:
+        from cmcr.release_demo import ReleaseDemoOptions, run_release_demo
+
+        run_release_demo(ReleaseDemoOptions(out=out, fast=fast, clip=clip, clap=clap, ulip=ulip,
+                                            clap_tokenizer=clap_tokenizer, clap_clip=clap_clip, ulip_clip=ulip_clip,
+                                            device=device))
+        return
     from cmcr.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=out, fast=fast, clip=clip, clap=clap, clap_tokenizer=clap_tokenizer,

@@ -219,7 +219,8 @@ def check_output_folder(out: Path) -> None:
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
+    # "release" is the folder of `cmcr demo --release` (cmcr/release_demo.py), which may share --out
+    if out.is_dir() and any(p.name != "release" for p in out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise ConfigError(f"--out {out} is not empty and holds no demo run ({DEMO_MARKER} missing); "
                           f"pass an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,13 @@ A connector is a folder::
 (documented in ``docs/connector-format.md``). :meth:`Connector.load` validates both files;
 :meth:`Connector.project` refuses embeddings of another encoder, modality or dim, and always runs
 the projector in eval mode without gradients (method.md section 2).
+
+Integrity (format version 2): the weights file is written canonically (:func:`canonical_safetensors`:
+the same tensors always give the same bytes, in any process), and its header binds what routes
+embeddings — both sides (MCR, encoder identity, accepted identities, modalities, input dim), both
+architectures and the provenance. The fingerprint is the sha256 of that file, so it names weights
+*and* binding; loading recomputes it (the check cannot be switched off by deleting the recorded
+digest) and refuses a ``connector.json`` whose sides or architectures differ from the bound ones.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,16 +35,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_save
 
 from cmcr import __version__
 from cmcr.errors import ConfigError, ConnectorError
 from cmcr.stores.store import atomic_write_bytes, atomic_write_json, canonical_json, identity_fingerprint, sha256_file
 from cmcr.trainer.projector import Projector, make_projector
 
+log = logging.getLogger(__name__)
+
 FORMAT_NAME = "cmcr-connector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :meth:`Connector.load` reads. Version 1 files (no binding in the weights header) still load,
+#: with a warning: their sides cannot be checked against the weights.
+READABLE_VERSIONS = (1, 2)
+#: Key of the safetensors header metadata holding the binding (canonical JSON).
+BINDING_KEY = "cmcr_binding"
 WEIGHTS_FILE = "connector.safetensors"
 META_FILE = "connector.json"
 SIDES = ("A", "B")
@@ -54,6 +69,11 @@ class SideInfo:
         modalities: modalities it accepts (the shared one and the memory's).
         input_dim: embedding width it accepts.
         shared_modality: the modality both MCRs share (text for CLIP+CLAP, image for CLIP+ULIP).
+        accepts: ``None`` (a trained connector): only embeddings whose identity equals ``encoder``
+            exactly. Otherwise (an imported connector) a list of identity *patterns*: an identity is
+            accepted when, for some pattern, every field of the pattern is present in it with an equal
+            value (fields the pattern does not name are free). See :func:`identity_matches` and
+            docs/connector-format.md, "Imported connectors".
     """
 
     mcr: str
@@ -61,16 +81,89 @@ class SideInfo:
     modalities: list[str]
     input_dim: int
     shared_modality: str
+    accepts: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"mcr": self.mcr, "encoder": self.encoder, "encoder_fingerprint": identity_fingerprint(self.encoder),
-                "modalities": list(self.modalities), "input_dim": self.input_dim,
-                "shared_modality": self.shared_modality}
+        d = {"mcr": self.mcr, "encoder": self.encoder, "encoder_fingerprint": identity_fingerprint(self.encoder),
+             "modalities": list(self.modalities), "input_dim": self.input_dim,
+             "shared_modality": self.shared_modality}
+        if self.accepts is not None:
+            d["accepts"] = [dict(p) for p in self.accepts]
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SideInfo:
+        accepts = d.get("accepts")
         return cls(mcr=str(d["mcr"]), encoder=dict(d["encoder"]), modalities=list(d["modalities"]),
-                   input_dim=int(d["input_dim"]), shared_modality=str(d["shared_modality"]))
+                   input_dim=int(d["input_dim"]), shared_modality=str(d["shared_modality"]),
+                   accepts=None if accepts is None else [dict(p) for p in accepts])
+
+    def accepts_identity(self, identity: Mapping[str, Any]) -> bool:
+        """Whether embeddings of this encoder identity may be projected by this side (modality aside)."""
+        if self.accepts is None:
+            return canonical_json(dict(identity)) == canonical_json(self.encoder)
+        return any(identity_matches(p, identity) for p in self.accepts)
+
+    def describe_accepted(self) -> str:
+        """The accepted identities as one line (for error messages)."""
+        if self.accepts is None:
+            return canonical_json(self.encoder)
+        return " or ".join(canonical_json(p) for p in self.accepts)
+
+
+def identity_matches(pattern: Mapping[str, Any], identity: Mapping[str, Any]) -> bool:
+    """Whether ``identity`` has every field of ``pattern`` with an equal value (canonical JSON per value).
+
+    Used by imported connectors (:attr:`SideInfo.accepts`): a pattern names the fields that decide the
+    vectors (family, architecture, weights, fusion, dim...) and leaves the others free.
+    """
+    return all(k in identity and canonical_json(identity[k]) == canonical_json(v) for k, v in pattern.items())
+
+
+#: safetensors dtype names of the torch dtypes a connector may hold.
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """Serialise tensors as a safetensors file whose bytes depend on the content only.
+
+    The ``safetensors`` writer stores ``metadata`` from a hash map whose order changes from call to
+    call (issue 13, defect 2); this writer fixes every choice: tensors ordered by decreasing element
+    size then name (so every tensor stays aligned), the header as canonical JSON (sorted keys, no
+    spaces) padded with spaces to a multiple of 8 bytes, data little-endian. Any safetensors reader
+    reads the result.
+
+    Args:
+        tensors: name -> CPU or device tensor (copied to CPU, contiguous).
+        metadata: string -> string, stored under ``__metadata__``.
+
+    Raises:
+        ConnectorError: a dtype safetensors cannot store.
+    """
+    import sys
+
+    if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+        raise ConnectorError("canonical_safetensors needs a little-endian machine")
+    items = []
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ConnectorError(f"tensor {name!r} has dtype {t.dtype}, which a connector file cannot store")
+        items.append((name, t))
+    items.sort(key=lambda it: (-it[1].element_size(), it[0]))
+    header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    blobs, offset = [], 0
+    for name, t in items:
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = canonical_json(header).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
 
 
 @dataclass
@@ -91,6 +184,7 @@ class Connector:
     stores: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     weights_sha256: str | None = None
     created_at: str = ""
@@ -107,10 +201,19 @@ class Connector:
             self.weights_sha256 = hashlib.sha256(self._weights_bytes()).hexdigest()
         return self.weights_sha256[:16]
 
+    def binding(self) -> dict[str, Any]:
+        """What the weights file binds (and the fingerprint therefore names): format, both sides,
+        both architectures and the provenance."""
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                "sides": {s: self.sides[s].to_json() for s in SIDES},
+                "architecture": {s: dict(self.architecture[s]) for s in SIDES},
+                "provenance": dict(self.provenance)}
+
     def _weights_bytes(self) -> bytes:
-        tensors = {f"{s}.{k}": v.detach().cpu().contiguous() for s in SIDES
-                   for k, v in self.projectors[s].state_dict().items()}
-        return safetensors_save(tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        tensors = {f"{s}.{k}": v for s in SIDES for k, v in self.projectors[s].state_dict().items()}
+        metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                    BINDING_KEY: canonical_json(self.binding())}
+        return canonical_safetensors(tensors, metadata)
 
     @property
     def out_dim(self) -> int:
@@ -125,10 +228,10 @@ class Connector:
         """
         ident = canonical_json(dict(identity))
         matches = [s for s, info in self.sides.items()
-                   if canonical_json(info.encoder) == ident and modality in info.modalities]
+                   if info.accepts_identity(identity) and modality in info.modalities]
         if len(matches) == 1:
             return matches[0]
-        accepted = "; ".join(f"side {s} ({i.mcr}): {i.modalities} of {canonical_json(i.encoder)}"
+        accepted = "; ".join(f"side {s} ({i.mcr}): {i.modalities} of {i.describe_accepted()}"
                              for s, i in self.sides.items())
         if not matches:
             raise ConnectorError(
@@ -145,10 +248,12 @@ class Connector:
         where = f"connector {self.path or self.fingerprint} side {side} ({info.mcr})"
         if identity is None or modality is None:
             raise ConnectorError(f"{where}: give the encoder identity and modality of the embeddings to project")
-        if canonical_json(dict(identity)) != canonical_json(info.encoder):
+        if not info.accepts_identity(identity):
+            how = "was trained on" if info.accepts is None else "is bound to"
             raise ConnectorError(
-                f"{where} was trained on embeddings of encoder {canonical_json(info.encoder)}, got embeddings of "
+                f"{where} {how} embeddings of encoder {info.describe_accepted()}, got embeddings of "
                 f"{canonical_json(dict(identity))}; another encoder's space cannot be projected by this side"
+                + ("" if info.accepts is None else _IMPORT_HINT)
             )
         if modality not in info.modalities:
             raise ConnectorError(f"{where} accepts modalities {info.modalities}, got {modality!r}")
@@ -190,6 +295,24 @@ class Connector:
         return {"family": PROJECTED_FAMILY, "connector": self.fingerprint, "side": side,
                 "mcr": self.sides[side].mcr, "base": dict(base), "dim": self.out_dim}
 
+    def describe(self) -> dict[str, Any]:
+        """What ``cmcr connector info`` shows: fingerprint, sides (MCR, modalities, accepted identities),
+        architectures (with parameter counts) and provenance (training stores, or the imported file)."""
+        sides = {}
+        for s in SIDES:
+            info = self.sides[s]
+            sides[s] = {"mcr": info.mcr, "modalities": list(info.modalities), "shared_modality": info.shared_modality,
+                        "input_dim": info.input_dim, "encoder": info.encoder,
+                        "accepts": info.accepts if info.accepts is not None else [info.encoder],
+                        "match": "exact identity" if info.accepts is None else
+                        "identity patterns (fields named must be equal; others are free)"}
+        arch = {s: {**self.architecture[s],
+                    "parameters": int(sum(p.numel() for p in self.projectors[s].parameters()))} for s in SIDES}
+        provenance = dict(self.provenance) or {"kind": "trained", "stores": self.stores, "training": self.training}
+        return {"path": str(self.path) if self.path else None, "fingerprint": self.fingerprint,
+                "weights_sha256": self.weights_sha256, "created_at": self.created_at, "out_dim": self.out_dim,
+                "sides": sides, "architecture": arch, "provenance": provenance, "metrics": self.metrics}
+
     # ----------------------------------------------------------------------------- files
     def to_json(self) -> dict[str, Any]:
         return {
@@ -205,15 +328,31 @@ class Connector:
             "stores": self.stores,
             "data": self.data,
             "metrics": self.metrics,
+            "provenance": self.provenance,
         }
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write ``connector.safetensors`` then ``connector.json`` (each atomically) into ``folder``."""
+        """Write ``connector.safetensors`` then ``connector.json`` (each atomically) into ``folder``.
+
+        Identical content gives identical bytes: the weights file is canonical
+        (:func:`canonical_safetensors`), and re-saving a connector with the same fingerprint into a
+        folder that already holds it keeps the recorded ``created_at`` (``connect --resume`` of a
+        finished run rewrites nothing).
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         data = self._weights_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if not self.created_at:
+            try:
+                previous = json.loads((folder / META_FILE).read_text())
+                if previous.get("fingerprint") == digest[:16] and previous.get("created_at"):
+                    self.created_at = str(previous["created_at"])
+            except (OSError, ValueError, AttributeError):
+                pass
+        self.created_at = self.created_at or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         atomic_write_bytes(folder / WEIGHTS_FILE, data)
-        self.weights_sha256 = hashlib.sha256(data).hexdigest()
+        self.weights_sha256 = digest
         self.path = folder
         atomic_write_json(folder / META_FILE, self.to_json())
         return folder
@@ -237,26 +376,31 @@ class Connector:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConnectorError(f"{meta_path}: unreadable connector metadata ({e})") from e
-        if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format") != FORMAT_NAME or meta.get("format_version") not in READABLE_VERSIONS:
             raise ConnectorError(
                 f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}, expected "
-                f"{FORMAT_NAME!r} version {FORMAT_VERSION}"
+                f"{FORMAT_NAME!r} version {FORMAT_VERSION} (or an older readable one: {list(READABLE_VERSIONS)})"
             )
         for name in ("sides", "architecture", "weights"):
             if name not in meta:
                 raise ConnectorError(f"{meta_path}: missing field {name!r}")
-        digest = sha256_file(weights_path)
-        if meta["weights"].get("sha256") and digest != meta["weights"]["sha256"]:
-            raise ConnectorError(
-                f"{weights_path}: sha256 {digest[:12]}… differs from the one recorded in {META_FILE} "
-                f"({str(meta['weights']['sha256'])[:12]}…); the weights were changed or belong to another connector"
-            )
+        digest = _check_digest(meta, meta_path, weights_path)
         try:
             sides = {s: SideInfo.from_json(meta["sides"][s]) for s in SIDES}
             projectors = {s: make_projector(meta["architecture"][s]) for s in SIDES}
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise ConnectorError(f"{meta_path}: invalid sides/architecture ({e})") from e
-        tensors = load_file(str(weights_path))
+        provenance = dict(meta.get("provenance") or {})
+        if meta["format_version"] >= 2:
+            _check_binding(meta, meta_path, weights_path)
+        else:
+            log.warning("%s: connector format version 1 does not bind its sides into the weights file; their "
+                        "assignment cannot be verified. Re-save it with this version of cmcr to add the binding",
+                        meta_path)
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a broken file
+            raise ConnectorError(f"{weights_path}: unreadable weights file ({e})") from e
         for s in SIDES:
             state = {k[len(s) + 1:]: v for k, v in tensors.items() if k.startswith(f"{s}.")}
             try:
@@ -268,7 +412,66 @@ class Connector:
                 raise ConnectorError(f"{meta_path}: side {s} input_dim {sides[s].input_dim} != architecture in_dim")
         return cls(sides=sides, projectors=projectors, architecture=meta["architecture"],
                    training=meta.get("training", {}), stores=meta.get("stores", {}), metrics=meta.get("metrics", {}),
-                   data=meta.get("data", {}), path=folder, weights_sha256=digest, created_at=meta.get("created_at", ""))
+                   data=meta.get("data", {}), provenance=provenance, path=folder, weights_sha256=digest,
+                   created_at=meta.get("created_at", ""))
+
+
+_IMPORT_HINT = (". This side was imported (`cmcr connector import`): a model loaded from a checkpoint file is "
+                "identified by the file's sha256, which cmcr cannot check against the official file offline; if "
+                "your file is the official checkpoint, re-import binding it with --side-a/--side-b "
+                "FAMILY:ARCH@/path/to/checkpoint (see `cmcr connector info`)")
+
+
+def _check_digest(meta: Mapping[str, Any], meta_path: Path, weights_path: Path) -> str:
+    """sha256 of the weights file, checked against the recorded digest and fingerprint (both required)."""
+    digest = sha256_file(weights_path)
+    recorded = (meta.get("weights") or {}).get("sha256") if isinstance(meta.get("weights"), Mapping) else None
+    if not recorded:
+        raise ConnectorError(
+            f"{meta_path}: no weights sha256 recorded (field weights.sha256); the weights cannot be verified, so the "
+            f"connector is refused. Restore the original {META_FILE} (or re-save the connector with `cmcr`)"
+        )
+    if digest != recorded:
+        raise ConnectorError(
+            f"{weights_path}: sha256 {digest[:12]}… differs from the one recorded in {META_FILE} "
+            f"({str(recorded)[:12]}…); the weights were changed or belong to another connector"
+        )
+    if meta.get("fingerprint") != digest[:16]:
+        raise ConnectorError(
+            f"{meta_path}: fingerprint {meta.get('fingerprint')!r} is not the first 16 hex chars of the weights "
+            f"sha256 ({digest[:16]}); {META_FILE} was edited"
+        )
+    return digest
+
+
+def _check_binding(meta: Mapping[str, Any], meta_path: Path, weights_path: Path) -> None:
+    """Refuse a ``connector.json`` whose sides, architectures or provenance differ from the binding in the
+    (already digest-checked) weights file header."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            header = f.metadata() or {}
+        bound = json.loads(header[BINDING_KEY])
+    except Exception as e:  # noqa: BLE001 - a missing key, bad JSON or an unreadable header
+        raise ConnectorError(f"{weights_path}: the weights file carries no readable side binding ({e}); the file "
+                             f"was not written by cmcr's connector writer") from e
+    for s in SIDES:
+        given = meta["sides"].get(s)
+        if canonical_json(given) != canonical_json(bound["sides"][s]):
+            bound_side = bound["sides"][s]
+            other = "B" if s == "A" else "A"
+            swapped = canonical_json(given) == canonical_json(bound["sides"][other])
+            raise ConnectorError(
+                f"{meta_path}: side {s} ({(given or {}).get('mcr')!r}) differs from the side {s} bound into the "
+                f"weights file ({bound_side.get('mcr')!r}, encoder {canonical_json(bound_side.get('encoder'))})"
+                + ("; the sides were swapped" if swapped else "")
+                + f". {META_FILE} was edited: embeddings would reach the wrong projector. Restore the original file"
+            )
+        if canonical_json(meta["architecture"].get(s)) != canonical_json(bound["architecture"][s]):
+            raise ConnectorError(f"{meta_path}: architecture of side {s} differs from the one bound into the weights "
+                                 f"file; {META_FILE} was edited. Restore the original file")
+    if canonical_json(meta.get("provenance") or {}) != canonical_json(bound.get("provenance") or {}):
+        raise ConnectorError(f"{meta_path}: provenance differs from the one bound into the weights file; "
+                             f"{META_FILE} was edited. Restore the original file")
 
 
 def is_projected(identity: Mapping[str, Any]) -> bool:
