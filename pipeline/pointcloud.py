@@ -634,3 +634,30 @@ def prepare_points(points: np.ndarray, n_points: int = DEFAULT_N_POINTS, use_col
     rgb = (np.clip(sel[:, 3:6], 0.0, 1.0) if sel.shape[1] == 6
            else np.full((len(sel), 3), DEFAULT_GREY, np.float32))
     return np.ascontiguousarray(np.concatenate([xyz.astype(np.float32), rgb.astype(np.float32)], axis=1))
+
+
+class PointCloudPreprocessor:
+    """The ``Encoder.preprocessor("3d")`` a point encoder can use as is (picklable, for DataLoader
+    workers): decoded points (the contract of this module) -> ``(torch.Tensor (P, 3|6) float32, {})``
+    through :func:`prepare_points`. :meth:`settings` is what the encoder records as its
+    ``preprocessing("3d")``.
+    """
+
+    def __init__(self, n_points: int = DEFAULT_N_POINTS, use_color: bool = False, seed: int = 0,
+                 min_points: int = DEFAULT_MIN_POINTS):
+        self.n_points = int(n_points)
+        self.use_color = bool(use_color)
+        self.seed = int(seed)
+        self.min_points = int(min_points)
+
+    def settings(self) -> dict[str, Any]:
+        return prepare_settings(self.n_points, self.use_color, self.seed, self.min_points)
+
+    def __call__(self, points: np.ndarray) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        if not isinstance(points, np.ndarray):
+            raise TypeError(f"the 3d preprocessor takes decoded points (np.ndarray (N, 3|6)), got "
+                            f"{type(points).__name__}: decode files with cmcr.pipeline.pointcloud.load_points first")
+        arr = prepare_points(points, self.n_points, self.use_color, self.seed, min_points=self.min_points)
+        return torch.from_numpy(arr), {}
