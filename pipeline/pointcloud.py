@@ -327,8 +327,8 @@ _SAFE_LEAVES = (str, bytes, int, float, bool, complex, type(None), np.generic)
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         found = SAFE_PICKLE_GLOBALS.get((module, name))
-        if found is None:
-            raise _Refused(f"{module}.{name}")
+        if found is None:  # (protocol 0-2 pickles spell builtins "__builtin__")
+            raise _Refused(f"{'builtins' if module == '__builtin__' else module}.{name}")
         return found
 
 
