@@ -216,6 +216,8 @@ class Encoder:
         Raises:
             SampleError: an input cannot be read or preprocessed (names it).
         """
+        from cmcr.pipeline.audio import SampleError
+
         self.check_modality(modality)
         pre = self.preprocessor(modality)
         items = []
@@ -229,7 +231,12 @@ class Encoder:
                     from cmcr.pipeline.pointcloud import load_points
 
                     raw = load_points(raw, Path(x).suffix, what=str(x))
-            items.append(pre(raw)[0])
+            try:
+                items.append(pre(raw)[0])
+            except SampleError as e:
+                if modality == "text" or str(x) in str(e):
+                    raise
+                raise SampleError(f"{x}: {e}") from e
         if not items:
             return np.zeros((0, self.dim), np.float32)
         return self.embed(modality, self.collate(modality, items))
