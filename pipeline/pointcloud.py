@@ -411,13 +411,11 @@ def _header_counts(data: bytes, ext: str) -> tuple[int | None, int | None]:
         head = data[: end if end > 0 else 1 << 16]
         counts = {m.group(1).decode(): int(m.group(2)) for m in _PLY_ELEMENT.finditer(head)}
         return counts.get("vertex"), counts.get("face")
-    if ext == "off":
+    if ext == "off":  # "[C|N|ST]OFF" then "vertices faces edges", possibly on the same line; "#" comments
         tokens: list[bytes] = []
         for line in data[: 1 << 16].splitlines():
-            line = line.split(b"#", 1)[0].strip()
-            if line:
-                tokens += line.split()
-            if len(tokens) >= 3 + (tokens[:1] and tokens[0].upper().endswith(b"OFF")):
+            tokens += line.split(b"#", 1)[0].split()
+            if len(tokens) >= 4:
                 break
         if tokens and tokens[0].upper().endswith(b"OFF"):
             tokens = tokens[1:]
@@ -449,7 +447,10 @@ def _read_mesh(data: bytes, ext: str, dec: PointCloudDecoding, what: str) -> tup
         loaded = trimesh.load(io.BytesIO(data), file_type=ext, process=False, resolver=None)
     except Exception as e:  # trimesh raises many kinds on bad input
         raise SampleError(f"{what}: cannot read .{ext} ({type(e).__name__}: {e})") from e
-    geoms = loaded.dump() if isinstance(loaded, trimesh.Scene) else [loaded]
+    try:
+        geoms = loaded.dump() if isinstance(loaded, trimesh.Scene) else [loaded]
+    except Exception as e:  # a scene whose nodes or transforms are broken
+        raise SampleError(f"{what}: cannot read the scene of .{ext} ({type(e).__name__}: {e})") from e
     meshes = [g for g in geoms if isinstance(g, trimesh.Trimesh) and len(g.faces)]
     clouds = [g for g in geoms if isinstance(g, (trimesh.PointCloud, trimesh.Trimesh)) and g not in meshes]
     n_vertices = sum(len(g.vertices) for g in meshes + clouds)

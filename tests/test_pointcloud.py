@@ -169,6 +169,12 @@ def test_size_and_count_limits_are_configurable():
     with pytest.raises(SampleError, match="2 faces is above the limit 1"):
         load_points(off, "off", PointCloudDecoding(max_faces=1))
     assert load_points(off, "off", PointCloudDecoding(mesh_samples=50)).shape == (50, 3)
+    # counts a header declares are refused before anything is decoded (blank lines and comments allowed)
+    with pytest.raises(SampleError, match="900000000 vertices is above the limit"):
+        load_points(b"\nOFF\n# made by hand\n900000000 1 0\n0 0 0\n", "off")
+    stl = b"\0" * 80 + np.array([400_000_000], "<u4").tobytes() + b"\0" * 50
+    with pytest.raises(SampleError, match="400000000 faces is above the limit"):
+        load_points(stl, "stl", PointCloudDecoding(max_points=2_000_000_000))
     with pytest.raises(SampleError, match="unknown 3D format .xyz"):
         load_points(data, "xyz")
 
