@@ -110,12 +110,13 @@ def project(
 def search(
     connector: Path = typer.Option(..., "--connector", "-c", help="Connector folder."),
     gallery: Path = typer.Option(..., "--gallery", "-g", help="Projected store to search (`cmcr project`)."),
-    media: Path | None = typer.Option(None, "--media", help="Query file (image or audio) to encode."),
+    media: Path | None = typer.Option(None, "--media", help="Query file (image, audio or 3d) to encode."),
     text: str | None = typer.Option(None, "--text", help="Query text to encode."),
     key: str | None = typer.Option(None, "--key", help="Query by the key of a row of --store."),
     store: Path | None = typer.Option(None, "--store", help="Store holding --key (raw or projected)."),
     encoder: str | None = typer.Option(None, "--encoder", help="Encoder spec for --media/--text (see `cmcr encode`)."),
-    modality: str | None = typer.Option(None, "--modality", help="Modality of --media (image/audio); guessed."),
+    modality: str | None = typer.Option(None, "--modality",
+                                        help="Modality of --media (image/audio/3d); guessed from its extension."),
     k: int = typer.Option(10, "-k", min=1, help="Number of results."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -158,8 +159,8 @@ def search(
             raise InputDataError("--media/--text need --encoder (the encoder spec of one connector side)")
         from cmcr.pipeline.encoders import load_encoder
 
-        enc = load_encoder(encoder)
         mod = "text" if text is not None else (modality or _guess_modality(media))
+        enc = load_encoder(encoder)
         raw = enc.encode(mod, [text if text is not None else str(media)])
         side = conn.side_for(enc.identity(), mod)
         q = conn.project(side, raw, identity=enc.identity(), modality=mod)
@@ -200,7 +201,7 @@ def _check_readable_file(path: Path, flag: str) -> None:
     if not path.exists():
         raise InputDataError(f"{flag} {path}: file not found")
     if path.is_dir():
-        raise InputDataError(f"{flag} {path}: is a folder; give one image or audio file")
+        raise InputDataError(f"{flag} {path}: is a folder; give one image, audio or 3d file")
     try:
         with open(path, "rb") as f:
             f.read(1)
@@ -209,12 +210,15 @@ def _check_readable_file(path: Path, flag: str) -> None:
 
 
 def _guess_modality(path: Path | None) -> str:
-    suffix = (path.suffix if path else "").lower()
-    if suffix in (".wav", ".flac", ".ogg", ".mp3"):
-        return "audio"
-    if suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"):
-        return "image"
-    raise InputDataError(f"cannot tell the modality of {path}; pass --modality image|audio")
+    """The modality of a --media file from its extension (the one list of cmcr.pipeline.media)."""
+    from cmcr.pipeline.media import MEDIA_EXTENSIONS, modality_of
+
+    mod = modality_of(path) if path is not None else None
+    if mod is None or mod == "text":
+        raise InputDataError(f"cannot tell the modality of {path} from its extension; known: "
+                             + "; ".join(f"{m}: {', '.join(e)}" for m, e in MEDIA_EXTENSIONS.items() if m != "text")
+                             + ". Pass --modality, or --text for a caption")
+    return mod
 
 
 def _search(gallery, q: np.ndarray, k: int) -> list[dict]:  # noqa: ANN001

@@ -26,7 +26,7 @@ def shard(
                                                   "or existing .tar shards (resharded)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards go to OUT/<modality>/shard-NNNNNN.tar."),
     samples_per_shard: int = typer.Option(1000, "--samples-per-shard", "-n", min=1, help="Samples per shard."),
-    modality: str | None = typer.Option(None, help="Keep only this modality (image, audio, text)."),
+    modality: str | None = typer.Option(None, help="Keep only this modality (image, audio, text, 3d)."),
     text_column: str | None = typer.Option(None, help="Table column holding captions (auto: text, caption, sentence)."),
     path_column: str | None = typer.Option(None, help="Table column holding media paths (auto: path, file, ...)."),
     key_column: str | None = typer.Option(None, help="Table column holding unique sample ids used as keys."),
@@ -34,7 +34,8 @@ def shard(
 ) -> None:
     """Write webdataset shards with stable, safe keys and per-sample JSON metadata.
 
-    Same input, same shards (byte for byte). Modality comes from the file extension.
+    Same input, same shards (byte for byte). Modality comes from the file extension (3d: .npy, .ply,
+    .obj, .off, .stl, .glb); README/LICENSE-named text files in media folders are skipped, not captions.
 
     Example: cmcr shard cmcr/data/sample/images cmcr/data/sample/audio --out shards -n 1000
     """
@@ -65,7 +66,8 @@ def encode(
     shards: list[str] = typer.Argument(..., help="Shard folder(s), .tar files, globs or brace patterns "
                                                  "(e.g. shards/image or 'shards/image/shard-{000000..000009}.tar')."),
     encoder: str = typer.Option(..., "--encoder", "-e", help=SPEC_HELP),
-    modality: str = typer.Option(..., "--modality", "-m", help="image or text (open_clip); audio or text (clap)."),
+    modality: str = typer.Option(..., "--modality", "-m",
+                                 help="image or text (open_clip); audio or text (clap); 3d, image or text (ulip)."),
     store: Path = typer.Option(..., "--store", "-s", help="Store folder (created if missing; a rerun resumes)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Samples per forward pass."),
     num_workers: int = typer.Option(2, "--num-workers", "-j", min=0,
@@ -82,6 +84,14 @@ def encode(
         None, min=1, help="torch threads of the forward pass (default on CPU: CPUs minus --num-workers, at least 1; "
                    "on a GPU torch's default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    mesh_samples: int = typer.Option(10_000, "--mesh-samples", min=1,
+                                     help="-m 3d: points sampled uniformly on a mesh's surface (recorded in the "
+                                          "store manifest)."),
+    max_3d_mb: float = typer.Option(256.0, "--max-3d-mb", min=0.001,
+                                    help="-m 3d: larger files become failures (MiB)."),
+    max_3d_points: int = typer.Option(5_000_000, "--max-3d-points", min=1,
+                                      help="-m 3d: clouds with more points / meshes with more vertices become "
+                                           "failures."),
     engine: str = typer.Option(
         "local", "--engine",
         help="local: this process + DataLoader workers; ray: Ray Data, decode/preprocess in tasks and the encoder "
@@ -106,14 +116,17 @@ def encode(
     -m image -s /shared/stores/clip-image --engine ray --address auto --replicas 8 --gpus-per-replica 1
     """
     from cmcr.errors import InputDataError
+    from cmcr.pipeline.pointcloud import PointCloudDecoding
 
     command = " ".join(shlex.quote(a) for a in ["cmcr", *sys.argv[1:]])
     tokenizer = str(clap_tokenizer) if clap_tokenizer else None
+    pointcloud = PointCloudDecoding(mesh_samples=mesh_samples, max_bytes=int(max_3d_mb * 2**20),
+                                    max_points=max_3d_points)
     try:
         report = _run(shards, encoder, modality, store, batch_size=batch_size, num_workers=num_workers,
                       device=device, precision=precision, dtype=dtype, overwrite=overwrite, tokenizer=tokenizer,
                       threads=threads, progress=progress, engine=engine, address=address, replicas=replicas,
-                      gpus_per_replica=gpus_per_replica, command=command)
+                      gpus_per_replica=gpus_per_replica, command=command, pointcloud=pointcloud)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted — the store holds {_complete_parts(store)} complete parts; rerun the "
                       f"same command to resume[/]", highlight=False)
@@ -140,7 +153,7 @@ def _complete_parts(store: Path) -> int:
 def _run(shards: list[str], encoder: str, modality: str, store: Path, *, batch_size: int, num_workers: int,
          device: str, precision: str, dtype: str, overwrite: bool, tokenizer: str | None, threads: int | None,
          progress: bool, engine: str, address: str | None, replicas: int, gpus_per_replica: float | None,
-         command: str):
+         command: str, pointcloud=None):  # noqa: ANN001
     """Run one engine; returns its report."""
     from cmcr.errors import ConfigError
 
@@ -150,7 +163,8 @@ def _run(shards: list[str], encoder: str, modality: str, store: Path, *, batch_s
         report = encode_shards_ray(shards, encoder, modality, store, batch_size=batch_size, num_workers=0,
                                    overwrite=overwrite, start_over=overwrite, progress=progress, dtype=dtype,
                                    command=command, device=device, precision=precision, clap_tokenizer=tokenizer,
-                                   address=address, replicas=replicas, gpus_per_replica=gpus_per_replica)
+                                   address=address, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                                   pointcloud=pointcloud)
     elif engine == "local":
         from cmcr.pipeline.encode import encode_shards
         from cmcr.pipeline.encoders import load_encoder
@@ -158,7 +172,7 @@ def _run(shards: list[str], encoder: str, modality: str, store: Path, *, batch_s
         enc = load_encoder(encoder, device=device, precision=precision, clap_tokenizer=tokenizer)
         report = encode_shards(shards, enc, modality, store, batch_size=batch_size, num_workers=num_workers,
                                overwrite=overwrite, start_over=overwrite, progress=progress, dtype=dtype,
-                               command=command, torch_threads=threads or None)
+                               command=command, torch_threads=threads or None, pointcloud=pointcloud)
     else:
         raise ConfigError(f"--engine must be local or ray, got {engine!r}")
     return report

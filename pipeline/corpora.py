@@ -3,11 +3,13 @@ into :class:`CorpusEntry` records (one sample each, with a stable key) for the s
 
 Rules (documented in docs/encode.md):
 
-* **folder** (recursive, sorted): modality from the file extension (image / audio / text); other
-  files are skipped and reported. Key = the path relative to the folder, without extension, made
-  safe by :func:`safe_key`; when two files differ only by extension (``a.jpg``, ``a.png``) both keys
-  get the extension appended (``a_jpg``, ``a_png``). ``label`` = the name of the file's parent
-  folder when it is inside a sub-folder.
+* **folder** (recursive, sorted): modality from the file extension (image / audio / text / 3d, the
+  one list in :mod:`cmcr.pipeline.media`); other files are skipped and reported, and so are text
+  files named like documentation (``README``, ``LICENSE``, ``spot_README.txt``, ``CREDITS``...):
+  they describe the media beside them and are not captions. Key = the path relative to the
+  folder, without extension, made safe by :func:`safe_key`; when two files differ only by
+  extension (``a.jpg``, ``a.png``) both keys get the extension appended (``a_jpg``, ``a_png``).
+  ``label`` = the name of the file's parent folder when it is inside a sub-folder.
 * **text file** (``.txt``/``.lst``, one entry per line): a line that names an existing file (absolute
   or relative to the list's folder) with a known extension is a path (key from the path relative to
   the list's folder, or the absolute path); any other non-blank line is a caption
@@ -39,17 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from cmcr.errors import InputDataError
-from cmcr.pipeline.audio import AUDIO_EXTENSIONS
-from cmcr.pipeline.images import IMAGE_EXTENSIONS
+from cmcr.pipeline.media import MODALITY_OF_EXTENSION, is_documentation, modality_of_extension
 from cmcr.pipeline.text import TEXT_EXTENSIONS
 
-MODALITY_OF_EXTENSION: dict[str, str] = {
-    **{e: "image" for e in IMAGE_EXTENSIONS},
-    **{e: "audio" for e in AUDIO_EXTENSIONS},
-    **{e: "text" for e in TEXT_EXTENSIONS},
-}
 TEXT_COLUMNS = ("text", "caption", "sentence")
-PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "image", "audio")
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "image", "audio", "pointcloud", "mesh")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
@@ -136,6 +132,9 @@ def read_folder(root: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
         rel = p.relative_to(root).as_posix()
         if _ext(p) not in MODALITY_OF_EXTENSION:
             skipped.append(Skipped(rel, f"unknown extension {p.suffix or '(none)'}"))
+            continue
+        if MODALITY_OF_EXTENSION[_ext(p)] == "text" and is_documentation(p):
+            skipped.append(Skipped(rel, "documentation file (README/LICENSE/CREDITS-like name), not a caption"))
             continue
         files.append((p, rel))
 
@@ -301,14 +300,14 @@ def read_tar(path: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
                     meta = json.loads(sample["json"])
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     meta = {}
-            payload = [e for e in sample if e in MODALITY_OF_EXTENSION]
+            payload = [e for e in sample if e != "__key__" and modality_of_extension(e) is not None]
             if not payload:
                 skipped.append(Skipped(f"{path.name}:{key}", f"no media member (found {sorted(sample)[1:]})"))
                 continue
             ext = payload[0]
             meta.setdefault("source", meta.get("source") or f"{path.name}:{key}")
             meta.setdefault("label", None)
-            yield CorpusEntry(key=safe_key(key), modality=MODALITY_OF_EXTENSION[ext], ext=ext,
+            yield CorpusEntry(key=safe_key(key), modality=str(modality_of_extension(ext)), ext=ext,
                               data=sample[ext], meta=meta)
     except (tarfile.TarError, OSError, EOFError) as e:
         skipped.append(Skipped(str(path), f"unreadable tar ({type(e).__name__}: {e}); samples after the error lost"))

@@ -41,16 +41,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from cmcr.errors import ConfigError, InputDataError, StoreValidationError
-from cmcr.pipeline.audio import AUDIO_EXTENSIONS, SampleError
+from cmcr.pipeline.audio import SampleError
 from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
-from cmcr.pipeline.images import IMAGE_EXTENSIONS
-from cmcr.pipeline.text import TEXT_EXTENSIONS
+from cmcr.pipeline.media import MEDIA_EXTENSIONS, media_member
+from cmcr.pipeline.pointcloud import PointCloudDecoding, decode_points
 from cmcr.stores.store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "text": TEXT_EXTENSIONS}
 _COMMON = [("source", pa.string()), ("label", pa.string())]
 #: Metadata columns of a store, per modality (same in every part; nulls where unknown).
 METADATA_SCHEMAS: dict[str, pa.Schema] = {
@@ -59,6 +58,10 @@ METADATA_SCHEMAS: dict[str, pa.Schema] = {
                         ("channels", pa.int32()), ("silent", pa.bool_()), ("cropped", pa.bool_()),
                         ("padded", pa.bool_()), ("meta_json", pa.string())]),
     "text": pa.schema([*_COMMON, ("text", pa.string()), ("truncated", pa.bool_()), ("meta_json", pa.string())]),
+    # 3d: the decode facts of pipeline.pointcloud.decode_points (vertices: points of a cloud or
+    # vertices of a mesh; faces: null for a point cloud; radius: in the file's units)
+    "3d": pa.schema([*_COMMON, ("format", pa.string()), ("vertices", pa.int64()), ("faces", pa.int64()),
+                     ("has_color", pa.bool_()), ("radius", pa.float64()), ("meta_json", pa.string())]),
 }
 _META_SKIP = {"key", "modality", "source", "label"}
 
@@ -306,27 +309,56 @@ def sample_meta(sample: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
-def sample_payload(sample: dict[str, Any], modality: str) -> bytes:
-    """The member of a shard sample that holds the ``modality`` payload.
+def sample_member(sample: dict[str, Any], modality: str) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of the member of a shard sample that holds the ``modality`` payload
+    (extensions from the one list, :data:`cmcr.pipeline.media.MEDIA_EXTENSIONS`).
 
     Raises:
         SampleError: no member with an extension of that modality.
     """
-    for ext in PAYLOAD_EXTENSIONS[modality]:
-        if ext in sample:
-            return sample[ext]
+    if modality in MEDIA_EXTENSIONS:
+        ext = media_member(sample, modality)
+        if ext is not None:
+            return ext, sample[ext]
     found = sorted(k for k in sample if not k.startswith("__"))
     raise SampleError(f"sample {sample.get('__key__')!r} has no {modality} member (found {found})")
 
 
+def sample_payload(sample: dict[str, Any], modality: str) -> bytes:
+    """The bytes of :func:`sample_member`."""
+    return sample_member(sample, modality)[1]
+
+
+def decode_payload(sample: dict[str, Any], modality: str,
+                   pointcloud: PointCloudDecoding | None = None) -> tuple[Any, dict[str, Any]]:
+    """The decode stage: what ``Encoder.preprocessor(modality)`` gets for a shard sample, plus per-row facts.
+
+    ``image`` / ``audio`` / ``text``: the member's bytes (the preprocessor decodes them), no facts.
+    ``3d``: the points decoded here (:func:`cmcr.pipeline.pointcloud.decode_points` with the
+    ``pointcloud`` settings): ``np.ndarray (N, 3|6) float32``, and the decode facts (``format``,
+    ``vertices``, ``faces``, ``has_color``, ``radius``) for the metadata columns. The contract is
+    in the docstring of :mod:`cmcr.pipeline.pointcloud`.
+
+    Raises:
+        SampleError: no member of the modality, or a 3D file that cannot be used (names the key and why).
+    """
+    ext, data = sample_member(sample, modality)
+    if modality == "3d":
+        return decode_points(data, ext, pointcloud, what=f"sample {sample.get('__key__')!r} (.{ext})")
+    return data, {}
+
+
 def prepare_sample(sample: dict[str, Any], preprocess: Callable[[Any], tuple[Any, dict]], modality: str,
-                   source: str, out: Prepared) -> None:
-    """Decode + preprocess one shard sample into ``out`` (or add a failure record)."""
+                   source: str, out: Prepared, pointcloud: PointCloudDecoding | None = None) -> None:
+    """Decode (:func:`decode_payload`) + preprocess one shard sample into ``out`` (or add a failure record)."""
     key = str(sample.get("__key__"))
     meta = sample_meta(sample)
     t = time.perf_counter()
     try:
-        item, info = preprocess(sample_payload(sample, modality))
+        raw, facts = decode_payload(sample, modality, pointcloud)
+        item, info = preprocess(raw)
+        if facts:
+            info = {**facts, **info}
     except SampleError as e:
         out.failures.append({"key": key, "source": source, "stage": "decode", "error": str(e)})
     except Exception as e:  # a bug or an unexpected library error must not kill the shard either
@@ -341,11 +373,11 @@ def prepare_sample(sample: dict[str, Any], preprocess: Callable[[Any], tuple[Any
 
 
 def prepare_batch(samples: Sequence[dict[str, Any]], preprocess: Callable[[Any], tuple[Any, dict]],
-                  modality: str, source: str) -> Prepared:
+                  modality: str, source: str, pointcloud: PointCloudDecoding | None = None) -> Prepared:
     """:func:`prepare_sample` over a list of samples."""
     out = Prepared()
     for s in samples:
-        prepare_sample(s, preprocess, modality, source, out)
+        prepare_sample(s, preprocess, modality, source, out, pointcloud)
     return out
 
 
@@ -414,11 +446,22 @@ def metadata_table(modality: str, infos: Sequence[dict[str, Any]], metas: Sequen
     return pa.Table.from_pydict(cols, schema=schema)
 
 
+def store_preprocessing(encoder: Encoder, modality: str, pointcloud: PointCloudDecoding | None = None) -> dict:
+    """The ``preprocessing`` recorded in the store manifest: the encoder's, plus for ``3d`` the
+    decode stage's :meth:`~cmcr.pipeline.pointcloud.PointCloudDecoding.identity` under ``decode``."""
+    pre = dict(encoder.preprocessing(modality))
+    if modality == "3d":
+        pre["decode"] = (pointcloud or PointCloudDecoding()).identity()
+    return pre
+
+
 def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *, overwrite: bool = False,
-               dtype: str = "float16", command: str | None = None, start_over: bool = False) -> Store:
+               dtype: str = "float16", command: str | None = None, start_over: bool = False,
+               pointcloud: PointCloudDecoding | None = None) -> Store:
     """Open (or create) the store for ``encoder``/``modality``.
 
     Args:
+        pointcloud: 3d decode settings (recorded, see :func:`store_preprocessing`).
         overwrite: replace a store made by another encoder identity / preprocessing / modality
             (a store of the same identity is opened and resumed).
         start_over: remove an existing store at ``store_path`` (any identity) first, so nothing is
@@ -433,7 +476,7 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
         log.warning("removing the store %s and starting over", store_path)
         shutil.rmtree(store_path)
     return Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
-                                overwrite=overwrite, preprocessing=encoder.preprocessing(modality),
+                                overwrite=overwrite, preprocessing=store_preprocessing(encoder, modality, pointcloud),
                                 dtype=dtype, command=command)
 
 
@@ -508,7 +551,8 @@ def write_part(store: Store, modality: str, result: ShardResult, dim: int) -> in
     return len(keys)
 
 
-def encode_shard(shard: str | os.PathLike, encoder: Encoder, modality: str, *, batch_size: int = 64) -> ShardResult:
+def encode_shard(shard: str | os.PathLike, encoder: Encoder, modality: str, *, batch_size: int = 64,
+                 pointcloud: PointCloudDecoding | None = None) -> ShardResult:
     """Read, preprocess and embed one shard in this process (no DataLoader); the caller writes it
     with :func:`write_part`. A corrupt tar yields a ``read`` failure for the samples not reached."""
     source = shard_source(shard)
@@ -521,7 +565,7 @@ def encode_shard(shard: str | os.PathLike, encoder: Encoder, modality: str, *, b
     batch: list[dict[str, Any]] = []
 
     def flush() -> None:
-        prepared = prepare_batch(batch, pre, modality, source)
+        prepared = prepare_batch(batch, pre, modality, source, pointcloud)
         emb, ok, fails = embed_items(encoder, modality, prepared.keys, prepared.items, source)
         result.add(prepared, emb, ok, fails)
         batch.clear()
@@ -548,11 +592,12 @@ class ShardBatches(IterableDataset):
     """
 
     def __init__(self, shards: Sequence[Path], preprocess: Callable[[Any], tuple[Any, dict]], modality: str,
-                 batch_size: int):
+                 batch_size: int, pointcloud: PointCloudDecoding | None = None):
         self.shards = [Path(s) for s in shards]
         self.preprocess = preprocess
         self.modality = modality
         self.batch_size = batch_size
+        self.pointcloud = pointcloud
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -576,7 +621,7 @@ class ShardBatches(IterableDataset):
             yield {"kind": "end", "shard": i, "batches": b, "error": error}
 
     def _batch(self, i: int, b: int, samples: list[dict[str, Any]], source: str) -> dict[str, Any]:
-        prepared = prepare_batch(samples, self.preprocess, self.modality, source)
+        prepared = prepare_batch(samples, self.preprocess, self.modality, source, self.pointcloud)
         collated = None
         if prepared.items:
             try:
@@ -690,13 +735,14 @@ def encode_shards(
     command: str | None = None,
     torch_threads: int | None = None,
     start_over: bool = False,
+    pointcloud: PointCloudDecoding | None = None,
 ) -> EncodeReport:
     """Encode webdataset shards into a store: one atomic part per shard; reruns resume.
 
     Args:
         shards: folder(s), tar file(s), glob or brace pattern (see :func:`list_shards`).
         encoder: a loaded :class:`~cmcr.pipeline.encoders.Encoder`.
-        modality: ``image`` / ``audio`` / ``text`` (one the encoder embeds).
+        modality: ``image`` / ``audio`` / ``text`` / ``3d`` (one the encoder embeds).
         store_path: store folder (created if missing).
         batch_size: samples per forward pass.
         num_workers: DataLoader worker processes for decode/preprocess (0 = in the main process).
@@ -707,6 +753,8 @@ def encode_shards(
             ``None``: on a CPU encoder :func:`default_torch_threads` (CPUs minus decode workers, at
             most torch's current setting, so the workers are not starved; torch's default
             oversubscribes), else torch's setting as is.
+        pointcloud: decode settings of 3d samples (mesh sampling, size limits; defaults of
+            :class:`~cmcr.pipeline.pointcloud.PointCloudDecoding`); ignored for other modalities.
 
     Returns:
         An :class:`EncodeReport` (rows, failures and where the time went; ``torch_threads`` used).
@@ -724,7 +772,7 @@ def encode_shards(
     paths = list_shards(shards)
     check_shards_modality(paths, modality)
     store = open_store(store_path, encoder, modality, overwrite=overwrite, dtype=dtype, command=command,
-                       start_over=start_over)
+                       start_over=start_over, pointcloud=pointcloud)
     report = EncodeReport(store=str(store.path))
     todo, idents = shards_to_do(paths, store)
     report.shards_skipped = len(paths) - len(todo)
@@ -740,7 +788,7 @@ def encode_shards(
     torch.set_num_threads(report.torch_threads)
     try:
         _run_local(todo, idents, encoder, modality, store, report, t0, batch_size=batch_size, nw=nw,
-                   prefetch_factor=prefetch_factor, progress=progress)
+                   prefetch_factor=prefetch_factor, progress=progress, pointcloud=pointcloud)
     finally:
         torch.set_num_threads(before)
     report.wall_s = time.perf_counter() - t0
@@ -774,9 +822,11 @@ def default_torch_threads(num_workers: int) -> int:
 
 def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: str, store: Store,
                report: EncodeReport, t0: float, *, batch_size: int, nw: int, prefetch_factor: int,
-               progress: bool) -> None:
+               progress: bool, pointcloud: PointCloudDecoding | None = None) -> None:
     """The DataLoader loop of :func:`encode_shards` (writes each shard once all its batches are in)."""
-    dataset = ShardBatches(todo, encoder.preprocessor(modality), modality, batch_size)
+    if modality == "3d" and nw:
+        import trimesh  # noqa: F401  (imported once here, inherited by the forked workers: ~1-4 s each otherwise)
+    dataset = ShardBatches(todo, encoder.preprocessor(modality), modality, batch_size, pointcloud)
     loader = DataLoader(dataset, batch_size=None, num_workers=nw, worker_init_fn=_worker_init if nw else None,
                         prefetch_factor=prefetch_factor if nw else None, persistent_workers=False,
                         pin_memory=encoder.device.startswith("cuda"),

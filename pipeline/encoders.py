@@ -209,11 +209,16 @@ class Encoder:
         return x.cpu().numpy().astype(np.float32, copy=False)
 
     def encode(self, modality: str, inputs: Sequence[Any]) -> np.ndarray:
-        """Convenience for queries: file paths (image/audio) or strings (text) -> ``(N, D)`` float32.
+        """Convenience for queries: file paths (image/audio/3d) or strings (text) -> ``(N, D)`` float32.
+
+        A 3d file is decoded as the encode loop does (:func:`cmcr.pipeline.pointcloud.load_points`,
+        default limits and mesh sampling) before the preprocessor sees it.
 
         Raises:
             SampleError: an input cannot be read or preprocessed (names it).
         """
+        from cmcr.pipeline.audio import SampleError
+
         self.check_modality(modality)
         pre = self.preprocessor(modality)
         items = []
@@ -223,7 +228,16 @@ class Encoder:
             else:
                 with open(x, "rb") as f:
                     raw = f.read()
-            items.append(pre(raw)[0])
+                if modality == "3d":
+                    from cmcr.pipeline.pointcloud import load_points
+
+                    raw = load_points(raw, Path(x).suffix, what=str(x))
+            try:
+                items.append(pre(raw)[0])
+            except SampleError as e:
+                if modality == "text" or str(x) in str(e):
+                    raise
+                raise SampleError(f"{x}: {e}") from e
         if not items:
             return np.zeros((0, self.dim), np.float32)
         return self.embed(modality, self.collate(modality, items))

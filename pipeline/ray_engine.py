@@ -121,7 +121,7 @@ class RayEncodeReport(EncodeReport):
 
 # ----------------------------------------------------------------------------------- Ray stages
 def _read_and_preprocess(row: dict[str, Any], *, preprocess: Any, modality: str,
-                         batch_size: int) -> Iterator[dict[str, Any]]:
+                         batch_size: int, pointcloud: Any = None) -> Iterator[dict[str, Any]]:
     """Ray task (``flat_map``): one shard -> its preprocessed, collated batches + one end row.
 
     Output rows: ``{"shard": i, "batch": b, "kind": "batch", "payload": pickle((source, Prepared, collated))}``
@@ -134,7 +134,7 @@ def _read_and_preprocess(row: dict[str, Any], *, preprocess: Any, modality: str,
     torch.set_num_threads(1)
     i = int(row["shard"])
     source = shard_source(row["path"])
-    for msg in ShardBatches([Path(row["path"])], preprocess, modality, batch_size):
+    for msg in ShardBatches([Path(row["path"])], preprocess, modality, batch_size, pointcloud):
         if msg["kind"] == "batch":
             payload = pickle.dumps((source, msg["prepared"], msg["collated"]), protocol=_PICKLE_PROTOCOL)
             yield {"shard": i, "batch": int(msg["batch"]), "kind": "batch", "payload": payload}
@@ -226,6 +226,7 @@ def encode_shards_ray(
     max_retries: int = 3,
     driver_encoder: Encoder | None = None,
     actor_class: type = EncoderActor,
+    pointcloud: Any = None,
 ) -> RayEncodeReport:
     """Encode webdataset shards into a store on Ray Data (see the module docstring).
 
@@ -236,7 +237,7 @@ def encode_shards_ray(
         shards: folder(s), tar file(s), glob or brace pattern (see :func:`~cmcr.pipeline.encode.list_shards`);
             on a cluster the paths must be readable at the same path on every node.
         encoder: encoder SPEC string (``FAMILY:ARCHITECTURE[@WEIGHTS]``); each actor loads it.
-        modality: ``image`` / ``audio`` / ``text``.
+        modality: ``image`` / ``audio`` / ``text`` / ``3d``.
         store_path: store folder (created if missing), written by this (driver) process only.
         batch_size: samples per forward pass (and per preprocessed Ray row).
         num_workers: cap on concurrent read/preprocess tasks (0 = as many as Ray schedules).
@@ -254,6 +255,8 @@ def encode_shards_ray(
         driver_encoder: an already loaded encoder of the same spec, used in the driver for the
             store identity and the preprocessor (else the spec is loaded here on the CPU).
         actor_class: the actor class (a subclass of :class:`EncoderActor`; tests inject faults).
+        pointcloud: 3d decode settings (:class:`~cmcr.pipeline.pointcloud.PointCloudDecoding`), as
+            in the local engine.
 
     Returns:
         A :class:`RayEncodeReport`.
@@ -273,7 +276,7 @@ def encode_shards_ray(
     enc = driver_encoder if driver_encoder is not None else load_encoder(
         encoder, device="cpu", precision=precision, clap_tokenizer=clap_tokenizer)
     store = open_store(store_path, enc, modality, overwrite=overwrite, dtype=dtype, command=command,
-                       start_over=start_over)
+                       start_over=start_over, pointcloud=pointcloud)
     report = RayEncodeReport(store=str(store.path), replicas=replicas, address=address,
                              torch_threads=max(1, int(cpus_per_replica)))
     todo, idents = shards_to_do(paths, store)
@@ -301,7 +304,7 @@ def encode_shards_ray(
                       num_workers=num_workers, progress=progress, device=device, precision=precision,
                       clap_tokenizer=clap_tokenizer, address=address, gpus_per_replica=gpus_per_replica,
                       cpus_per_replica=cpus_per_replica, max_retries=max_retries, actor_class=actor_class,
-                      started_here=started_here)
+                      started_here=started_here, pointcloud=pointcloud)
     finally:
         report.wall_s = time.perf_counter() - t0
         if started_here:
@@ -329,7 +332,8 @@ def _encode_stage(ds: Any, actor_class: type, report: RayEncodeReport, spec: str
 def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, spec: str, modality: str, store: Any,
                   report: RayEncodeReport, *, batch_size: int, num_workers: int, progress: bool, device: str,
                   precision: str, clap_tokenizer: str | None, address: str | None, gpus_per_replica: float | None,
-                  cpus_per_replica: float, max_retries: int, actor_class: type, started_here: bool) -> None:
+                  cpus_per_replica: float, max_retries: int, actor_class: type, started_here: bool,
+                  pointcloud: Any = None) -> None:
     """Build and drain the Ray Data pipeline; write each shard's part as soon as it is complete."""
     from ray.data import DataContext, TaskPoolStrategy
 
@@ -353,7 +357,7 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # our own rich bar shows shards, samples/s and failures
     read = functools.partial(_read_and_preprocess, preprocess=enc.preprocessor(modality), modality=modality,
-                             batch_size=batch_size)
+                             batch_size=batch_size, pointcloud=pointcloud)
     ds = ray.data.from_items([{"shard": i, "path": str(p)} for i, p in enumerate(todo)],
                              override_num_blocks=len(todo))
     ds = ds.flat_map(read, num_cpus=1, compute=TaskPoolStrategy(size=num_workers) if num_workers > 0 else None)

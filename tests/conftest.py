@@ -25,7 +25,8 @@ import torch  # noqa: E402
 # machine (measured 3-5x on tiny batches) and leaves the other core to DataLoader workers.
 torch.set_num_threads(1)
 
-pytest_plugins = ["tests.fixtures_stores", "tests.fixtures_encode", "tests.fixtures_connect"]
+pytest_plugins = ["tests.fixtures_stores", "tests.fixtures_encode", "tests.fixtures_connect",
+                  "tests.fixtures_pointcloud"]
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "cmcr" / "data" / "sample"
 

@@ -375,3 +375,32 @@ def test_eval_zeroshot_classes_file_missing_or_a_folder(tmp_path, capsys):
 def test_search_k_must_be_positive(capsys):
     assert main(["search", "-c", "x", "-g", "y", "--text", "a dog", "-k", "0"]) == 2
     assert "-k" in capsys.readouterr().err
+
+
+def test_search_media_modality_comes_from_the_one_extension_list(tiny_encoded, sample_data, capsys, tmp_path):
+    """Issue 13, defect 10b: ``--media x.tiff`` (an image extension shard and encode accept) was
+    "cannot tell the modality"; every media extension of cmcr.pipeline.media is recognised."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from cmcr.cli_connect import _guess_modality
+    from cmcr.pipeline.media import MEDIA_EXTENSIONS
+    from cmcr.stores.store import Store
+    from tests.fixtures_encode import TINY_CLIP
+
+    for mod in ("image", "audio", "3d"):
+        for ext in MEDIA_EXTENSIONS[mod]:
+            assert _guess_modality(Path(f"x.{ext.upper()}")) == mod
+    conn, st = tiny_encoded
+    img = Store.open(st["clip_image"])
+    key, source = img.keys()[2], img.metadata(["source"]).column("source")[2].as_py()
+    tiff = tmp_path / "query.tiff"
+    Image.open(sample_data / "images" / source).save(tiff, format="TIFF")
+    res = _search_json(capsys, "-c", conn, "-g", st["clip_image.cmcr"], "--media", tiff, "--encoder", TINY_CLIP)
+    assert res["query"]["modality"] == "image" and res["hits"][0]["key"] == key
+    doc = tmp_path / "notes.md"
+    doc.write_text("x")
+    assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(doc),
+                 "--encoder", TINY_CLIP]) == 2
+    assert "cannot tell the modality" in capsys.readouterr().err
