@@ -52,3 +52,7 @@ class TrainingError(CmcrError):
 
 class ConfigError(CmcrError):
     """A configuration value or file is invalid."""
+
+
+class OutputLockedError(CmcrError):
+    """Another process is writing the same output folder (the message names its pid and command)."""

@@ -297,7 +297,7 @@ class ClapEncoder(Encoder):
             ckpt_path = spec.checkpoint or self._download(spec.weights or DEFAULT_WEIGHTS)
             if not ckpt_path.is_file():
                 raise EncoderError(f"CLAP checkpoint {ckpt_path} does not exist; pass clap:{arch}@/path/to/ckpt.pt")
-            from cmcr.stores.store import sha256_file
+            from cmcr.stores.files import sha256_file
 
             self._weights_id = "sha256:" + sha256_file(ckpt_path)
         # tiny test configs accept small tokenizers (their text tower has a few hundred tokens)

@@ -46,6 +46,7 @@ from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
 from cmcr.pipeline.images import IMAGE_EXTENSIONS
 from cmcr.pipeline.text import TEXT_EXTENSIONS
+from cmcr.stores.files import sha256_file
 from cmcr.stores.store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
@@ -168,13 +169,7 @@ def _indexed_digest(p: Path, st: os.stat_result) -> str | None:
 
 
 def _sha256(p: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(p)
 
 
 def shards_to_do(paths: Sequence[Path], store: Store) -> tuple[list[Path], list[str]]:

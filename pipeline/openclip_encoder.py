@@ -124,7 +124,7 @@ class OpenClipEncoder(Encoder):
             if not ckpt.is_file():
                 raise EncoderError(f"open_clip checkpoint {ckpt} does not exist; pass an existing file "
                                    f"(open_clip:{arch}@/path/ckpt.pt) or a pretrained tag")
-            from cmcr.stores.store import sha256_file
+            from cmcr.stores.files import sha256_file
 
             pretrained = str(ckpt)
             self._weights_id = "sha256:" + sha256_file(ckpt)

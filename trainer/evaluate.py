@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cmcr.errors import ConfigError, StoreMismatchError
+from cmcr.stores.files import locks_output
 from cmcr.stores.store import Store, canonical_json
 from cmcr.trainer.connector import Connector, same_space
 from cmcr.trainer.data import as_store
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 RANDOM_WEIGHTS_NOTE = "random weights: not meaningful"
 
 
+@locks_output("out_path")
 def project_store(
     connector: Connector | str | os.PathLike,
     store: Store | str | os.PathLike,

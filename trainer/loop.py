@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from cmcr.errors import TrainingError
+from cmcr.stores.files import atomic_replace, atomic_write_bytes, canonical_json, locks_output, temp_path
 from cmcr.stores.memory import MemoryQueue, resolve_device
-from cmcr.stores.store import Store, atomic_write_bytes, canonical_json
+from cmcr.stores.store import Store
 from cmcr.trainer import losses
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import Connector, SideInfo
@@ -99,9 +100,9 @@ def _save_checkpoint(folder: Path, state: dict[str, Any], keep: int) -> Path:
     ck = folder / CHECKPOINT_DIR
     ck.mkdir(parents=True, exist_ok=True)
     path = ck / f"epoch-{state['epoch']:04d}.pt"
-    tmp = ck / f".tmp-{path.name}-{os.getpid()}"
+    tmp = temp_path(path)
     torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_replace(tmp, path)
     for old in _checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -166,6 +167,7 @@ def _validate(proj_a: torch.nn.Module, proj_b: torch.nn.Module, data: PairData, 
     return out
 
 
+@locks_output("out_dir")
 def train_connector(
     shared_a: Store | str | Path,
     shared_b: Store | str | Path,
