@@ -94,6 +94,10 @@ def encode(
     gpus_per_replica: float | None = typer.Option(
         None, "--gpus-per-replica",
         help="--engine ray: GPUs per encoder actor (0.5 = two per GPU); default 1 when the cluster has GPUs, else 0."),
+    max_image_pixels: int | None = typer.Option(
+        None, "--max-image-pixels", min=1, envvar="CMCR_MAX_IMAGE_PIXELS",
+        help="Largest image (width x height) decoded; bigger ones are recorded failures (default 89478485, "
+             "PIL's limit; env CMCR_MAX_IMAGE_PIXELS)."),
 ) -> None:
     """Embed shards into a store: one atomic part per shard, failures in the store's failure table.
 
@@ -108,6 +112,10 @@ def encode(
     from cmcr.errors import InputDataError
 
     command = " ".join(shlex.quote(a) for a in ["cmcr", *sys.argv[1:]])
+    if max_image_pixels is not None:  # read by the image decoder in every worker (pipeline.images.max_pixels)
+        import os
+
+        os.environ["CMCR_MAX_IMAGE_PIXELS"] = str(max_image_pixels)
     tokenizer = str(clap_tokenizer) if clap_tokenizer else None
     try:
         report = _run(shards, encoder, modality, store, batch_size=batch_size, num_workers=num_workers,

@@ -249,7 +249,8 @@ class ClapAudioPreprocessor:
         clip, info = load_audio_bytes(raw, self.policy)
         return torch.from_numpy(clip), {"duration_s": info.duration_s, "sample_rate_in": info.sample_rate_in,
                                         "channels": info.channels, "silent": info.silent,
-                                        "cropped": info.cropped, "padded": info.padded}
+                                        "cropped": info.cropped, "padded": info.padded,
+                                        **({"rescaled_int16": True} if info.rescaled_int16 else {})}
 
 
 class ClapTextPreprocessor:

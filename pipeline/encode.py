@@ -40,7 +40,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from cmcr.errors import ConfigError, InputDataError, StoreValidationError
+from cmcr.errors import ConfigError, InputDataError, StoreMismatchError, StoreValidationError
 from cmcr.pipeline.audio import AUDIO_EXTENSIONS, SampleError
 from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
@@ -62,6 +62,10 @@ METADATA_SCHEMAS: dict[str, pa.Schema] = {
     "text": pa.schema([*_COMMON, ("text", pa.string()), ("truncated", pa.bool_()), ("meta_json", pa.string())]),
 }
 _META_SKIP = {"key", "modality", "source", "label"}
+#: Per-row preprocessing notes without a column of their own; recorded in ``meta_json`` when set.
+PREPROCESSING_NOTES = ("rescaled_int16",)
+#: Manifest ``extra`` field recording the forward-pass precision (fp32 / bf16 / fp16) of a store's rows.
+COMPUTE_PRECISION = "compute_precision"
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -378,12 +382,17 @@ def embed_items(encoder: Encoder, modality: str, keys: Sequence[str], items: Seq
         emb = np.stack(rows) if rows else np.zeros((0, encoder.dim), np.float32)
         return emb, ok, failures
     finite = np.isfinite(emb).all(axis=1)
-    if not finite.all():
-        for i in np.flatnonzero(~finite):
-            failures.append({"key": keys[i], "source": source, "stage": "embed",
-                             "error": "the model returned NaN/Inf for this sample"})
-        ok &= finite
-        emb = emb[finite]
+    # Encoder.embed normalises with a clamped norm: an all-zero model output stays a zero row, which
+    # cannot be a unit vector (a cosine store would refuse the whole part).
+    usable = finite & (np.einsum("ij,ij->i", np.where(finite[:, None], emb, 0), np.where(finite[:, None], emb, 0))
+                       > 0.25)
+    if not usable.all():
+        for i in np.flatnonzero(~usable):
+            error = ("the model returned NaN/Inf for this sample" if not finite[i] else
+                     "the model returned an all-zero embedding for this sample (norm 0: it cannot be normalised)")
+            failures.append({"key": keys[i], "source": source, "stage": "embed", "error": error})
+        ok &= usable
+        emb = emb[usable]
     return np.ascontiguousarray(emb, dtype=np.float32), ok, failures
 
 
@@ -400,6 +409,8 @@ def metadata_table(modality: str, infos: Sequence[dict[str, Any]], metas: Sequen
         for name in schema.names:
             if name == "meta_json":
                 rest = {k: v for k, v in meta.items() if k not in _META_SKIP}
+                # preprocessing notes without a column of their own (e.g. ``rescaled_int16``)
+                rest.update({k: v for k, v in info.items() if k in PREPROCESSING_NOTES and v})
                 cols[name].append(json.dumps(rest, sort_keys=True, default=str) if rest else None)
             elif name in ("source", "label"):
                 v = meta.get(name)
@@ -427,9 +438,23 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
     if start_over and (Path(store_path) / MANIFEST).is_file():
         log.warning("removing the store %s and starting over", store_path)
         shutil.rmtree(store_path)
-    return Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
-                                overwrite=overwrite, preprocessing=encoder.preprocessing(modality),
-                                dtype=dtype, command=command)
+    precision = getattr(encoder, "precision", "fp32")
+    store = Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
+                                 overwrite=overwrite, preprocessing=encoder.preprocessing(modality),
+                                 dtype=dtype, command=command, extra={COMPUTE_PRECISION: precision})
+    recorded = (store.manifest.get("extra") or {}).get(COMPUTE_PRECISION)
+    if recorded is not None and recorded != precision:
+        if not overwrite:
+            raise StoreMismatchError(
+                f"{store_path}: its rows were computed in {recorded}, this run computes in {precision}; rows of "
+                f"two precisions must not mix in one store. Pass --precision {recorded} to add to it, or encode "
+                f"into another --store (or pass --overwrite to start this store over in {precision})")
+        shutil.rmtree(store_path)
+        return open_store(store_path, encoder, modality, dtype=dtype, command=command)
+    if recorded is None and store.num_rows:
+        log.warning("%s records no compute precision (made by an older cmcr); appending %s rows", store_path,
+                    precision)
+    return store
 
 
 @dataclass

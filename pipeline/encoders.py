@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from cmcr.errors import EncoderError
+from cmcr.pipeline.audio import SampleError
 from cmcr.stores.files import resolve_device  # noqa: F401 - the one device helper, re-exported
 
 log = logging.getLogger(__name__)
@@ -206,13 +207,17 @@ class Encoder:
         self.check_modality(modality)
         pre = self.preprocessor(modality)
         items = []
-        for x in inputs:
+        for i, x in enumerate(inputs):
             if modality == "text":
                 raw = x
             else:
                 with open(x, "rb") as f:
                     raw = f.read()
-            items.append(pre(raw)[0])
+            try:
+                items.append(pre(raw)[0])
+            except SampleError as e:
+                where = f"{modality} input {i}" + (f" ({x})" if modality != "text" else "")
+                raise SampleError(f"{where}: {e}") from e
         if not items:
             return np.zeros((0, self.dim), np.float32)
         return self.embed(modality, self.collate(modality, items))
