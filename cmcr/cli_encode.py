@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -31,6 +32,12 @@ def shard(
     path_column: str | None = typer.Option(None, help="Table column holding media paths (auto: path, file, ...)."),
     key_column: str | None = typer.Option(None, help="Table column holding unique sample ids used as keys."),
     label_column: str = typer.Option("label", help="Table column holding the label."),
+    max_member_bytes: int | None = typer.Option(
+        None, "--max-member-bytes", min=1, envvar="CMCR_MAX_MEMBER_BYTES",
+        help="Resharding tars: largest member read into memory (default 256 MiB)."),
+    max_sample_bytes: int | None = typer.Option(
+        None, "--max-sample-bytes", min=1, envvar="CMCR_MAX_SAMPLE_BYTES",
+        help="Resharding tars: largest sample read into memory (default 512 MiB)."),
 ) -> None:
     """Write webdataset shards with stable, safe keys and per-sample JSON metadata.
 
@@ -40,6 +47,7 @@ def shard(
     """
     from cmcr.pipeline.shards import write_shards
 
+    _set_limits(CMCR_MAX_MEMBER_BYTES=max_member_bytes, CMCR_MAX_SAMPLE_BYTES=max_sample_bytes)
     report = write_shards(inputs, out, samples_per_shard, modality=modality, text_column=text_column,
                           path_column=path_column, key_column=key_column, label_column=label_column)
     table = Table(title=f"shards in {out}")
@@ -98,6 +106,12 @@ def encode(
         None, "--max-image-pixels", min=1, envvar="CMCR_MAX_IMAGE_PIXELS",
         help="Largest image (width x height) decoded; bigger ones are recorded failures (default 89478485, "
              "PIL's limit; env CMCR_MAX_IMAGE_PIXELS)."),
+    max_member_bytes: int | None = typer.Option(
+        None, "--max-member-bytes", min=1, envvar="CMCR_MAX_MEMBER_BYTES",
+        help="Largest tar member read into memory; bigger ones fail their sample (default 268435456 = 256 MiB)."),
+    max_sample_bytes: int | None = typer.Option(
+        None, "--max-sample-bytes", min=1, envvar="CMCR_MAX_SAMPLE_BYTES",
+        help="Largest tar sample (all its members) read into memory (default 536870912 = 512 MiB)."),
 ) -> None:
     """Embed shards into a store: one atomic part per shard, failures in the store's failure table.
 
@@ -112,10 +126,8 @@ def encode(
     from cmcr.errors import InputDataError
 
     command = " ".join(shlex.quote(a) for a in ["cmcr", *sys.argv[1:]])
-    if max_image_pixels is not None:  # read by the image decoder in every worker (pipeline.images.max_pixels)
-        import os
-
-        os.environ["CMCR_MAX_IMAGE_PIXELS"] = str(max_image_pixels)
+    _set_limits(CMCR_MAX_IMAGE_PIXELS=max_image_pixels, CMCR_MAX_MEMBER_BYTES=max_member_bytes,
+                CMCR_MAX_SAMPLE_BYTES=max_sample_bytes)
     tokenizer = str(clap_tokenizer) if clap_tokenizer else None
     try:
         report = _run(shards, encoder, modality, store, batch_size=batch_size, num_workers=num_workers,
@@ -133,6 +145,16 @@ def encode(
             f"({report.shards_done} shard(s) done, {report.shards_failed} unreadable). Wrong --modality for these "
             f"shards, or broken inputs? See the failures above and in {store}/failures.parquet"
         )
+
+
+def _set_limits(**values: int | None) -> None:
+    """Put size limits in the environment: the image decoder and the tar reader read them in every
+    DataLoader worker / Ray task (``pipeline.images.max_pixels``, ``pipeline.corpora.TarLimits``)."""
+    import os
+
+    for name, value in values.items():
+        if value is not None:
+            os.environ[name] = str(value)
 
 
 def _complete_parts(store: Path) -> int:
@@ -197,6 +219,8 @@ def _print_report(report, modality: str, store: Path, engine: str) -> None:
         console.print(f"  failure {f['key']!r} ({f['stage']}): {f['error']}", highlight=False)
     if report.failures:
         console.print(f"[yellow]{report.failures} failures recorded in {store}/failures.parquet[/]")
+    for shard_path in report.empty_shards[:20]:
+        console.print(f"[yellow]warning:[/] empty shard (no samples): {escape(shard_path)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

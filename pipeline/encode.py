@@ -73,7 +73,8 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
     """Expand shard arguments: folders (their ``*.tar``, sorted), tar files, globs, brace ranges.
 
     Raises:
-        InputDataError: nothing found (names what was looked at).
+        InputDataError: nothing found (names what was looked at), or a folder whose ``shards.json``
+            lists shards that are missing.
     """
     import glob
 
@@ -85,6 +86,7 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
         for s in braceexpand(str(item)):
             p = Path(s)
             if p.is_dir():
+                _check_index_complete(p)
                 out.extend(sorted(p.glob("*.tar")))
             elif p.is_file():
                 out.append(p)
@@ -98,6 +100,29 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
         raise InputDataError(f"no .tar shards found in {items}; make them with `cmcr shard`")
     seen: set[Path] = set()
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def _check_index_complete(folder: Path) -> None:
+    """A shard folder's ``shards.json`` (from ``cmcr shard``) lists every shard; one that is missing
+    would be skipped silently (its samples absent from the store), so it is an error.
+
+    Raises:
+        InputDataError: names the missing shards and the fixes.
+    """
+    index = folder / "shards.json"
+    if not index.is_file():
+        return
+    try:
+        listed = [str(e["file"]) for e in json.loads(index.read_text()).get("shards", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # not cmcr's index: nothing to compare against
+    missing = [f for f in listed if not (folder / f).is_file()]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InputDataError(
+            f"{folder}: {len(missing)} shard(s) listed in shards.json are missing ({', '.join(missing[:5])}{more}); "
+            f"their samples would be left out of the store silently. Restore them, re-run `cmcr shard` into this "
+            f"folder, or pass the shards that exist as files/a glob (e.g. '{folder}/shard-*.tar')")
 
 
 def check_shards_modality(paths: Sequence[Path], modality: str) -> None:
@@ -322,6 +347,9 @@ def prepare_sample(sample: dict[str, Any], preprocess: Callable[[Any], tuple[Any
                    source: str, out: Prepared) -> None:
     """Decode + preprocess one shard sample into ``out`` (or add a failure record)."""
     key = str(sample.get("__key__"))
+    if "__error__" in sample:  # the tar reader refused it (duplicate/link member, size limit): nothing to decode
+        out.failures.append({"key": key, "source": source, "stage": "read", "error": sample["__error__"]})
+        return
     meta = sample_meta(sample)
     t = time.perf_counter()
     try:
@@ -620,7 +648,8 @@ class EncodeReport:
         decode_s: CPU seconds spent decoding + preprocessing (summed over workers);
         wait_s: seconds the main process waited for data (the decode bottleneck, in wall time);
         model_s: seconds in the forward pass; write_s: seconds writing parts; wall_s: total;
-        torch_threads: torch intra-op threads of the forward pass (main process / each actor).
+        torch_threads: torch intra-op threads of the forward pass (main process / each actor);
+        empty_shards: shards of this run that held no sample (reported, not failures).
     """
 
     store: str
@@ -637,6 +666,7 @@ class EncodeReport:
     wall_s: float = 0.0
     torch_threads: int = 0
     failure_examples: list[dict[str, Any]] = field(default_factory=list)
+    empty_shards: list[str] = field(default_factory=list)
 
     @property
     def samples_per_s(self) -> float:
@@ -669,6 +699,9 @@ def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: s
     result = ShardResult(source=shard_source(shard), part_source=identity)
     for batch in batches:
         result.add(*batch)
+    if not read_error and result.samples == 0:
+        report.empty_shards.append(str(shard))
+        log.warning("%s: empty shard (no samples); an empty part records it as done", shard)
     if read_error:
         report.shards_failed += 1
         fail = {"key": "", "source": result.source, "stage": "read", "error": read_error}
