@@ -140,10 +140,18 @@ def check_shards_modality(paths: Sequence[Path], modality: str) -> None:
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(recorded, str) and recorded != modality:
+            sibling = folder.parent / modality
+            if (sibling / "shards.json").is_file():
+                where = f"the shard folder of the {modality} samples, {sibling}"
+            else:
+                others = sorted(d.name for d in folder.parent.iterdir() if (d / "shards.json").is_file())
+                where = (f"a shard folder of {modality} samples (`cmcr shard` found none among its inputs for "
+                         f"{folder.parent}: it holds {', '.join(others) or 'no shard folders'}; shard {modality} "
+                         f"files first)")
             raise InputDataError(
                 f"the shards in {folder} hold {recorded} samples (its shards.json says modality {recorded!r}) "
                 f"but --modality is {modality!r}: pass -m {recorded} (with an encoder that embeds {recorded}), "
-                f"or the shard folder of the {modality} samples (e.g. {folder.parent / modality})"
+                f"or {where}"
             )
 
 
@@ -290,7 +298,8 @@ def check_changed_shards(todo: Sequence[Path], idents: Sequence[str], store: Sto
             f"shard {p} changed since it was encoded into the store {store.path}: the store has a part of "
             f"{name} with digest {old}, the shard now has digest {digest}, and its keys (e.g. {clash!r}) are "
             f"already in the store, where they hold the embeddings of the old content. Encode into a new "
-            f"store (--store), or pass --overwrite to start this store over"
+            f"store (--store), or pass --overwrite to start this store over (it deletes every part of the "
+            f"store: never while another cmcr process writes it)"
         )
 
 
@@ -530,13 +539,19 @@ def write_part(store: Store, modality: str, result: ShardResult, dim: int) -> in
     failures = list(result.failures)
     seen: set[str] = set()
     clashes = store.keys_present(keys)
+    if clashes and (result.part_source or result.source) in store.done_sources():
+        # another process encoding into this store wrote this very shard (same content digest) meanwhile:
+        # its part is complete and equal in meaning; nothing to add, nothing to start over
+        log.warning("%s: already encoded into %s by another process meanwhile; its part is kept", result.source,
+                    store.path)
+        return 0
     if clashes:
         raise KeyClashError(
             f"{len(clashes)} key(s) of shard {result.source} are already in the store {store.path} from "
             f"another shard (first: {clashes[0]!r}); a key must name one sample, so no part was written for "
             f"this shard. Give the corpora distinct keys (e.g. another table/list name, or --key-column with "
             f"unique ids when sharding), encode them into separate stores, or pass --overwrite to start the "
-            f"store over (parts written before this shard are kept)"
+            f"store over (it deletes every part of the store: never while another cmcr process writes it)"
         )
     keep = []
     for i, k in enumerate(keys):

@@ -299,11 +299,14 @@ def train_connector(
                                                generator=noise_gen)
                 if not math.isfinite(parts["loss"]):
                     last = _checkpoints(out)
+                    # --resume only continues with unchanged settings (and would meet the same loss): the fix is
+                    # new settings, i.e. a run started over (or in another --out)
+                    rerun = ("rerun with --overwrite (it starts over; --resume needs unchanged settings and would "
+                             "reach the same loss) or with another --out" if last else "rerun")
                     raise TrainingError(
                         f"non-finite loss ({parts}) at epoch {epoch + 1}, step {step + 1}; training stopped. The last "
                         f"good checkpoint is {last[-1] if last else 'none (first epoch)'}. Lower the learning rate "
-                        f"(lr={cfg.lr}) or raise the temperature (temperature={cfg.temperature}), then rerun with "
-                        f"--resume"
+                        f"(lr={cfg.lr}) or raise the temperature (temperature={cfg.temperature}), then {rerun}"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
