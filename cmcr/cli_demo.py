@@ -25,6 +25,7 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a demo run with other settings in --out (a rerun with the same "
                                         "settings resumes without it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (demo.json) on stdout; progress on stderr."),
 ) -> None:
     """Run shard -> encode -> connect -> project -> eval -> search on the bundled media and write a report.
 
@@ -38,9 +39,18 @@ def demo(
     """
     from cmcr.demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(out=out, fast=fast, clip=clip, clap=clap, clap_tokenizer=clap_tokenizer,
-                         captions=captions, epochs=epochs, device=device, synthetic=synthetic,
-                         num_workers=num_workers, overwrite=overwrite))
+    console = None
+    if as_json:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    opts = DemoOptions(out=out, fast=fast, clip=clip, clap=clap, clap_tokenizer=clap_tokenizer, captions=captions,
+                       epochs=epochs, device=device, synthetic=synthetic, num_workers=num_workers, overwrite=overwrite)
+    result = run_demo(opts, console)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(result.to_json(), indent=2, default=str))
 
 
 def register(app: typer.Typer) -> None:

@@ -46,7 +46,7 @@ from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
 from cmcr.pipeline.images import IMAGE_EXTENSIONS
 from cmcr.pipeline.text import TEXT_EXTENSIONS
-from cmcr.stores.files import sha256_file
+from cmcr.stores.files import progress_options, sha256_file
 from cmcr.stores.store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
@@ -740,7 +740,7 @@ def progress_bar(enabled: bool):
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("shards · {task.fields[samples]} samples · {task.fields[rate]:.1f}/s · "
                                "{task.fields[failures]} failures · {task.fields[shard]}"),
-                    TimeElapsedColumn(), disable=not enabled, transient=False)
+                    TimeElapsedColumn(), transient=False, **progress_options(enabled))
 
 
 def encode_shards(

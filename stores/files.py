@@ -256,6 +256,24 @@ def locks_output(param: str, *, folder: Callable[[Any], Any] | None = None, besi
     return deco
 
 
+# ----------------------------------------------------------------------------------- progress
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """``cmcr -q``: no progress bars anywhere (set by the CLI for the command it runs)."""
+    global _quiet
+    _quiet = bool(quiet)
+
+
+def progress_options(enabled: bool = True) -> dict[str, Any]:
+    """Keyword arguments for every ``rich.progress.Progress``: drawn on stderr (results own stdout) and
+    disabled when ``enabled`` is False or the CLI runs quiet."""
+    from rich.console import Console
+
+    return {"console": Console(stderr=True), "disable": (not enabled) or _quiet}
+
+
 # ----------------------------------------------------------------------------------- device
 def resolve_device(device: Any = "auto") -> Any:
     """The one device resolver (encode, connect, memories, projection).

@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from cmcr.errors import StoreIndexError
-from cmcr.stores.files import atomic_replace, atomic_write_json, locks_output
+from cmcr.stores.files import atomic_replace, atomic_write_json, locks_output, progress_options
 from cmcr.stores.store import Store, _now
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def rows_progress(enabled: bool = True):
             return Text(f"{task.speed:,.0f} rows/s" if task.speed else "? rows/s", style="progress.data.speed")
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RowsPerSecond(),
-                    TimeRemainingColumn(), disable=not enabled, transient=True)
+                    TimeRemainingColumn(), transient=True, **progress_options(enabled))
 
 
 def _gather_rows(store: Store, rows: np.ndarray, batch_rows: int) -> np.ndarray:

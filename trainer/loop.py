@@ -36,7 +36,14 @@ import numpy as np
 import torch
 
 from cmcr.errors import TrainingError
-from cmcr.stores.files import atomic_replace, atomic_write_bytes, canonical_json, locks_output, temp_path
+from cmcr.stores.files import (
+    atomic_replace,
+    atomic_write_bytes,
+    canonical_json,
+    locks_output,
+    progress_options,
+    temp_path,
+)
 from cmcr.stores.memory import MemoryQueue, resolve_device
 from cmcr.stores.store import Store
 from cmcr.trainer import losses
@@ -238,6 +245,9 @@ def train_connector(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_steps = steps_per_epoch(len(train_rows), cfg.batch_size)
     total_steps = cfg.epochs * n_steps
+    warnings = few_steps_warning(len(train_rows), cfg.batch_size, cfg.epochs)
+    for w in warnings:
+        log.warning("%s", w)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
     noise_gen = torch.Generator(device=device)
@@ -340,7 +350,23 @@ def train_connector(
     connector = make_connector(proj_a, proj_b, stores, cfg, data, final)
     connector.save(out)
     return {"connector": str(out), "fingerprint": connector.fingerprint, "metrics": final, "history": history,
-            "data": data.join, "config": cfg.to_dict(), "device": str(device)}
+            "data": data.join, "config": cfg.to_dict(), "device": str(device), "warnings": warnings}
+
+
+#: Fewer optimiser steps per epoch than this draws a warning (see :func:`few_steps_warning`).
+MIN_STEPS_PER_EPOCH = 4
+
+
+def few_steps_warning(n_train: int, batch_size: int, epochs: int) -> list[str]:
+    """A warning when the batch is so large against the training pairs that an epoch is only a
+    step or two (e.g. batch 4096 on 3,500 captions: one step per epoch, ``epochs`` steps in all)."""
+    steps = steps_per_epoch(n_train, batch_size)
+    if steps >= MIN_STEPS_PER_EPOCH:
+        return []
+    suggest = max(2, 2 ** int(math.log2(max(2, n_train // (2 * MIN_STEPS_PER_EPOCH)))))
+    return [f"batch size {batch_size} against {n_train} training pairs makes {steps} optimiser step(s) per epoch "
+            f"({steps * epochs} in all): the projectors barely train. Pass --batch-size {suggest} (or smaller), or "
+            f"many more --epochs"]
 
 
 def make_connector(proj_a: torch.nn.Module, proj_b: torch.nn.Module, stores: ConnectStores, cfg: TrainConfig,
@@ -374,7 +400,8 @@ class _Reporter:
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("step loss {task.fields[loss]:.4f}"),
-                                TextColumn("{task.fields[rate]:,.0f} pairs/s"), TimeRemainingColumn())
+                                TextColumn("{task.fields[rate]:,.0f} pairs/s"), TimeRemainingColumn(),
+                                **progress_options())
 
     def completion(self, side: str, done: int, total: int) -> None:
         if self.callback:
