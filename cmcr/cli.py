@@ -57,7 +57,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Logs go to stderr. Default: cmcr's warnings. ``-v``: cmcr's debug messages (other libraries stay at
     WARNING, so torch/PIL/urllib3 do not flood the screen). ``-q``: errors only."""
     level = logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)  # also when logging was configured before (repeated main() calls)
     logging.getLogger("cmcr").setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING)
 
 
