@@ -59,7 +59,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(level)  # also when logging was configured before (repeated main() calls)
-    logging.getLogger("cmcr").setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING)
+    # -v: cmcr only (NOTSET otherwise: cmcr follows the root level, and a library user's own setup)
+    logging.getLogger("cmcr").setLevel(logging.DEBUG if verbose and not quiet else logging.NOTSET)
 
 
 @app.callback()

@@ -45,7 +45,7 @@ def test_global_flags_after_the_subcommand(tmp_path: Path, capsys) -> None:
     assert logging.getLogger("cmcr").level == logging.DEBUG
     assert logging.getLogger().level == logging.WARNING  # other libraries are not flooded with DEBUG
     main(["store", "info", str(tmp_path / "missing")])
-    assert logging.getLogger("cmcr").level == logging.WARNING
+    assert logging.getLogger("cmcr").getEffectiveLevel() == logging.WARNING
     capsys.readouterr()
 
 
