@@ -1,8 +1,9 @@
 """One exception hierarchy for the whole tool.
 
 Every message names the file / row / field involved, what was expected, what was found and
-how to fix it. The CLI turns any :class:`CmcrError` into a one-paragraph message and exit
-code 2 instead of a traceback.
+how to fix it. The CLI turns any :class:`CmcrError` into a one-paragraph message instead of a
+traceback: exit code 1 (a runtime error), or 2 for a :class:`ConfigError` (a usage error: an
+invalid option value or configuration), like click's own usage errors (docs/cli.md).
 """
 
 from __future__ import annotations
