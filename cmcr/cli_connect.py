@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cmcr.console import err_console, out_console
 from cmcr.errors import CmcrError, ConnectorError, InputDataError
 
-console = Console()
+console = out_console()
 
 eval_app = typer.Typer(help="Evaluate connected spaces: retrieval and zero-shot classification.",
                        no_args_is_help=True)
@@ -78,15 +78,17 @@ def connect(
     result = train_connector(shared_a, shared_b, memory_a, memory_b, out, cfg, resume=resume, overwrite=overwrite,
                              progress=not as_json)
     if as_json:
-        _print_json({k: result[k] for k in ("connector", "fingerprint", "metrics", "data", "device")})
+        _print_json({k: result[k] for k in ("connector", "fingerprint", "metrics", "data", "device", "warnings")})
         return
     d = result["data"]
     console.print(f"pairs: {d['pairs']} (keys only in A: {d['only_a']}, only in B: {d['only_b']})")
     m = result["metrics"]
+    chance = f" (chance 1/{m['val_pairs']} = {1 / m['val_pairs']:.4f})" if m.get("val_pairs") else ""
     console.print(f"connector {result['fingerprint']} written to {result['connector']} — last epoch mean loss "
-                  f"{m.get('loss', float('nan')):.4f}" + (f", held-out shared R@1 {m['val_shared_R@1']:.3f}"
-                                                         if "val_shared_R@1" in m else ""))
-    console.print(f"metrics: {Path(out) / 'metrics.jsonl'}, loss curve: {Path(out) / 'loss_curve.png'}")
+                  f"{m.get('loss', float('nan')):.4f}" + (f", held-out shared R@1 {m['val_shared_R@1']:.3f}{chance}"
+                                                         if "val_shared_R@1" in m else ""), markup=False)
+    # result["warnings"] (e.g. too few steps per epoch) were logged to stderr as they arose
+    console.print(f"metrics: {Path(out) / 'metrics.jsonl'}, loss curve: {Path(out) / 'loss_curve.png'}", markup=False)
 
 
 def project(
@@ -95,6 +97,7 @@ def project(
     out: Path = typer.Argument(..., help="Output store folder."),
     no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS index."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, different output store."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Project a store into the connected space (new store + FAISS index).
 
@@ -103,6 +106,11 @@ def project(
     from cmcr.trainer.evaluate import project_store
 
     s = project_store(connector, store, out, index=not no_index, overwrite=overwrite)
+    if as_json:
+        _print_json({"store": str(s.path), "rows": s.num_rows, "source_store": str(store), "side": s.encoder["side"],
+                     "mcr": s.encoder["mcr"], "dim": s.dim, "fingerprint": s.fingerprint(),
+                     "index": (s.path / "index" / "index.json").is_file()})
+        return
     console.print(f"{s.num_rows} rows of {store} projected by side {s.encoder['side']} ({s.encoder['mcr']}) "
                   f"into {out}")
 
@@ -313,7 +321,12 @@ def eval_zeroshot(
     _random_note(sources)
     console.print(f"zero-shot on {store} ({r['items']} items, {r['classes']} classes, prompt {prompt!r}, text side "
                   f"{side}): top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f} (chance {r['chance']['top1']:.4f} / "
-                  f"{r['chance']['top5']:.4f})")
+                  f"{r['chance']['top5']:.4f})", markup=False, highlight=False)
+    skipped = r.get("items_without_class", 0)
+    if skipped:
+        err_console().print(f"warning: {skipped} item(s) of {store} were skipped: their `{label_column}` is not one "
+                            f"of the {r['classes']} classes (add those classes to --classes, or check the label "
+                            f"column)", markup=False, highlight=False)
 
 
 def _class_names(classes: str) -> list[str]:

@@ -34,6 +34,7 @@ def demo(
                                    "(not shipped; default: a random stand-in, flagged)."),
     ulip_clip: Path = typer.Option(None, "--ulip-clip", help="With --release: the released ulip_clip.pt "
                                    "(default: the copy in cmcr/data/release)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (demo.json) on stdout; progress on stderr."),
 ) -> None:
     """Run shard -> encode -> connect -> project -> eval -> search on the bundled media and write a report.
 
@@ -56,9 +57,18 @@ def demo(
         return
     from cmcr.demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(out=out, fast=fast, clip=clip, clap=clap, clap_tokenizer=clap_tokenizer,
-                         captions=captions, epochs=epochs, device=device, synthetic=synthetic,
-                         num_workers=num_workers, overwrite=overwrite))
+    console = None
+    if as_json:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    opts = DemoOptions(out=out, fast=fast, clip=clip, clap=clap, clap_tokenizer=clap_tokenizer, captions=captions,
+                       epochs=epochs, device=device, synthetic=synthetic, num_workers=num_workers, overwrite=overwrite)
+    result = run_demo(opts, console)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(result.to_json(), indent=2, default=str))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True)
+from cmcr.console import err_console, out_console, plain
+
+console = err_console()
 
 SPEC_HELP = (
     "Encoder spec FAMILY:ARCHITECTURE or FAMILY:ARCHITECTURE@WEIGHTS: open_clip:ViT-B-32 (tag openai), "
@@ -31,6 +32,13 @@ def shard(
     path_column: str | None = typer.Option(None, help="Table column holding media paths (auto: path, file, ...)."),
     key_column: str | None = typer.Option(None, help="Table column holding unique sample ids used as keys."),
     label_column: str = typer.Option("label", help="Table column holding the label."),
+    max_member_bytes: int | None = typer.Option(
+        None, "--max-member-bytes", min=1, envvar="CMCR_MAX_MEMBER_BYTES",
+        help="Resharding tars: largest member read into memory (default 256 MiB)."),
+    max_sample_bytes: int | None = typer.Option(
+        None, "--max-sample-bytes", min=1, envvar="CMCR_MAX_SAMPLE_BYTES",
+        help="Resharding tars: largest sample read into memory (default 512 MiB)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (stdout)."),
 ) -> None:
     """Write webdataset shards with stable, safe keys and per-sample JSON metadata.
 
@@ -41,23 +49,27 @@ def shard(
     """
     from cmcr.pipeline.shards import write_shards
 
+    _set_limits(CMCR_MAX_MEMBER_BYTES=max_member_bytes, CMCR_MAX_SAMPLE_BYTES=max_sample_bytes)
     report = write_shards(inputs, out, samples_per_shard, modality=modality, text_column=text_column,
                           path_column=path_column, key_column=key_column, label_column=label_column)
+    if as_json:
+        _print_json(report.to_json())
+        return
     table = Table(title=f"shards in {out}")
     for col in ("modality", "samples", "shards", "folder"):
         table.add_column(col)
     for mod, paths in report.shards.items():
         table.add_row(mod, str(report.counts[mod]), str(len(paths)), str(out / mod))
-    Console().print(table)
+    out_console().print(table)
     for mod in report.replaced:
-        console.print(f"[yellow]warning: {out / mod} held shards of different content before; stores encoded "
+        console.print(f"[yellow]warning: {plain(out / mod)} held shards of different content before; stores encoded "
                       f"from the old shards no longer match them: encode into a new store, or with --overwrite[/]",
                       highlight=False)
     skipped = report.skipped + report.duplicates
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} entries[/]:")
         for s in skipped[:20]:
-            console.print(f"  {s.source}: {s.reason}", highlight=False)
+            console.print(f"  {s.source}: {s.reason}", highlight=False, markup=False)
         if len(skipped) > 20:
             console.print(f"  ... and {len(skipped) - 20} more (run with -v to log all)")
 
@@ -104,6 +116,17 @@ def encode(
     gpus_per_replica: float | None = typer.Option(
         None, "--gpus-per-replica",
         help="--engine ray: GPUs per encoder actor (0.5 = two per GPU); default 1 when the cluster has GPUs, else 0."),
+    max_image_pixels: int | None = typer.Option(
+        None, "--max-image-pixels", min=1, envvar="CMCR_MAX_IMAGE_PIXELS",
+        help="Largest image (width x height) decoded; bigger ones are recorded failures (default 89478485, "
+             "PIL's limit; env CMCR_MAX_IMAGE_PIXELS)."),
+    max_member_bytes: int | None = typer.Option(
+        None, "--max-member-bytes", min=1, envvar="CMCR_MAX_MEMBER_BYTES",
+        help="Largest tar member read into memory; bigger ones fail their sample (default 268435456 = 256 MiB)."),
+    max_sample_bytes: int | None = typer.Option(
+        None, "--max-sample-bytes", min=1, envvar="CMCR_MAX_SAMPLE_BYTES",
+        help="Largest tar sample (all its members) read into memory (default 536870912 = 512 MiB)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (stdout); no progress bar."),
 ) -> None:
     """Embed shards into a store: one atomic part per shard, failures in the store's failure table.
 
@@ -119,25 +142,46 @@ def encode(
     from cmcr.pipeline.pointcloud import PointCloudDecoding
 
     command = " ".join(shlex.quote(a) for a in ["cmcr", *sys.argv[1:]])
+    _set_limits(CMCR_MAX_IMAGE_PIXELS=max_image_pixels, CMCR_MAX_MEMBER_BYTES=max_member_bytes,
+                CMCR_MAX_SAMPLE_BYTES=max_sample_bytes)
     tokenizer = str(clap_tokenizer) if clap_tokenizer else None
     pointcloud = PointCloudDecoding(mesh_samples=mesh_samples, max_bytes=int(max_3d_mb * 2**20),
                                     max_points=max_3d_points)
     try:
         report = _run(shards, encoder, modality, store, batch_size=batch_size, num_workers=num_workers,
                       device=device, precision=precision, dtype=dtype, overwrite=overwrite, tokenizer=tokenizer,
-                      threads=threads, progress=progress, engine=engine, address=address, replicas=replicas,
-                      gpus_per_replica=gpus_per_replica, command=command, pointcloud=pointcloud)
+                      threads=threads, progress=progress and not as_json, engine=engine, address=address,
+                      replicas=replicas, gpus_per_replica=gpus_per_replica, command=command, pointcloud=pointcloud)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted — the store holds {_complete_parts(store)} complete parts; rerun the "
                       f"same command to resume[/]", highlight=False)
         raise typer.Exit(130) from None
-    _print_report(report, modality, store, engine)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        _print_report(report, modality, store, engine)
     if report.rows == 0 and report.failures > 0:
         raise InputDataError(
             f"every sample failed: {report.failures} failure(s), no row written to {store} "
             f"({report.shards_done} shard(s) done, {report.shards_failed} unreadable). Wrong --modality for these "
             f"shards, or broken inputs? See the failures above and in {store}/failures.parquet"
         )
+
+
+def _print_json(obj: object) -> None:
+    import json
+
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _set_limits(**values: int | None) -> None:
+    """Put size limits in the environment: the image decoder and the tar reader read them in every
+    DataLoader worker / Ray task (``pipeline.images.max_pixels``, ``pipeline.corpora.TarLimits``)."""
+    import os
+
+    for name, value in values.items():
+        if value is not None:
+            os.environ[name] = str(value)
 
 
 def _complete_parts(store: Path) -> int:
@@ -198,11 +242,13 @@ def _print_report(report, modality: str, store: Path, engine: str) -> None:
     if engine == "ray":
         t.add_row("Ray replicas x GPUs", f"{report.replicas} x {report.gpus_per_replica:g}")
         t.add_row("Ray start-up: init / first result (s)", f"{report.ray_init_s:.2f} / {report.first_result_s:.2f}")
-    Console().print(t)
+    out_console().print(t)
     for f in report.failure_examples[:5]:
-        console.print(f"  failure {f['key']!r} ({f['stage']}): {f['error']}", highlight=False)
+        console.print(f"  failure {f['key']!r} ({f['stage']}): {f['error']}", highlight=False, markup=False)
     if report.failures:
-        console.print(f"[yellow]{report.failures} failures recorded in {store}/failures.parquet[/]")
+        console.print(f"[yellow]{report.failures} failures recorded in {plain(store)}/failures.parquet[/]")
+    for shard_path in report.empty_shards[:20]:
+        console.print(f"[yellow]warning:[/] empty shard (no samples): {plain(shard_path)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

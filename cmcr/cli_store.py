@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cmcr.console import out_console
 from cmcr.errors import ConfigError, StoreFormatError, StoreValidationError
 
 store_app = typer.Typer(
@@ -28,7 +28,7 @@ store_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+console = out_console()
 
 IMPORT_HELP = """Build a store from embeddings made by another model (ULIP-2 for 3D, ImageBind, in-house...).
 

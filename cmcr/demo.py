@@ -35,6 +35,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from cmcr.errors import CmcrError
+from cmcr.stores.files import OUTPUT_LOCK, atomic_write_json, locks_output
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,8 @@ def check_output_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a folder")
     # "release" is the folder of `cmcr demo --release` (cmcr/release_demo.py), which may share --out
-    if out.is_dir() and any(p.name != "release" for p in out.iterdir()) and not (out / DEMO_MARKER).exists():
+    if out.is_dir() and any(p.name not in ("release", OUTPUT_LOCK) for p in out.iterdir()) \
+            and not (out / DEMO_MARKER).exists():
         raise ConfigError(f"--out {out} is not empty and holds no demo run ({DEMO_MARKER} missing); "
                           f"pass an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -250,15 +252,14 @@ def claim_output_folder(out: Path, settings: dict[str, Any], *, overwrite: bool)
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    os.replace(tmp, marker)
+    atomic_write_json(marker, settings, sort_keys=True)
 
 
 def _labels(store) -> list[Any]:  # noqa: ANN001
     return store.metadata(["label"]).column("label").to_pylist()
 
 
+@locks_output("opts", folder=lambda o: o.out)
 def run_demo(opts: DemoOptions, console: Console | None = None,
              step: Callable[[str], None] | None = None) -> DemoResult:
     """Run the demo end to end and write ``<out>/report.md``, ``<out>/report.html``, ``<out>/demo.json``.
@@ -559,6 +560,4 @@ def write_reports(result: DemoResult, out: Path) -> None:
     parts.append("<h2>Time (seconds)</h2>" + h_table([result.seconds]) + "</body></html>")
     (out / "report.html").write_text("".join(parts))
     result.report_html = str(out / "report.html")
-    tmp = out / "demo.json.tmp"
-    tmp.write_text(json.dumps(result.to_json(), indent=2, default=str))
-    os.replace(tmp, out / "demo.json")
+    atomic_write_json(out / "demo.json", result.to_json())

@@ -1,8 +1,9 @@
 """One exception hierarchy for the whole tool.
 
 Every message names the file / row / field involved, what was expected, what was found and
-how to fix it. The CLI turns any :class:`CmcrError` into a one-paragraph message and exit
-code 2 instead of a traceback.
+how to fix it. The CLI turns any :class:`CmcrError` into a one-paragraph message instead of a
+traceback: exit code 1 (a runtime error), or 2 for a :class:`ConfigError` (a usage error: an
+invalid option value or configuration), like click's own usage errors (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -61,3 +62,7 @@ class CorruptFileError(InputDataError):
 class UnsafeFileError(InputDataError):
     """A torch file holds pickled objects outside the safe allowlist (they could run code); cmcr
     never unpickles such a file (see :mod:`cmcr.safeload`)."""
+
+
+class OutputLockedError(CmcrError):
+    """Another process is writing the same output folder (the message names its pid and command)."""

@@ -32,10 +32,38 @@ def command_paths() -> list[list[str]]:
     return paths
 
 
+CONVENTIONS = """
+## Conventions (every command)
+
+- **Streams:** results (tables, search hits, `--json`) go to **stdout**; progress bars, warnings and
+  logs go to **stderr**, so `cmcr encode ... --json > report.json` holds only the JSON. Output piped
+  to a file is not wrapped at 80 columns. Error and help texts are plain text (a path like
+  `a[/x]` prints as is).
+- **Exit codes:** `0` success; `1` runtime error (bad input data, a store or connector that does not
+  fit, an output folder another cmcr process is writing, a training failure: one `error:` line, no
+  traceback); `2` usage error (unknown option, invalid option value, bad configuration:
+  `ConfigError`); `130` interrupted (Ctrl-C). A traceback means a bug.
+- **Global flags:** `-v/--verbose` (cmcr's debug messages; other libraries stay at WARNING) and
+  `-q/--quiet` (errors only, no progress bars) are accepted before or after the subcommand
+  (`cmcr encode ... -v`). `--version`; `python -m cmcr` works like `cmcr`; shell completion:
+  `cmcr --install-completion` (bash, zsh, fish, PowerShell).
+- **`--json`** on every command that produces a result: shard, encode, connect, project, search,
+  eval retrieval/zeroshot, store import/info/validate/index, demo, bench synthetic.
+- **Output folders are locked:** a command writing an output folder (shard `--out`, connect `--out`,
+  project, store import/index, bench synthetic, demo) holds an advisory lock on it
+  (`<folder>/.cmcr-output.lock`, removed at the end; for `store import`,
+  `.<name>.cmcr-output.lock` beside it). A second cmcr process writing the same folder exits 1 with
+  the first one's pid and command. The kernel drops the lock when its holder dies (even `kill -9`).
+  Several `cmcr encode` runs may append to one store (each shard is one atomic part; a shard another
+  run finished meanwhile is kept, not redone).
+"""
+
+
 def render() -> str:
     runner = CliRunner()
     out = ["# CLI reference\n", "Generated from `cmcr <command> --help` by `docs/make_cli_reference.py`.\n"]
     out.append("\n" + "".join(f"- [`cmcr {' '.join(p)}`](#cmcr-{'-'.join(p)})\n" for p in command_paths()))
+    out.append(CONVENTIONS)
     for path in command_paths():
         text = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "110", "NO_COLOR": "1"}).output
         out.append(f"\n## cmcr {' '.join(path)}\n\n```\n{text.rstrip()}\n```\n")

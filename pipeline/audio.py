@@ -7,7 +7,14 @@ One documented path from file bytes to the fixed-length mono clip an audio encod
    :func:`to_mono_float` are scaled the same way (int16 / 32768, int32 / 2**31, uint8 offset 128);
 2. down-mix to mono by averaging channels; the channel axis of a 2-D array is the smaller one
    (``(T, C)`` as soundfile returns it, or ``(C, T)``);
-3. refuse zero-length clips and clips with NaN/Inf samples (:class:`SampleError`);
+3. refuse zero-length clips, clips shorter than :data:`MIN_CLIP_SECONDS`, 2-D arrays whose layout
+   is ambiguous (the long axis is not at least :data:`MIN_SAMPLES_PER_CHANNEL` times the short one,
+   e.g. ``(3, 4)``) and clips with NaN/Inf samples (:class:`SampleError`);
+3b. range: float samples must lie in [-1, 1]. Peaks up to :data:`MAX_FLOAT_PEAK` (mild overs of
+   float masters) are clipped as before; a float clip whose samples are all whole numbers within
+   int16 range (unscaled int16 PCM written as float) is rescaled by 1/32768 and flagged
+   ``rescaled_int16`` (a note in the row's ``meta_json``, logged); any other clip beyond
+   :data:`MAX_FLOAT_PEAK` (e.g. 1e29) is a failure — clipping it would feed the model a square wave;
 4. resample to the encoder's rate with soxr (``HQ`` quality; deterministic);
 5. fixed length: clips longer than ``clip_seconds`` are cropped by a deterministic policy
    (``center`` by default, or ``head``); shorter ones are padded (``repeatpad``: repeated
@@ -31,6 +38,12 @@ import numpy as np
 from cmcr.errors import InputDataError
 
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "oga", "mp3")
+#: Clips shorter than this (in seconds, before resampling) are failures: nothing to hear.
+MIN_CLIP_SECONDS = 0.01
+#: A 2-D array's long (time) axis must be at least this many times its short (channel) axis.
+MIN_SAMPLES_PER_CHANNEL = 16
+#: Float clips peaking above this are not clipped silently (see the module docstring, step 3b).
+MAX_FLOAT_PEAK = 2.0
 LONG_POLICIES = ("center", "head")
 SHORT_POLICIES = ("repeatpad", "zeropad")
 
@@ -91,6 +104,7 @@ class AudioInfo:
     silent: bool
     cropped: bool
     padded: bool
+    rescaled_int16: bool = False
 
 
 def decode_audio(data: bytes, what: str = "audio") -> tuple[np.ndarray, int]:
@@ -125,9 +139,17 @@ def to_mono_float(x: np.ndarray, what: str = "audio") -> tuple[np.ndarray, int]:
         ``(mono (T,) float32, channels)``.
 
     Raises:
-        SampleError: zero length, more than 2 dimensions, NaN or Inf values.
+        SampleError: zero length, more than 2 dimensions, an ambiguous 2-D layout, NaN or Inf
+            values, float samples far outside [-1, 1] (see :func:`check_range`).
     """
+    mono, channels, _ = _to_mono(x, what)
+    return mono, channels
+
+
+def _to_mono(x: np.ndarray, what: str) -> tuple[np.ndarray, int, bool]:
+    """:func:`to_mono_float` plus whether unscaled int16 values were rescaled."""
     x = np.asarray(x)
+    was_float = x.dtype.kind == "f"
     if x.dtype.kind == "i":
         scale = float(2 ** (8 * x.dtype.itemsize - 1))
         x = x.astype(np.float32) / scale
@@ -140,6 +162,11 @@ def to_mono_float(x: np.ndarray, what: str = "audio") -> tuple[np.ndarray, int]:
         channels = 1
         mono = x
     elif x.ndim == 2:
+        short, long_ = sorted(x.shape)
+        if short > 1 and long_ < MIN_SAMPLES_PER_CHANNEL * short:
+            raise SampleError(f"{what}: ambiguous sample array of shape {tuple(x.shape)}: cannot tell the channel "
+                              f"axis from the time axis (a clip has far more samples than channels); pass (T,) "
+                              f"or (T, C) with T >= {MIN_SAMPLES_PER_CHANNEL}·C")
         axis = 0 if x.shape[0] < x.shape[1] else 1  # channels are the short axis
         channels = int(x.shape[axis])
         mono = x.mean(axis=axis) if channels else np.zeros(0, np.float32)
@@ -150,7 +177,29 @@ def to_mono_float(x: np.ndarray, what: str = "audio") -> tuple[np.ndarray, int]:
         raise SampleError(f"{what}: zero-length audio (no samples)")
     if not np.isfinite(mono).all():
         raise SampleError(f"{what}: audio contains NaN or Inf samples; re-export the file")
-    return mono, channels
+    rescaled = False
+    if was_float:
+        mono, rescaled = check_range(mono, what)
+    return mono, channels, rescaled
+
+
+def check_range(mono: np.ndarray, what: str = "audio") -> tuple[np.ndarray, bool]:
+    """Float samples must be in [-1, 1] (see the module docstring, step 3b).
+
+    Returns:
+        ``(samples, rescaled)``: ``rescaled`` is True when whole-number samples within int16 range
+        (unscaled int16 PCM stored as float) were divided by 32768.
+
+    Raises:
+        SampleError: peak above :data:`MAX_FLOAT_PEAK` that is not unscaled int16 (names the peak).
+    """
+    peak = float(np.abs(mono).max()) if mono.size else 0.0
+    if peak <= MAX_FLOAT_PEAK:
+        return mono, False
+    if peak <= 32768.0 and np.array_equal(mono, np.round(mono)):
+        return (mono / np.float32(32768.0)).astype(np.float32), True
+    raise SampleError(f"{what}: float samples reach {peak:.6g}, far outside [-1, 1] (clipping would turn the "
+                      f"clip into a square wave); re-export the file as normalised float or integer PCM")
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
@@ -201,8 +250,11 @@ def preprocess_waveform(
     """
     if sr <= 0:
         raise SampleError(f"{what}: invalid sample rate {sr}")
-    mono, channels = to_mono_float(x, what)
+    mono, channels, rescaled = _to_mono(x, what)
     duration = len(mono) / float(sr)
+    if duration < MIN_CLIP_SECONDS:
+        raise SampleError(f"{what}: clip too short: {len(mono)} sample(s) at {sr} Hz = {duration * 1000:.3g} ms "
+                          f"(at least {MIN_CLIP_SECONDS * 1000:g} ms)")
     silent = bool(np.abs(mono).max() < policy.silence_threshold)
     mono = resample(mono, sr, policy.sample_rate)
     if mono.size == 0:
@@ -211,7 +263,7 @@ def preprocess_waveform(
     if policy.int16_quantize:
         clip = (np.clip(clip, -1.0, 1.0) * 32767.0).astype(np.int16).astype(np.float32) / 32767.0
     return clip, AudioInfo(duration_s=duration, sample_rate_in=int(sr), channels=channels,
-                           silent=silent, cropped=cropped, padded=padded)
+                           silent=silent, cropped=cropped, padded=padded, rescaled_int16=rescaled)
 
 
 def load_audio_bytes(data: bytes, policy: AudioPolicy, what: str = "audio") -> tuple[np.ndarray, AudioInfo]:

@@ -259,7 +259,8 @@ class ClapAudioPreprocessor:
         clip, info = load_audio_bytes(raw, self.policy)
         return torch.from_numpy(clip), {"duration_s": info.duration_s, "sample_rate_in": info.sample_rate_in,
                                         "channels": info.channels, "silent": info.silent,
-                                        "cropped": info.cropped, "padded": info.padded}
+                                        "cropped": info.cropped, "padded": info.padded,
+                                        **({"rescaled_int16": True} if info.rescaled_int16 else {})}
 
 
 class ClapTextPreprocessor:
@@ -339,7 +340,7 @@ class ClapEncoder(Encoder):
                 spec.weights or (DEFAULT_FUSION_WEIGHTS if fusion else DEFAULT_WEIGHTS))
             if not ckpt_path.is_file():
                 raise EncoderError(f"CLAP checkpoint {ckpt_path} does not exist; pass clap:{arch}@/path/to/ckpt.pt")
-            from cmcr.stores.store import sha256_file
+            from cmcr.stores.files import sha256_file
 
             self._weights_id = "sha256:" + sha256_file(ckpt_path)
         # tiny test configs accept small tokenizers (their text tower has a few hundred tokens)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -263,27 +264,107 @@ def read_table(
         yield entry
 
 
-def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
+MAX_MEMBER_BYTES_ENV = "CMCR_MAX_MEMBER_BYTES"
+MAX_SAMPLE_BYTES_ENV = "CMCR_MAX_SAMPLE_BYTES"
+
+
+@dataclass(frozen=True)
+class TarLimits:
+    """Size limits of what one tar sample may hand to memory (checked on the tar header, before reading).
+
+    Attributes:
+        max_member_bytes: largest member (one file of a sample); default 256 MiB (env ``CMCR_MAX_MEMBER_BYTES``).
+        max_sample_bytes: largest sample (all its members); default 512 MiB (env ``CMCR_MAX_SAMPLE_BYTES``).
+    """
+
+    max_member_bytes: int = 256 << 20
+    max_sample_bytes: int = 512 << 20
+
+    @classmethod
+    def from_env(cls) -> TarLimits:
+        """Defaults, overridden by the environment (``cmcr encode``/``shard --max-member-bytes`` set it,
+        so DataLoader workers and Ray tasks see it).
+
+        Raises:
+            InputDataError: a variable that is not a positive whole number of bytes.
+        """
+        values = {}
+        for name, env in (("max_member_bytes", MAX_MEMBER_BYTES_ENV), ("max_sample_bytes", MAX_SAMPLE_BYTES_ENV)):
+            raw = os.environ.get(env)
+            if raw:
+                try:
+                    values[name] = int(raw.replace("_", ""))
+                except ValueError:
+                    values[name] = 0
+                if values[name] <= 0:
+                    raise InputDataError(f"{env}={raw!r} is not a positive whole number of bytes")
+        return cls(**values)
+
+
+def iter_tar_samples(path: Path, limits: TarLimits | None = None) -> Iterator[dict[str, Any]]:
     """Stream a webdataset tar: one dict per sample, ``{"__key__": key, ext: bytes, ...}``.
 
-    Members are grouped by key as webdataset does (consecutive members sharing the key).
-    Raises ``tarfile.TarError`` / ``OSError`` on a corrupt or truncated tar.
+    Members are grouped by key as webdataset does (consecutive members sharing the key; extensions
+    lower-cased). A sample that cannot be trusted comes back as ``{"__key__": key, "__error__": why}``
+    (the caller records one failure for it, naming the tar and member) instead of being merged or
+    read: a duplicate member (two ``key.jpg``, or ``.jpg`` and ``.JPG``), a symlink / hard link /
+    special-file member, a member above ``limits.max_member_bytes`` or a sample above
+    ``limits.max_sample_bytes`` (sizes come from the tar header; nothing oversized is read into
+    memory). Directories and names without an extension are skipped, as webdataset does.
+
+    Read with the standard library's streaming ``tarfile`` rather than webdataset's
+    ``tar_file_iterator``/``group_by_keys``: those drop non-regular members silently, read every member
+    whole with no size limit and end the whole stream on a duplicate member.
+
+    Args:
+        limits: size limits (default: :meth:`TarLimits.from_env`).
+
+    Raises:
+        tarfile.TarError, OSError, EOFError: a corrupt or truncated tar (the samples before it were yielded).
     """
+    limits = limits or TarLimits.from_env()
+    name = Path(path).name
     current: dict[str, Any] | None = None
+    size = 0
     with tarfile.open(path, mode="r|*") as tf:
         for member in tf:
-            if not member.isfile():
+            tf.members = []  # streaming: do not keep every header of a large tar
+            if member.isdir():
                 continue
             m = WDS_NAME.match(member.name)
             if not m:
                 continue
             key, ext = m.group(1), m.group(2).lower()
-            f = tf.extractfile(member)
-            data = f.read() if f is not None else b""
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
                 current = {"__key__": key}
+                size = 0
+            if "__error__" in current:
+                continue
+            error = None
+            if not member.isfile():
+                kind = ("a symlink" if member.issym() else "a hard link" if member.islnk() else "not a regular file")
+                target = f" (to {member.linkname})" if member.linkname else ""
+                error = (f"{name}: member {member.name} is {kind}{target}; shards hold regular files only "
+                         f"(re-shard the data with `cmcr shard`)")
+            elif ext in current:
+                error = (f"{name}: duplicate member {member.name} in sample {key!r} (a sample holds one member "
+                         f"per extension; merging them would mix two samples); re-shard the data with `cmcr shard`")
+            elif member.size > limits.max_member_bytes:
+                error = (f"{name}: member {member.name} is {member.size} bytes, above the limit of "
+                         f"{limits.max_member_bytes} bytes per member (raise it with --max-member-bytes or "
+                         f"{MAX_MEMBER_BYTES_ENV})")
+            elif size + member.size > limits.max_sample_bytes:
+                error = (f"{name}: sample {key!r} is over {size + member.size} bytes at member {member.name}, "
+                         f"above the limit of {limits.max_sample_bytes} bytes per sample (raise it with "
+                         f"--max-sample-bytes or {MAX_SAMPLE_BYTES_ENV})")
+            if error is not None:
+                current = {"__key__": key, "__error__": error}
+                continue
+            f = tf.extractfile(member)
+            data = f.read(member.size) if f is not None else b""
+            size += len(data)
             current[ext] = data
     if current is not None:
         yield current
@@ -292,8 +373,13 @@ def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
 def read_tar(path: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
     """Samples of an existing webdataset tar, for resharding (keys made safe, ``json`` kept)."""
     try:
+        empty = True
         for sample in iter_tar_samples(path):
+            empty = False
             key = sample["__key__"]
+            if "__error__" in sample:
+                skipped.append(Skipped(f"{path.name}:{key}", sample["__error__"]))
+                continue
             meta: dict[str, Any] = {}
             if "json" in sample:
                 try:
@@ -309,6 +395,8 @@ def read_tar(path: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
             meta.setdefault("label", None)
             yield CorpusEntry(key=safe_key(key), modality=str(modality_of_extension(ext)), ext=ext,
                               data=sample[ext], meta=meta)
+        if empty:
+            skipped.append(Skipped(str(path), "empty tar: no samples"))
     except (tarfile.TarError, OSError, EOFError) as e:
         skipped.append(Skipped(str(path), f"unreadable tar ({type(e).__name__}: {e}); samples after the error lost"))
 

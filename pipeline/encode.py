@@ -40,12 +40,13 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from cmcr.errors import ConfigError, InputDataError, StoreValidationError
+from cmcr.errors import ConfigError, InputDataError, StoreMismatchError, StoreValidationError
 from cmcr.pipeline.audio import SampleError
 from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
 from cmcr.pipeline.media import MEDIA_EXTENSIONS, media_member
 from cmcr.pipeline.pointcloud import PointCloudDecoding, decode_points
+from cmcr.stores.files import progress_options, sha256_file
 from cmcr.stores.store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ METADATA_SCHEMAS: dict[str, pa.Schema] = {
                      ("has_color", pa.bool_()), ("radius", pa.float64()), ("meta_json", pa.string())]),
 }
 _META_SKIP = {"key", "modality", "source", "label"}
+#: Per-row preprocessing notes without a column of their own; recorded in ``meta_json`` when set.
+PREPROCESSING_NOTES = ("rescaled_int16",)
+#: Manifest ``extra`` field recording the forward-pass precision (fp32 / bf16 / fp16) of a store's rows.
+COMPUTE_PRECISION = "compute_precision"
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -71,7 +76,8 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
     """Expand shard arguments: folders (their ``*.tar``, sorted), tar files, globs, brace ranges.
 
     Raises:
-        InputDataError: nothing found (names what was looked at).
+        InputDataError: nothing found (names what was looked at), or a folder whose ``shards.json``
+            lists shards that are missing.
     """
     import glob
 
@@ -83,6 +89,7 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
         for s in braceexpand(str(item)):
             p = Path(s)
             if p.is_dir():
+                _check_index_complete(p)
                 out.extend(sorted(p.glob("*.tar")))
             elif p.is_file():
                 out.append(p)
@@ -96,6 +103,29 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
         raise InputDataError(f"no .tar shards found in {items}; make them with `cmcr shard`")
     seen: set[Path] = set()
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def _check_index_complete(folder: Path) -> None:
+    """A shard folder's ``shards.json`` (from ``cmcr shard``) lists every shard; one that is missing
+    would be skipped silently (its samples absent from the store), so it is an error.
+
+    Raises:
+        InputDataError: names the missing shards and the fixes.
+    """
+    index = folder / "shards.json"
+    if not index.is_file():
+        return
+    try:
+        listed = [str(e["file"]) for e in json.loads(index.read_text()).get("shards", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # not cmcr's index: nothing to compare against
+    missing = [f for f in listed if not (folder / f).is_file()]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InputDataError(
+            f"{folder}: {len(missing)} shard(s) listed in shards.json are missing ({', '.join(missing[:5])}{more}); "
+            f"their samples would be left out of the store silently. Restore them, re-run `cmcr shard` into this "
+            f"folder, or pass the shards that exist as files/a glob (e.g. '{folder}/shard-*.tar')")
 
 
 def check_shards_modality(paths: Sequence[Path], modality: str) -> None:
@@ -113,10 +143,18 @@ def check_shards_modality(paths: Sequence[Path], modality: str) -> None:
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(recorded, str) and recorded != modality:
+            sibling = folder.parent / modality
+            if (sibling / "shards.json").is_file():
+                where = f"the shard folder of the {modality} samples, {sibling}"
+            else:
+                others = sorted(d.name for d in folder.parent.iterdir() if (d / "shards.json").is_file())
+                where = (f"a shard folder of {modality} samples (`cmcr shard` found none among its inputs for "
+                         f"{folder.parent}: it holds {', '.join(others) or 'no shard folders'}; shard {modality} "
+                         f"files first)")
             raise InputDataError(
                 f"the shards in {folder} hold {recorded} samples (its shards.json says modality {recorded!r}) "
                 f"but --modality is {modality!r}: pass -m {recorded} (with an encoder that embeds {recorded}), "
-                f"or the shard folder of the {modality} samples (e.g. {folder.parent / modality})"
+                f"or {where}"
             )
 
 
@@ -171,13 +209,7 @@ def _indexed_digest(p: Path, st: os.stat_result) -> str | None:
 
 
 def _sha256(p: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(p)
 
 
 def shards_to_do(paths: Sequence[Path], store: Store) -> tuple[list[Path], list[str]]:
@@ -269,7 +301,8 @@ def check_changed_shards(todo: Sequence[Path], idents: Sequence[str], store: Sto
             f"shard {p} changed since it was encoded into the store {store.path}: the store has a part of "
             f"{name} with digest {old}, the shard now has digest {digest}, and its keys (e.g. {clash!r}) are "
             f"already in the store, where they hold the embeddings of the old content. Encode into a new "
-            f"store (--store), or pass --overwrite to start this store over"
+            f"store (--store), or pass --overwrite to start this store over (it deletes every part of the "
+            f"store: never while another cmcr process writes it)"
         )
 
 
@@ -352,6 +385,9 @@ def prepare_sample(sample: dict[str, Any], preprocess: Callable[[Any], tuple[Any
                    source: str, out: Prepared, pointcloud: PointCloudDecoding | None = None) -> None:
     """Decode (:func:`decode_payload`) + preprocess one shard sample into ``out`` (or add a failure record)."""
     key = str(sample.get("__key__"))
+    if "__error__" in sample:  # the tar reader refused it (duplicate/link member, size limit): nothing to decode
+        out.failures.append({"key": key, "source": source, "stage": "read", "error": sample["__error__"]})
+        return
     meta = sample_meta(sample)
     t = time.perf_counter()
     try:
@@ -415,12 +451,17 @@ def embed_items(encoder: Encoder, modality: str, keys: Sequence[str], items: Seq
         emb = np.stack(rows) if rows else np.zeros((0, encoder.dim), np.float32)
         return emb, ok, failures
     finite = np.isfinite(emb).all(axis=1)
-    if not finite.all():
-        for i in np.flatnonzero(~finite):
-            failures.append({"key": keys[i], "source": source, "stage": "embed",
-                             "error": "the model returned NaN/Inf for this sample"})
-        ok &= finite
-        emb = emb[finite]
+    # Encoder.embed normalises with a clamped norm: an all-zero model output stays a zero row, which
+    # cannot be a unit vector (a cosine store would refuse the whole part).
+    usable = finite & (np.einsum("ij,ij->i", np.where(finite[:, None], emb, 0), np.where(finite[:, None], emb, 0))
+                       > 0.25)
+    if not usable.all():
+        for i in np.flatnonzero(~usable):
+            error = ("the model returned NaN/Inf for this sample" if not finite[i] else
+                     "the model returned an all-zero embedding for this sample (norm 0: it cannot be normalised)")
+            failures.append({"key": keys[i], "source": source, "stage": "embed", "error": error})
+        ok &= usable
+        emb = emb[usable]
     return np.ascontiguousarray(emb, dtype=np.float32), ok, failures
 
 
@@ -437,6 +478,8 @@ def metadata_table(modality: str, infos: Sequence[dict[str, Any]], metas: Sequen
         for name in schema.names:
             if name == "meta_json":
                 rest = {k: v for k, v in meta.items() if k not in _META_SKIP}
+                # preprocessing notes without a column of their own (e.g. ``rescaled_int16``)
+                rest.update({k: v for k, v in info.items() if k in PREPROCESSING_NOTES and v})
                 cols[name].append(json.dumps(rest, sort_keys=True, default=str) if rest else None)
             elif name in ("source", "label"):
                 v = meta.get(name)
@@ -475,9 +518,23 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
     if start_over and (Path(store_path) / MANIFEST).is_file():
         log.warning("removing the store %s and starting over", store_path)
         shutil.rmtree(store_path)
-    return Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
-                                overwrite=overwrite, preprocessing=store_preprocessing(encoder, modality, pointcloud),
-                                dtype=dtype, command=command)
+    precision = getattr(encoder, "precision", "fp32")
+    store = Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
+                                 overwrite=overwrite, preprocessing=store_preprocessing(encoder, modality, pointcloud),
+                                 dtype=dtype, command=command, extra={COMPUTE_PRECISION: precision})
+    recorded = (store.manifest.get("extra") or {}).get(COMPUTE_PRECISION)
+    if recorded is not None and recorded != precision:
+        if not overwrite:
+            raise StoreMismatchError(
+                f"{store_path}: its rows were computed in {recorded}, this run computes in {precision}; rows of "
+                f"two precisions must not mix in one store. Pass --precision {recorded} to add to it, or encode "
+                f"into another --store (or pass --overwrite to start this store over in {precision})")
+        shutil.rmtree(store_path)
+        return open_store(store_path, encoder, modality, dtype=dtype, command=command, pointcloud=pointcloud)
+    if recorded is None and store.num_rows:
+        log.warning("%s records no compute precision (made by an older cmcr); appending %s rows", store_path,
+                    precision)
+    return store
 
 
 @dataclass
@@ -525,13 +582,19 @@ def write_part(store: Store, modality: str, result: ShardResult, dim: int) -> in
     failures = list(result.failures)
     seen: set[str] = set()
     clashes = store.keys_present(keys)
+    if clashes and (result.part_source or result.source) in store.done_sources():
+        # another process encoding into this store wrote this very shard (same content digest) meanwhile:
+        # its part is complete and equal in meaning; nothing to add, nothing to start over
+        log.warning("%s: already encoded into %s by another process meanwhile; its part is kept", result.source,
+                    store.path)
+        return 0
     if clashes:
         raise KeyClashError(
             f"{len(clashes)} key(s) of shard {result.source} are already in the store {store.path} from "
             f"another shard (first: {clashes[0]!r}); a key must name one sample, so no part was written for "
             f"this shard. Give the corpora distinct keys (e.g. another table/list name, or --key-column with "
             f"unique ids when sharding), encode them into separate stores, or pass --overwrite to start the "
-            f"store over (parts written before this shard are kept)"
+            f"store over (it deletes every part of the store: never while another cmcr process writes it)"
         )
     keep = []
     for i, k in enumerate(keys):
@@ -645,7 +708,8 @@ class EncodeReport:
         decode_s: CPU seconds spent decoding + preprocessing (summed over workers);
         wait_s: seconds the main process waited for data (the decode bottleneck, in wall time);
         model_s: seconds in the forward pass; write_s: seconds writing parts; wall_s: total;
-        torch_threads: torch intra-op threads of the forward pass (main process / each actor).
+        torch_threads: torch intra-op threads of the forward pass (main process / each actor);
+        empty_shards: shards of this run that held no sample (reported, not failures).
     """
 
     store: str
@@ -662,6 +726,7 @@ class EncodeReport:
     wall_s: float = 0.0
     torch_threads: int = 0
     failure_examples: list[dict[str, Any]] = field(default_factory=list)
+    empty_shards: list[str] = field(default_factory=list)
 
     @property
     def samples_per_s(self) -> float:
@@ -694,6 +759,9 @@ def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: s
     result = ShardResult(source=shard_source(shard), part_source=identity)
     for batch in batches:
         result.add(*batch)
+    if not read_error and result.samples == 0:
+        report.empty_shards.append(str(shard))
+        log.warning("%s: empty shard (no samples); an empty part records it as done", shard)
     if read_error:
         report.shards_failed += 1
         fail = {"key": "", "source": result.source, "stage": "read", "error": read_error}
@@ -717,7 +785,7 @@ def progress_bar(enabled: bool):
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("shards · {task.fields[samples]} samples · {task.fields[rate]:.1f}/s · "
                                "{task.fields[failures]} failures · {task.fields[shard]}"),
-                    TimeElapsedColumn(), disable=not enabled, transient=False)
+                    TimeElapsedColumn(), transient=False, **progress_options(enabled))
 
 
 def encode_shards(

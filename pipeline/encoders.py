@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from cmcr.errors import EncoderError
+from cmcr.pipeline.audio import SampleError
+from cmcr.stores.files import resolve_device  # noqa: F401 - the one device helper, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +102,6 @@ def parse_spec(spec: str) -> EncoderSpec:
             raise EncoderError(f"invalid random seed in {spec!r}: use @random or @random:SEED") from e
         weights = "random"
     return EncoderSpec(family=family, architecture=m["arch"].strip(), weights=weights, seed=seed)
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed through."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EncoderError(f"--device {device} requested but CUDA is not available here; use --device cpu")
-    return device
 
 
 def collate_items(items: Sequence[Any]) -> Any:
@@ -217,12 +208,11 @@ class Encoder:
         Raises:
             SampleError: an input cannot be read or preprocessed (names it).
         """
-        from cmcr.pipeline.audio import SampleError
 
         self.check_modality(modality)
         pre = self.preprocessor(modality)
         items = []
-        for x in inputs:
+        for i, x in enumerate(inputs):
             if modality == "text":
                 raw = x
             else:
@@ -235,9 +225,8 @@ class Encoder:
             try:
                 items.append(pre(raw)[0])
             except SampleError as e:
-                if modality == "text" or str(x) in str(e):
-                    raise
-                raise SampleError(f"{x}: {e}") from e
+                where = f"{modality} input {i}" + (f" ({x})" if modality != "text" else "")
+                raise SampleError(f"{where}: {e}") from e
         if not items:
             return np.zeros((0, self.dim), np.float32)
         return self.embed(modality, self.collate(modality, items))
@@ -259,7 +248,7 @@ def load_encoder(spec: str, *, device: str = "auto", precision: str = "fp32",
         EncoderError: bad spec, unknown architecture, missing checkpoint or tokenizer files.
     """
     parsed = parse_spec(spec)
-    dev = resolve_device(device)
+    dev = str(resolve_device(device))  # the one device helper (cmcr.stores.files); a clear ConfigError
     if parsed.family == "open_clip":
         from cmcr.pipeline.openclip_encoder import OpenClipEncoder
 

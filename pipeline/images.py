@@ -4,7 +4,9 @@ One documented path from file bytes to an RGB PIL image, whatever the mode:
 
 * the file is opened with PIL and fully loaded (``Image.load``): truncated files raise instead of
   returning a half-grey picture (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False); zero-byte files,
-  non-images and decompression bombs (more than :data:`MAX_PIXELS` pixels) raise
+  non-images and decompression bombs (more than :func:`max_pixels` pixels: default
+  :data:`MAX_PIXELS` = 89 478 485, PIL's own limit; set ``CMCR_MAX_IMAGE_PIXELS`` or
+  ``cmcr encode --max-image-pixels`` to change it) raise
   :class:`~cmcr.pipeline.audio.SampleError` — they never hang a worker;
 * EXIF orientation is applied (``ImageOps.exif_transpose``), as a viewer would show the image;
 * the first frame of animated files is used;
@@ -29,7 +31,33 @@ from cmcr.pipeline.audio import SampleError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 BACKGROUND = (255, 255, 255)
-MAX_PIXELS = 178_956_970  # PIL's own bomb limit (2 * Image.MAX_IMAGE_PIXELS default)
+#: Default pixel limit (width x height) of one image: PIL's own ``Image.MAX_IMAGE_PIXELS`` (about 89.5 MP,
+#: a 1.0 GB decode budget at 3 bytes/pixel for 4 workers). Change it with ``CMCR_MAX_IMAGE_PIXELS``.
+MAX_PIXELS = 89_478_485
+MAX_PIXELS_ENV = "CMCR_MAX_IMAGE_PIXELS"
+
+
+def max_pixels() -> int:
+    """The image pixel limit in force: ``$CMCR_MAX_IMAGE_PIXELS`` if set (a positive integer), else
+    :data:`MAX_PIXELS`. Read per call, so DataLoader workers see the value the CLI set.
+
+    Raises:
+        ConfigError: the variable is not a positive integer.
+    """
+    import os
+
+    from cmcr.errors import ConfigError
+
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if not raw:
+        return MAX_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{MAX_PIXELS_ENV}={raw!r} is not a positive whole number of pixels")
+    return value
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
@@ -61,13 +89,16 @@ def decode_image(data: bytes, what: str = "image") -> Image.Image:
     """
     if not data:
         raise SampleError(f"{what}: zero-byte image file")
+    limit = max_pixels()
     buf = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(buf)
-            if img.width * img.height > MAX_PIXELS:
-                raise SampleError(f"{what}: {img.width}x{img.height} pixels is above the limit {MAX_PIXELS}")
+            # cmcr's own limit replaces PIL's (which warns above 89.5 MP and refuses above 179 MP)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = _open_unlimited(buf, limit)
+            if img.width * img.height > limit:
+                raise SampleError(f"{what}: {img.width}x{img.height} = {img.width * img.height} pixels is above the "
+                                  f"limit {limit} (raise it with {MAX_PIXELS_ENV} or --max-image-pixels)")
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             img.load()
@@ -75,8 +106,19 @@ def decode_image(data: bytes, what: str = "image") -> Image.Image:
             return to_rgb(img)
     except SampleError:
         raise
+    except Image.DecompressionBombError as e:
+        raise SampleError(f"{what}: {e} (above the limit {limit}; raise it with {MAX_PIXELS_ENV} or "
+                          f"--max-image-pixels)") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise SampleError(f"{what}: cannot decode image ({type(e).__name__}: {_stable(str(e), buf, data)})") from e
+
+
+def _open_unlimited(buf: io.BytesIO, limit: int) -> Image.Image:
+    """``Image.open`` (header only). PIL refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` itself; a cmcr
+    limit above that raises PIL's process-wide ``MAX_IMAGE_PIXELS`` to match (never lowers it)."""
+    if Image.MAX_IMAGE_PIXELS is not None and limit > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit // 2 + 1
+    return Image.open(buf)
 
 
 def _stable(message: str, buf: io.BytesIO, data: bytes) -> str:

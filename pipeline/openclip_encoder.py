@@ -125,7 +125,7 @@ class OpenClipEncoder(Encoder):
                 raise EncoderError(f"open_clip checkpoint {ckpt} does not exist; pass an existing file "
                                    f"(open_clip:{arch}@/path/ckpt.pt) or a pretrained tag")
             from cmcr.safeload import check_torch_file
-            from cmcr.stores.store import sha256_file
+            from cmcr.stores.files import sha256_file
 
             check_torch_file(ckpt, what="open_clip checkpoint")  # open_clip loads it with weights_only=True too
             pretrained = str(ckpt)

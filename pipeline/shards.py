@@ -15,7 +15,6 @@ temp file and renamed. Leftover shards of an earlier, larger run in the same fol
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from typing import Any
 
 from cmcr.errors import InputDataError
 from cmcr.pipeline.corpora import CorpusEntry, Skipped, read_corpus
+from cmcr.stores.files import atomic_replace, atomic_write_json, locks_output, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,9 @@ class _ShardSink:
             return
         self._tar.close()
         assert self._tmp is not None
-        with open(self._tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self._tmp, self.paths[-1])
-        data = self.paths[-1].read_bytes()
-        self.digests.append(hashlib.sha256(data).hexdigest())
-        self.sizes.append(len(data))
+        atomic_replace(self._tmp, self.paths[-1])
+        self.digests.append(sha256_file(self.paths[-1]))
+        self.sizes.append(self.paths[-1].stat().st_size)
         self.counts.append(self._n)
         self._tar = None
 
@@ -141,9 +138,7 @@ class _ShardSink:
         index = {"modality": modality, "samples": self.total, "inputs": list(inputs),
                  "shards": [{"file": p.name, "samples": n, "bytes": b, "sha256": h}
                             for p, n, b, h in zip(self.paths, self.counts, self.sizes, self.digests, strict=True)]}
-        tmp = self.folder / f".tmp-{INDEX_NAME}"
-        tmp.write_text(json.dumps(index, indent=2) + "\n")
-        os.replace(tmp, self.folder / INDEX_NAME)
+        atomic_write_json(self.folder / INDEX_NAME, index)
         return previous is not None and previous != _index_contents(self.folder / INDEX_NAME)
 
 
@@ -156,6 +151,7 @@ def _index_contents(index: Path) -> list[tuple[str, str]] | None:
         return None
 
 
+@locks_output("out_dir")
 def write_shards(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,

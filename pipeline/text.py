@@ -17,8 +17,14 @@ def decode_text(data: bytes | str, what: str = "text") -> str:
     newlines) collapsed to one space.
 
     Raises:
-        SampleError: not UTF-8, or empty / whitespace-only after cleaning.
+        SampleError: missing (``None``), not text, not UTF-8, or empty / whitespace-only after cleaning.
     """
+    if data is None:
+        raise SampleError(f"{what}: missing caption (None); give every sample a non-empty caption")
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, (bytes, str)):
+        raise SampleError(f"{what}: a caption must be text, got {type(data).__name__} ({data!r:.60})")
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8-sig")

@@ -41,6 +41,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from cmcr.errors import InputDataError, StoreError, StoreValidationError
+from cmcr.stores.files import locks_output
 from cmcr.stores.index import rows_progress
 from cmcr.stores.store import DTYPES, INPUT_NORM_TOLERANCE, MANIFEST, Store, _screen_rows, canonical_json
 
@@ -377,6 +378,7 @@ def _expand_sources(sources: Sequence[str | os.PathLike] | str | os.PathLike) ->
     return files
 
 
+@locks_output("out", beside=True)
 def import_embeddings(
     sources: Sequence[str | os.PathLike] | str | os.PathLike,
     out: str | os.PathLike,

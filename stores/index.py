@@ -47,7 +47,8 @@ import numpy as np
 import pyarrow as pa
 
 from cmcr.errors import StoreIndexError
-from cmcr.stores.store import Store, _now, atomic_write_json
+from cmcr.stores.files import atomic_replace, atomic_write_json, locks_output, progress_options
+from cmcr.stores.store import Store, _now
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def rows_progress(enabled: bool = True):
             return Text(f"{task.speed:,.0f} rows/s" if task.speed else "? rows/s", style="progress.data.speed")
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RowsPerSecond(),
-                    TimeRemainingColumn(), disable=not enabled, transient=True)
+                    TimeRemainingColumn(), transient=True, **progress_options(enabled))
 
 
 def _gather_rows(store: Store, rows: np.ndarray, batch_rows: int) -> np.ndarray:
@@ -309,6 +310,7 @@ def _prepare_queries(queries: Any, dim: int, normalize: bool) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- build
+@locks_output("store", folder=lambda s: getattr(s, "path", s))
 def build_index(
     store: Store | str | os.PathLike,
     *,
@@ -445,9 +447,7 @@ def build_index(
     fname = f"{plan['kind']}-{fingerprint}.faiss"
     tmp = folder / f".tmp-{fname}-{os.getpid()}"
     faiss.write_index(index, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / fname)
+    atomic_replace(tmp, folder / fname)
     info = {
         "format": INDEX_FORMAT,
         "format_version": INDEX_FORMAT_VERSION,

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from cmcr.errors import StoreMismatchError, StoreValidationError
+from cmcr.stores.files import resolve_device  # noqa: F401 - the one device helper, re-exported
 from cmcr.stores.store import Store, canonical_json
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,6 @@ DEFAULT_CHUNK_ROWS = 16384
 DEFAULT_QUERY_ROWS = 1024
 #: Default number of neighbours of the approximate completion.
 DEFAULT_TOPK = 256
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ---------------------------------------------------------------------------------------- memory

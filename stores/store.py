@@ -54,6 +54,15 @@ import pyarrow.parquet as pq
 
 from cmcr import __version__
 from cmcr.errors import StoreError, StoreFormatError, StoreMismatchError, StoreValidationError
+from cmcr.stores.files import (  # noqa: F401 - re-exported for callers
+    atomic_replace,
+    atomic_write_bytes,
+    atomic_write_json,
+    canonical_json,
+    fsync_dir,
+    identity_fingerprint,
+    sha256_file,
+)
 
 FORMAT_NAME = "cmcr-store"
 FORMAT_VERSION = 2
@@ -91,60 +100,12 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, no spaces) used for identities and fingerprints."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def identity_fingerprint(identity: Mapping[str, Any]) -> str:
-    """Short sha256 (16 hex chars) of an encoder identity or any JSON-able mapping."""
-    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    """sha256 hex digest of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
-
-
 def atomic_write_parquet(path: str | os.PathLike, table: pa.Table, **kwargs: Any) -> None:
     """Write a Parquet file atomically (temp file + fsync + rename)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     pq.write_table(table, tmp, **kwargs)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -1404,7 +1365,7 @@ def _write_npy(path: Path, emb: np.ndarray, digest: str | None = None) -> tuple[
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return digest, len(header) + len(data)
 
 

@@ -25,8 +25,8 @@ def test_version_and_usage_errors(capsys):
     assert "No such option" in err and "Traceback" not in err
 
 
-def test_cmcr_error_is_one_message_and_exit_2(tmp_path, capsys):
-    assert main(["store", "info", str(tmp_path / "missing")]) == 2
+def test_cmcr_error_is_one_message_and_exit_1(tmp_path, capsys):
+    assert main(["store", "info", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert "no store at" in err and "Traceback" not in err
 

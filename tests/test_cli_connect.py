@@ -30,7 +30,7 @@ def test_connect_project_search_eval(tiny_synthetic, tmp_path, capsys, monkeypat
     assert meta["training"]["hidden_dim"] == 32 and meta["sides"]["A"]["mcr"] == "mcr-a"
     assert plotted == [(2, out / "loss_curve.png")]
     assert main(["connect", "--shared-a", str(p["text_a"]), "--shared-b", str(p["text_b"]), "--memory-a",
-                 str(p["image_a"]), "--memory-b", str(p["audio_b"]), "--out", str(out)]) == 2  # needs --resume
+                 str(p["image_a"]), "--memory-b", str(p["audio_b"]), "--out", str(out)]) == 1  # needs --resume
     assert "--resume" in capsys.readouterr().err
     assert main(["project", str(out), str(p["eval_audio_b"]), str(tmp_path / "aud")]) == 0
     assert main(["project", str(out), str(p["eval_image_a"]), str(tmp_path / "img")]) == 0
@@ -46,7 +46,7 @@ def test_connect_project_search_eval(tiny_synthetic, tmp_path, capsys, monkeypat
     assert len(hits) == 5 and hits[0]["score"] >= hits[-1]["score"] and "label" in hits[0]["metadata"]
     # a raw (unprojected) gallery is refused with a clear error
     assert main(["search", "-c", str(out), "-g", str(p["eval_image_a"]), "--key", "pair000003", "--store",
-                 str(p["eval_audio_b"])]) == 2
+                 str(p["eval_audio_b"])]) == 1
     assert "cmcr project" in capsys.readouterr().err
 
 
@@ -61,9 +61,10 @@ def test_connect_labels_step_loss_and_epoch_mean_loss(tiny_synthetic, tmp_path, 
     assert main(["connect", "--shared-a", str(p["text_a"]), "--shared-b", str(p["text_b"]), "--memory-a",
                  str(p["image_a"]), "--memory-b", str(p["audio_b"]), "--out", str(tmp_path / "c"), "--config",
                  str(cfg), "--epochs", "1", "--name-a", "mcr-a", "--name-b", "mcr-b"]) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
     assert "last epoch mean loss" in out and "final loss" not in out
-    assert "step loss" in out  # the progress bar's final render
+    assert "step loss" in err and "step loss" not in out  # the progress bar's final render, on stderr
     mean = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     assert f"last epoch mean loss {mean:.4f}" in out
 
@@ -204,14 +205,14 @@ def test_search_refuses_media_the_encoder_does_not_embed(tiny_encoded, sample_da
     wav = next((sample_data / "audio").rglob("*.ogg"))
     capsys.readouterr()
     assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(wav),
-                 "--encoder", TINY_CLIP]) == 2  # CLIP has no audio tower
+                 "--encoder", TINY_CLIP]) == 1  # CLIP has no audio tower
     err = capsys.readouterr().err
     assert "audio" in err and "cmcr-tiny-clip" in err
     png = next((sample_data / "images").rglob("*.png"))
     assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(png),
-                 "--encoder", TINY_CLAP]) == 2  # CLAP has no image tower
+                 "--encoder", TINY_CLAP]) == 1  # CLAP has no image tower
     assert "image" in capsys.readouterr().err
-    assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--text", "a dog"]) == 2
+    assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--text", "a dog"]) == 1
     assert "--encoder" in capsys.readouterr().err
 
 
@@ -249,7 +250,7 @@ def test_bench_synthetic_rerun_other_settings_and_bad_input(tmp_path, capsys):
     assert main(base) == 0
     assert main(base) == 0  # same settings: reuses the stores
     capsys.readouterr()
-    assert main([*base, "--seed", "1"]) == 2
+    assert main([*base, "--seed", "1"]) == 1
     err = capsys.readouterr().err
     assert "--overwrite" in err and "seed" in err and "Traceback" not in err
     assert main([*base, "--seed", "1", "--overwrite"]) == 0
@@ -264,10 +265,10 @@ def test_search_media_that_is_missing_a_folder_or_unreadable(tmp_path, capsys, m
     from cmcr import cli_connect
 
     common = ["search", "-c", str(tmp_path / "conn"), "-g", str(tmp_path / "g"), "--encoder", "clap:HTSAT-tiny"]
-    assert main([*common, "--media", str(tmp_path / "nope.wav")]) == 2
+    assert main([*common, "--media", str(tmp_path / "nope.wav")]) == 1
     err = capsys.readouterr().err
     assert f"--media {tmp_path / 'nope.wav'}: file not found" in " ".join(err.split()) and "Traceback" not in err
-    assert main([*common, "--media", str(tmp_path)]) == 2
+    assert main([*common, "--media", str(tmp_path)]) == 1
     assert "is a folder" in " ".join(capsys.readouterr().err.split())
     wav = tmp_path / "locked.wav"
     wav.write_bytes(b"RIFF")
@@ -276,7 +277,7 @@ def test_search_media_that_is_missing_a_folder_or_unreadable(tmp_path, capsys, m
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(cli_connect, "open", refuse, raising=False)  # running as root: chmod 000 does not stop reads
-    assert main([*common, "--media", str(wav)]) == 2
+    assert main([*common, "--media", str(wav)]) == 1
     assert "cannot be read (Permission denied)" in " ".join(capsys.readouterr().err.split())
 
 
@@ -363,9 +364,9 @@ def test_eval_zeroshot_classes_file_missing_or_a_folder(tmp_path, capsys):
 
     common = ["eval", "zeroshot", "-c", str(tmp_path / "conn"), "-s", str(tmp_path / "s"), "--encoder",
               "open_clip:ViT-B-32"]
-    assert main([*common, "--classes", "classes.txt"]) == 2  # not silently one class named "classes.txt"
+    assert main([*common, "--classes", "classes.txt"]) == 1  # not silently one class named "classes.txt"
     assert "--classes classes.txt: file not found" in " ".join(capsys.readouterr().err.split())
-    assert main([*common, "--classes", str(tmp_path)]) == 2
+    assert main([*common, "--classes", str(tmp_path)]) == 1
     assert "is a folder" in " ".join(capsys.readouterr().err.split())
     f = tmp_path / "c.txt"
     f.write_text("dog\n\ncat\n")

@@ -59,16 +59,16 @@ def test_import_info_validate_index_roundtrip(tmp_path, capsys):
     assert info["index"]["kind"] == "flat" and info["index"]["stale"] is False
 
 
-def test_import_errors_exit_2_with_clear_message(tmp_path, capsys):
+def test_import_errors_exit_with_clear_message(tmp_path, capsys):
     _write_npy_inputs(tmp_path)
     base = ["store", "import", str(tmp_path / "pc.npy"), "--out", str(tmp_path / "s"), "--modality", "3d"]
     assert main([*base, "--keys", str(tmp_path / "uids.csv"), "--key-column", "uid"]) == 2
     err = capsys.readouterr().err
     assert "family" in err  # no identity
-    assert main([*base, "--encoder-family", "ulip2", "--keys", str(tmp_path / "uids.csv"), "--key-column", "uid"]) == 2
+    assert main([*base, "--encoder-family", "ulip2", "--keys", str(tmp_path / "uids.csv"), "--key-column", "uid"]) == 1
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "pc.npy: row 0" in err and "normalize" in err and "L2 norm" in err
-    assert main([*base, "--encoder-family", "ulip2", "--keys", str(tmp_path / "meta.csv"), "--normalize"]) == 2
+    assert main([*base, "--encoder-family", "ulip2", "--keys", str(tmp_path / "meta.csv"), "--normalize"]) == 1
     assert "no key column 'key'" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "s").exists()
 
@@ -102,7 +102,7 @@ def test_validate_reports_corruption_and_stale_index(tmp_path, capsys, store_fac
     rep = json.loads(capsys.readouterr().out)
     assert rep["ok"] is False and "part-000000.npy" in rep["error"]
     assert main(["store", "validate", str(store.path), "--fast"]) == 0
-    assert main(["store", "info", str(tmp_path / "nowhere")]) == 2
+    assert main(["store", "info", str(tmp_path / "nowhere")]) == 1
 
 
 def test_parse_bytes():

@@ -156,7 +156,7 @@ def test_cli_end_to_end_on_real_samples(sample_data, tmp_path, capsys):
                  "--store", str(tmp_path / "image"), "--no-progress"]) == 0
     assert Store.open(tmp_path / "image").num_rows == 8
     assert main(["encode", str(tmp_path / "nothing"), "-e", TINY_CLIP, "-m", "image",
-                 "--store", str(tmp_path / "x"), "--no-progress"]) == 2
+                 "--store", str(tmp_path / "x"), "--no-progress"]) == 1
 
 
 def test_messy_audio_end_to_end_with_clap(tiny_clap, messy_audio, sample_data, tmp_path):
@@ -237,7 +237,7 @@ def test_resharded_changed_content_is_refused_before_encoding(tiny_clip, tmp_pat
     assert main(["shard", str(csv), "--out", str(tmp_path / "sh")]) == 0
     new_digest = shard_identity(tmp_path / "sh" / "text" / "shard-000000.tar").split("#")[1]
     capsys.readouterr()
-    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st")) == 2
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st")) == 1
     err = "".join(capsys.readouterr().err.split())  # rich wraps long lines anywhere
     assert "shard-000000.tarchangedsinceitwasencoded" in err
     assert old_digest in err and new_digest in err and "--overwrite" in err and "newstore" in err
@@ -275,13 +275,13 @@ def test_keys_already_in_the_store_from_another_shard_stop_the_run(tiny_clip, tm
 def test_wrong_modality_for_the_shards_is_refused(tmp_path, capsys):
     (tmp_path / "caps.txt").write_text("a dog\na cat\n")
     write_shards(tmp_path / "caps.txt", tmp_path / "sh")
-    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st", "image")) == 2
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st", "image")) == 1
     err = "".join(capsys.readouterr().err.split())
     assert "holdtextsamples" in err and "-mtext" in err
     assert not (tmp_path / "st").exists()  # no empty store left behind
     # without shards.json: every sample fails -> non-zero exit with a summary that says so
     (tmp_path / "sh" / "text" / "shards.json").unlink()
-    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st", "image")) == 2
+    assert main(_encode_argv(tmp_path / "sh" / "text", tmp_path / "st", "image")) == 1
     err = "".join(capsys.readouterr().err.split())
     assert "everysamplefailed:2failure(s),norowwritten" in err
 

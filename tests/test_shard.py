@@ -130,7 +130,7 @@ def test_cli_shard(tmp_path, capsys):
     assert main(["shard", str(root), "--out", str(tmp_path / "out"), "-n", "5"]) == 0
     err = capsys.readouterr().err
     assert "skipped 1 entries" in err and "notes.md" in err
-    assert main(["shard", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["shard", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     assert sorted(p.parent.name for p in (tmp_path / "out").glob("*/shard-000000.tar")) == ["audio", "image", "text"]
 
 
@@ -143,7 +143,7 @@ def test_no_samples_is_an_error(tmp_path, kind, capsys):
         src.write_text({"empty.csv": "", "header_only.csv": "caption\n", "blank.jsonl": "\n\n"}[kind])
     with pytest.raises(InputDataError, match="no samples found in"):
         write_shards(src, tmp_path / "out")
-    assert main(["shard", str(src), "--out", str(tmp_path / "out")]) == 2
+    assert main(["shard", str(src), "--out", str(tmp_path / "out")]) == 1
     assert "nosamplesfoundin" in "".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out").exists()
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from cmcr.errors import ConfigError, StoreMismatchError
+from cmcr.errors import ConfigError, InputDataError, StoreMismatchError
+from cmcr.stores.files import locks_output
 from cmcr.stores.store import Store, canonical_json
 from cmcr.trainer.connector import Connector, same_space
 from cmcr.trainer.data import as_store
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 RANDOM_WEIGHTS_NOTE = "random weights: not meaningful"
 
 
+@locks_output("out_path")
 def project_store(
     connector: Connector | str | os.PathLike,
     store: Store | str | os.PathLike,
@@ -195,6 +197,7 @@ def evaluate_retrieval(
         StoreMismatchError: the stores live in different spaces.
         StoreFormatError: ``by="label"`` and a store lacks ``label_column``.
         ConfigError: ``by`` is neither ``key`` nor ``label``.
+        InputDataError: no query has a positive in the gallery (unpaired stores: use ``by="label"``).
     """
     q, g = as_store(query_store), as_store(gallery_store)
     check_same_space(q, g)
@@ -206,6 +209,12 @@ def evaluate_retrieval(
     else:
         raise ConfigError(f"--by must be 'key' or 'label', got {by!r}")
     result = retrieval_metrics(q.embeddings(np.float32), g.embeddings(np.float32), ql, gl, ks=ks)
+    if result["queries"] == 0:
+        hint = ("the stores share no key: they hold different samples. Pair them by class with --by label "
+                f"(a `{label_column}` column in both)" if by == "key" else
+                f"no query's `{label_column}` value appears in the gallery; check the label columns")
+        raise InputDataError(f"retrieval {q.path} -> {g.path}: none of the {len(ql)} queries has a positive in the "
+                             f"gallery ({hint}); nothing to score")
     result.update({"direction": f"{q.modality}->{g.modality}", "positives_by": by if by == "key" else
                    f"label:{label_column}", "query_store": str(q.path), "gallery_store": str(g.path),
                    "random_weights": bool(random_weight_identities(q, g))})

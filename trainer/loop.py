@@ -38,8 +38,16 @@ import numpy as np
 import torch
 
 from cmcr.errors import TrainingError
+from cmcr.stores.files import (
+    atomic_replace,
+    atomic_write_bytes,
+    canonical_json,
+    locks_output,
+    progress_options,
+    temp_path,
+)
 from cmcr.stores.memory import MemoryQueue, resolve_device
-from cmcr.stores.store import Store, atomic_write_bytes, canonical_json
+from cmcr.stores.store import Store
 from cmcr.trainer import losses
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import Connector, SideInfo
@@ -101,9 +109,9 @@ def _save_checkpoint(folder: Path, state: dict[str, Any], keep: int) -> Path:
     ck = folder / CHECKPOINT_DIR
     ck.mkdir(parents=True, exist_ok=True)
     path = ck / f"epoch-{state['epoch']:04d}.pt"
-    tmp = ck / f".tmp-{path.name}-{os.getpid()}"
+    tmp = temp_path(path)
     torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_replace(tmp, path)
     for old in _checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -210,6 +218,7 @@ def _validate(proj_a: torch.nn.Module, proj_b: torch.nn.Module, data: PairData, 
     return out
 
 
+@locks_output("out_dir")
 def train_connector(
     shared_a: Store | str | Path,
     shared_b: Store | str | Path,
@@ -282,6 +291,9 @@ def train_connector(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_steps = steps_per_epoch(len(train_rows), cfg.batch_size)
     total_steps = cfg.epochs * n_steps
+    warnings = few_steps_warning(len(train_rows), cfg.batch_size, cfg.epochs)
+    for w in warnings:
+        log.warning("%s", w)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
     noise_gen = torch.Generator(device=device)
@@ -343,11 +355,14 @@ def train_connector(
                                                generator=noise_gen)
                 if not math.isfinite(parts["loss"]):
                     last = _checkpoints(out)
+                    # --resume only continues with unchanged settings (and would meet the same loss): the fix is
+                    # new settings, i.e. a run started over (or in another --out)
+                    rerun = ("rerun with --overwrite (it starts over; --resume needs unchanged settings and would "
+                             "reach the same loss) or with another --out" if last else "rerun")
                     raise TrainingError(
                         f"non-finite loss ({parts}) at epoch {epoch + 1}, step {step + 1}; training stopped. The last "
                         f"good checkpoint is {last[-1] if last else 'none (first epoch)'}. Lower the learning rate "
-                        f"(lr={cfg.lr}) or raise the temperature (temperature={cfg.temperature}), then rerun with "
-                        f"--resume"
+                        f"(lr={cfg.lr}) or raise the temperature (temperature={cfg.temperature}), then {rerun}"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -381,7 +396,23 @@ def train_connector(
     connector = make_connector(proj_a, proj_b, stores, cfg, data, final)
     connector.save(out)
     return {"connector": str(out), "fingerprint": connector.fingerprint, "metrics": final, "history": history,
-            "data": data.join, "config": cfg.to_dict(), "device": str(device)}
+            "data": data.join, "config": cfg.to_dict(), "device": str(device), "warnings": warnings}
+
+
+#: Fewer optimiser steps per epoch than this draws a warning (see :func:`few_steps_warning`).
+MIN_STEPS_PER_EPOCH = 4
+
+
+def few_steps_warning(n_train: int, batch_size: int, epochs: int) -> list[str]:
+    """A warning when the batch is so large against the training pairs that an epoch is only a
+    step or two (e.g. batch 4096 on 3,500 captions: one step per epoch, ``epochs`` steps in all)."""
+    steps = steps_per_epoch(n_train, batch_size)
+    if steps >= MIN_STEPS_PER_EPOCH:
+        return []
+    suggest = max(2, 2 ** int(math.log2(max(2, n_train // (2 * MIN_STEPS_PER_EPOCH)))))
+    return [f"batch size {batch_size} against {n_train} training pairs makes {steps} optimiser step(s) per epoch "
+            f"({steps * epochs} in all): the projectors barely train. Pass --batch-size {suggest} (or smaller), or "
+            f"many more --epochs"]
 
 
 def make_connector(proj_a: torch.nn.Module, proj_b: torch.nn.Module, stores: ConnectStores, cfg: TrainConfig,
@@ -415,7 +446,8 @@ class _Reporter:
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("step loss {task.fields[loss]:.4f}"),
-                                TextColumn("{task.fields[rate]:,.0f} pairs/s"), TimeRemainingColumn())
+                                TextColumn("{task.fields[rate]:,.0f} pairs/s"), TimeRemainingColumn(),
+                                **progress_options())
 
     def completion(self, side: str, done: int, total: int) -> None:
         if self.callback:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from cmcr.errors import ConfigError, StoreMismatchError
+from cmcr.stores.files import locks_output
 from cmcr.stores.store import Store
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import Connector
@@ -175,6 +176,7 @@ class SyntheticMCR:
         return _unit(x).astype(np.float32)
 
 
+@locks_output("out_dir")
 def generate_synthetic_stores(out_dir: str | Path, spec: SyntheticSpec | None = None, *,
                               overwrite: bool = False) -> dict[str, Path]:
     """Write the stores of a synthetic MCR pair under ``out_dir`` and return their paths.
@@ -274,6 +276,7 @@ def project_embeddings(connector: Connector, store: Store) -> np.ndarray:
     return connector.project(side, store.embeddings(np.float32), identity=store.encoder, modality=store.modality)
 
 
+@locks_output("out_dir")
 def run_synthetic_check(
     out_dir: str | Path,
     spec: SyntheticSpec | None = None,

@@ -1,0 +1,315 @@
+"""File primitives every cmcr writer uses: atomic writes, fsync, digests, canonical JSON, the
+output-folder lock and the one device resolver.
+
+This is the bottom of the import layers (``cmcr.stores`` imports neither ``cmcr.pipeline`` nor
+``cmcr.trainer``; those and the CLI import from here), so one meaning of each primitive serves
+stores, shards, connectors, indexes, imports, projections, the demo and the synthetic check.
+
+The derived-output protocol starts here: a command that writes an output folder first holds
+:func:`output_lock` on it for the whole run. A second cmcr process asking for the same folder is
+refused at once with :class:`cmcr.errors.OutputLockedError`, which names the holder's pid and
+command. The lock is an advisory ``fcntl.flock`` on ``<folder>/.cmcr-output.lock`` (removed when
+the run ends): the kernel drops the lock when the holder exits, even after ``kill -9``, so a
+crashed run never blocks the next one (its left-over file is simply locked again). Folders on
+network file systems without ``flock`` support get no protection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import functools
+import hashlib
+import inspect
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from cmcr.errors import ConfigError, OutputLockedError
+
+#: Name of the lock file an output folder's writer holds (see :func:`output_lock`).
+OUTPUT_LOCK = ".cmcr-output.lock"
+
+
+def now_iso() -> str:
+    """UTC time now, ISO 8601 to the second (``2026-12-02T12:00:00+00:00``)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------- JSON / digests
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no spaces) used for identities and fingerprints."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def identity_fingerprint(identity: Mapping[str, Any]) -> str:
+    """Short sha256 (16 hex chars) of an encoder identity or any JSON-able mapping (canonical JSON)."""
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
+
+
+def sha256_bytes(data: bytes) -> str:
+    """sha256 hex digest of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- atomic writes
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder so a rename inside it survives a power cut (best effort: ignored where unsupported)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """The temp-file name :func:`atomic_write_bytes` uses for ``path`` (same folder, ``.tmp-`` prefix, pid)."""
+    path = Path(path)
+    return path.with_name(f".tmp-{path.name}-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder.
+
+    Readers see either the old file or the new one, never a partial one.
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
+    """Write ``obj`` as indented JSON (+ newline) to ``path`` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n").encode())
+
+
+def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Publish a finished temp file ``tmp`` as ``path``: fsync it, rename, fsync the folder."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+# ----------------------------------------------------------------------------------- output lock
+_held: dict[str, int] = {}  # lock file (resolved) -> nesting depth, for this process
+_held_guard = threading.Lock()
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        info = json.loads(lock_file.read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    pid = info.get("pid", "?")
+    what = info.get("command") or "a cmcr command"
+    since = info.get("started")
+    return f"pid {pid}, `{what}`" + (f", since {since}" if since else "")
+
+
+def _command_line() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("cmcr", "__main__.py")):
+        argv[0] = "cmcr"
+    return " ".join(argv)
+
+
+def lock_file_of(folder: str | os.PathLike, *, beside: bool = False) -> Path:
+    """The lock file of output ``folder``: inside it, or (``beside``) next to it as ``.<name>.cmcr-output.lock``
+    for writers that publish by renaming a finished temp folder onto ``folder``."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}{OUTPUT_LOCK}" if beside else folder / OUTPUT_LOCK
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, what: str | None = None, *, beside: bool = False) -> Iterator[Path]:
+    """Hold the exclusive writer lock of output ``folder`` (created if missing) for the ``with`` block.
+
+    Args:
+        folder: the output folder (a store, connector run, demo/synthetic run, shard folder...).
+        what: the command recorded for a refused second writer (default: this process's argv).
+        beside: keep the lock file next to the folder (see :func:`lock_file_of`) instead of in it.
+
+    Yields:
+        The folder as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputLockedError: another process holds the lock; the message names its pid and command
+            and says to wait for it or pick another output folder. Re-entering from the same process
+            (e.g. the demo running ``connect`` into its own subfolder, or nested calls) is allowed.
+    """
+    folder = Path(folder)
+    lock_file = lock_file_of(folder, beside=beside)
+    created = not lock_file.parent.exists()
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    key = str(lock_file.resolve())
+    with _held_guard:
+        if key in _held:
+            _held[key] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield folder
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output folder {folder} is a file; pass a folder")
+    f = _acquire(lock_file, folder)
+    try:
+        f.write(json.dumps({"pid": os.getpid(), "command": what or _command_line(), "started": now_iso()}))
+        f.flush()
+        with _held_guard:
+            _held[key] = 1
+        try:
+            yield folder
+        finally:
+            with _held_guard:
+                _held.pop(key, None)
+            # unlink while still locked: a waiter that opened this inode sees it gone and retries
+            with contextlib.suppress(OSError):
+                lock_file.unlink()
+            if created:  # a run that wrote nothing leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    lock_file.parent.rmdir()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    finally:
+        f.close()
+
+
+def _acquire(lock_file: Path, folder: Path):  # noqa: ANN202 - an open text file
+    """Open + flock ``lock_file`` (non-blocking), retrying when the file was unlinked by a releasing holder."""
+    for _ in range(100):
+        f = open(lock_file, "a+")  # noqa: SIM115 - held by the caller
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise OutputLockedError(
+                f"{folder} is being written by another cmcr process ({_holder(lock_file)}); two writers "
+                f"into one output folder would overwrite each other's files. Wait for that run to finish "
+                f"(or stop it), or choose another output folder") from None
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            f.seek(0)
+            f.truncate()
+            return f
+        f.close()  # the holder released and unlinked it between our open and flock: try the new file
+    raise OutputLockedError(f"could not take the writer lock {lock_file} (it keeps changing); retry")
+
+
+def locks_output(param: str, *, folder: Callable[[Any], Any] | None = None, beside: bool = False) -> Callable:
+    """Decorator: run the function under :func:`output_lock` of its output folder.
+
+    Args:
+        param: name of the function's parameter holding the output (a path, or anything ``folder`` maps
+            to a path).
+        folder: maps the parameter's value to the output folder (default: the value itself).
+        beside: see :func:`output_lock`.
+    """
+
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            value = bound.arguments[param]
+            target = folder(value) if folder is not None else value
+            with output_lock(target, beside=beside):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco
+
+
+# ----------------------------------------------------------------------------------- progress
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """``cmcr -q``: no progress bars anywhere (set by the CLI for the command it runs)."""
+    global _quiet
+    _quiet = bool(quiet)
+
+
+def progress_options(enabled: bool = True) -> dict[str, Any]:
+    """Keyword arguments for every ``rich.progress.Progress``: drawn on stderr (results own stdout) and
+    disabled when ``enabled`` is False or the CLI runs quiet."""
+    from rich.console import Console
+
+    return {"console": Console(stderr=True), "disable": (not enabled) or _quiet}
+
+
+# ----------------------------------------------------------------------------------- device
+def resolve_device(device: Any = "auto") -> Any:
+    """The one device resolver (encode, connect, memories, projection).
+
+    Args:
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``
+            or a :class:`torch.device`.
+
+    Returns:
+        A :class:`torch.device`.
+
+    Raises:
+        ConfigError: an unknown device name, CUDA asked for on a machine without it, or a CUDA index
+            beyond the GPUs present (the message says what is available and to use ``--device cpu``).
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        name = "auto" if device in (None, "") else str(device).strip().lower()
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} asked for CUDA, but CUDA is not available on this machine "
+                              f"(torch {torch.__version__}, no usable GPU); use --device cpu or --device auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {device} asked for Apple MPS, which is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device}: unsupported device type {dev.type!r}; use auto, cpu or cuda[:N]")
+    return dev
