@@ -117,6 +117,10 @@ def search(
     encoder: str | None = typer.Option(None, "--encoder", help="Encoder spec for --media/--text (see `cmcr encode`)."),
     modality: str | None = typer.Option(None, "--modality", help="Modality of --media (image/audio); guessed."),
     k: int = typer.Option(10, "-k", min=1, help="Number of results."),
+    clap_tokenizer: Path | None = typer.Option(
+        None, "--clap-tokenizer", envvar="CMCR_CLAP_TOKENIZER",
+        help="Folder with RoBERTa vocab.json + merges.txt for a CLAP text encoder (env CMCR_CLAP_TOKENIZER; "
+             "default: the Hugging Face cache, else downloaded once)."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Search a projected store with a media file, a text or a key of a store.
@@ -158,7 +162,7 @@ def search(
             raise InputDataError("--media/--text need --encoder (the encoder spec of one connector side)")
         from cmcr.pipeline.encoders import load_encoder
 
-        enc = load_encoder(encoder)
+        enc = load_encoder(encoder, clap_tokenizer=str(clap_tokenizer) if clap_tokenizer else None)
         mod = "text" if text is not None else (modality or _guess_modality(media))
         raw = enc.encode(mod, [text if text is not None else str(media)])
         side = conn.side_for(enc.identity(), mod)
@@ -280,6 +284,10 @@ def eval_zeroshot(
     encoder: str = typer.Option(..., "--encoder", help="Text encoder spec of one connector side."),
     prompt: str = typer.Option("a sound of a {}.", "--prompt", help="Prompt template ({} = class name)."),
     label_column: str = typer.Option("label", help="Metadata column with the true class."),
+    clap_tokenizer: Path | None = typer.Option(
+        None, "--clap-tokenizer", envvar="CMCR_CLAP_TOKENIZER",
+        help="Folder with RoBERTa vocab.json + merges.txt for a CLAP text encoder (env CMCR_CLAP_TOKENIZER; "
+             "default: the Hugging Face cache, else downloaded once)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Zero-shot classification: class prompts -> text encoder -> connector side -> nearest class.
@@ -293,7 +301,7 @@ def eval_zeroshot(
 
     names = _class_names(classes)
     conn = Connector.load(connector)
-    enc = load_encoder(encoder)
+    enc = load_encoder(encoder, clap_tokenizer=str(clap_tokenizer) if clap_tokenizer else None)
     raw = enc.encode("text", [prompt.format(n) for n in names])
     side = conn.side_for(enc.identity(), "text")
     zc = conn.project(side, raw, identity=enc.identity(), modality="text")

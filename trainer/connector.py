@@ -32,7 +32,14 @@ from safetensors.torch import save as safetensors_save
 
 from cmcr import __version__
 from cmcr.errors import ConfigError, ConnectorError
-from cmcr.stores.store import atomic_write_bytes, atomic_write_json, canonical_json, identity_fingerprint, sha256_file
+from cmcr.stores.store import (
+    atomic_write_bytes,
+    atomic_write_json,
+    canonical_json,
+    identity_fingerprint,
+    same_encoder,
+    sha256_file,
+)
 from cmcr.trainer.projector import Projector, make_projector
 
 FORMAT_NAME = "cmcr-connector"
@@ -125,7 +132,7 @@ class Connector:
         """
         ident = canonical_json(dict(identity))
         matches = [s for s, info in self.sides.items()
-                   if canonical_json(info.encoder) == ident and modality in info.modalities]
+                   if same_encoder(info.encoder, identity) and modality in info.modalities]
         if len(matches) == 1:
             return matches[0]
         accepted = "; ".join(f"side {s} ({i.mcr}): {i.modalities} of {canonical_json(i.encoder)}"
@@ -145,7 +152,7 @@ class Connector:
         where = f"connector {self.path or self.fingerprint} side {side} ({info.mcr})"
         if identity is None or modality is None:
             raise ConnectorError(f"{where}: give the encoder identity and modality of the embeddings to project")
-        if canonical_json(dict(identity)) != canonical_json(info.encoder):
+        if not same_encoder(identity, info.encoder):
             raise ConnectorError(
                 f"{where} was trained on embeddings of encoder {canonical_json(info.encoder)}, got embeddings of "
                 f"{canonical_json(dict(identity))}; another encoder's space cannot be projected by this side"
@@ -282,4 +289,4 @@ def same_space(identity_a: Mapping[str, Any], identity_b: Mapping[str, Any]) -> 
     if is_projected(identity_a) or is_projected(identity_b):
         return (is_projected(identity_a) and is_projected(identity_b)
                 and identity_a.get("connector") == identity_b.get("connector"))
-    return canonical_json(dict(identity_a)) == canonical_json(dict(identity_b))
+    return same_encoder(identity_a, identity_b)
