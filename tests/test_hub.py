@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cmcr.errors import HubFileError, HubUnreachableError
@@ -171,6 +172,56 @@ def test_open_clip_tag_names_the_repo_and_files_open_clip_uses(online, monkeypat
     assert "open_clip:ViT-B-32-quickgelu@/path/open_clip_model.safetensors" in msg
 
 
+def test_encoders_get_their_files_through_the_hub_audio_needs_no_tokenizer(online, monkeypatch, tiny_clap):
+    """Fast stand-in of the real-architecture test below: the tiny CLAP checkpoint served as the real
+    file name, a tiny vocabulary as roberta-base; an open_clip tag registered for the tiny CLIP."""
+    import torch
+    from open_clip.pretrained import _PRETRAINED, _pcfg
+    from safetensors.torch import save_file
+
+    from cmcr.pipeline import hub
+    from cmcr.pipeline.clap_encoder import save_test_checkpoint, write_byte_level_tokenizer
+    from cmcr.pipeline.encoders import load_encoder
+    from cmcr.pipeline.openclip_encoder import _open_clip
+
+    open_clip = _open_clip()  # with cmcr's tiny configs registered
+    from tests.fixtures_encode import tone, write_wav
+
+    d = online / "files"
+    d.mkdir()
+    save_test_checkpoint(tiny_clap, d / "630k-audioset-best.pt")
+    tok = write_byte_level_tokenizer(d / "tok")
+    torch.manual_seed(3)
+    clip_model = open_clip.create_model("cmcr-tiny-clip", pretrained=None, force_quick_gelu=True)
+    save_file({k: v.contiguous() for k, v in clip_model.state_dict().items()}, d / "open_clip_model.safetensors")
+    monkeypatch.setitem(_PRETRAINED, "cmcr-tiny-clip", {"test": _pcfg(hf_hub="cmcr-test/tiny-clip/", quick_gelu=True)})
+    repos = {CLAP_REPO: {"630k-audioset-best.pt": d / "630k-audioset-best.pt"},
+             ROBERTA_REPO: {"vocab.json": tok / "vocab.json", "merges.txt": tok / "merges.txt"},
+             "cmcr-test/tiny-clip": {"open_clip_model.safetensors": d / "open_clip_model.safetensors"}}
+    wav = write_wav(online / "a.wav", tone(1.0, 48000), 48000)
+    with StandInHub(repos, redirects={"roberta-base": ROBERTA_REPO}) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        clap = load_encoder("clap:cmcr-tiny-clap", device="cpu")  # default weights: 630k-audioset-best
+        audio = clap.encode("audio", [wav])
+        assert not any(k[1] == ROBERTA_REPO for k in srv.counts), "audio-only use fetched the tokenizer"
+        text = clap.encode("text", ["a dog barking"])
+        clip = load_encoder("open_clip:cmcr-tiny-clip@test", device="cpu")
+        img = clip.encode("text", ["a dog"])
+        gets = {k[1:]: v for k, v in srv.counts.items() if k[0] == "GET"}
+    assert gets == {(CLAP_REPO, "630k-audioset-best.pt"): 1, (ROBERTA_REPO, "vocab.json"): 1,
+                    (ROBERTA_REPO, "merges.txt"): 1, ("cmcr-test/tiny-clip", "open_clip_model.safetensors"): 1}
+    np.testing.assert_allclose(audio, tiny_clap.encode("audio", [wav]), atol=1e-5)  # the served weights
+    assert clip.model.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"  # the tag's setting
+    assert clip.identity() == {"family": "open_clip", "architecture": "cmcr-tiny-clip", "weights": "test", "dim": 64}
+    # the hub is gone: same encoders, same vectors, from the cache
+    hub.forget_reachability()
+    clap2 = load_encoder("clap:cmcr-tiny-clap", device="cpu")
+    assert clap2.identity() == clap.identity()
+    np.testing.assert_array_equal(clap2.encode("text", ["a dog barking"]), text)
+    np.testing.assert_array_equal(load_encoder("open_clip:cmcr-tiny-clip@test", device="cpu").encode(
+        "text", ["a dog"]), img)
+
+
 # ------------------------------------------------ the demo on real architectures, via the stand-in hub
 @pytest.fixture(scope="module")
 def real_hub_files(tmp_path_factory):
@@ -213,6 +264,7 @@ def _run_demo(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
 
 
+@pytest.mark.slow  # ~1.3 GB of weights and two demo runs of the full-size models: minutes on 2 cores
 def test_demo_runs_on_downloaded_real_weights_then_offline_from_the_cache(real_hub_files, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CMCR_CLAP_TOKENIZER", "CMCR_CLIP_ENCODER",
