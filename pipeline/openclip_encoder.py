@@ -1,7 +1,8 @@
 """open_clip adapter: image and text embeddings from any open_clip architecture.
 
-Weights: a pretrained tag (open_clip downloads it where a hub is reachable), a local checkpoint
-file (identity records ``sha256:<hex>``), or ``random`` (explicit; seeded). Architectures are
+Weights: a pretrained tag (its file comes through :mod:`cmcr.pipeline.hub`: the Hugging Face cache,
+else a one-time download; the tag's QuickGELU and preprocessing settings are applied), a local
+checkpoint file (identity records ``sha256:<hex>``), or ``random`` (explicit; seeded). Architectures are
 open_clip's built-in configs plus the JSON configs in ``pipeline/model_configs`` (e.g.
 ``cmcr-tiny-clip``, a 3.4 M-parameter ViT for tests and demos).
 
