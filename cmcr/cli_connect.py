@@ -126,6 +126,10 @@ def search(
     modality: str | None = typer.Option(None, "--modality",
                                         help="Modality of --media (image/audio/3d); guessed from its extension."),
     k: int = typer.Option(10, "-k", min=1, help="Number of results."),
+    clap_tokenizer: Path | None = typer.Option(
+        None, "--clap-tokenizer", envvar="CMCR_CLAP_TOKENIZER",
+        help="Folder with RoBERTa vocab.json + merges.txt for a CLAP text encoder (env CMCR_CLAP_TOKENIZER; "
+             "default: the Hugging Face cache, else downloaded once)."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Search a projected store with a media file, a text or a key of a store.
@@ -168,7 +172,7 @@ def search(
         from cmcr.pipeline.encoders import load_encoder
 
         mod = "text" if text is not None else (modality or _guess_modality(media))
-        enc = load_encoder(encoder)
+        enc = load_encoder(encoder, clap_tokenizer=str(clap_tokenizer) if clap_tokenizer else None)
         raw = enc.encode(mod, [text if text is not None else str(media)])
         side = conn.side_for(enc.identity(), mod)
         q = conn.project(side, raw, identity=enc.identity(), modality=mod)
@@ -292,6 +296,10 @@ def eval_zeroshot(
     encoder: str = typer.Option(..., "--encoder", help="Text encoder spec of one connector side."),
     prompt: str = typer.Option("a sound of a {}.", "--prompt", help="Prompt template ({} = class name)."),
     label_column: str = typer.Option("label", help="Metadata column with the true class."),
+    clap_tokenizer: Path | None = typer.Option(
+        None, "--clap-tokenizer", envvar="CMCR_CLAP_TOKENIZER",
+        help="Folder with RoBERTa vocab.json + merges.txt for a CLAP text encoder (env CMCR_CLAP_TOKENIZER; "
+             "default: the Hugging Face cache, else downloaded once)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Zero-shot classification: class prompts -> text encoder -> connector side -> nearest class.
@@ -305,7 +313,7 @@ def eval_zeroshot(
 
     names = _class_names(classes)
     conn = Connector.load(connector)
-    enc = load_encoder(encoder)
+    enc = load_encoder(encoder, clap_tokenizer=str(clap_tokenizer) if clap_tokenizer else None)
     raw = enc.encode("text", [prompt.format(n) for n in names])
     side = conn.side_for(enc.identity(), "text")
     zc = conn.project(side, raw, identity=enc.identity(), modality="text")

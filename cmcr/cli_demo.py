@@ -38,9 +38,11 @@ def demo(
 ) -> None:
     """Run shard -> encode -> connect -> project -> eval -> search on the bundled media and write a report.
 
-    Uses pretrained weights when they can be had (local checkpoint specs, also from the environment variables
-    CMCR_CLIP_ENCODER / CMCR_CLAP_ENCODER / CMCR_CLAP_TOKENIZER; caches; or a download where the hub is
-    reachable); otherwise says so loudly and runs random-init encoders ("not meaningful").
+    Uses pretrained weights with no flag: the Hugging Face cache, else a one-time download into it where the hub
+    is reachable (later runs work offline), or local checkpoint specs (also from the environment variables
+    CMCR_CLIP_ENCODER / CMCR_CLAP_ENCODER / CMCR_CLAP_TOKENIZER). Only when the hub is unreachable and the files
+    are not cached does it say so loudly and run random-init encoders ("not meaningful"); a missing or broken
+    file on a reachable hub is an error.
 
     Example: cmcr demo --out demo-out
     Example: cmcr demo --clip open_clip:ViT-B-32@/ckpt/clip.pt --clap clap:HTSAT-tiny@/ckpt/630k-audioset-best.pt

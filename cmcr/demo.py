@@ -5,10 +5,13 @@ evaluate (audio→image by shared label, with chance level; zero-shot across the
 example searches (an audio file → top images; a caption → top audio clips) → the synthetic
 check → a Markdown and an HTML report with the retrieval table and thumbnails.
 
-Weights: pretrained when they can be had (an explicit ``--clip``/``--clap`` spec with a local
-checkpoint, the Hugging Face / open_clip cache, or a download where the hub is reachable);
-otherwise the demo says so loudly, runs random-init encoders of the same architectures so the
-pipeline still runs, and marks every output "random weights: not meaningful".
+Weights: pretrained, with no flag — the default specs' files (CLIP ViT-B-32 ``openai`` weights, the
+laion_clap ``630k-audioset-best.pt`` checkpoint, the ``roberta-base`` tokenizer files) come from the
+Hugging Face cache, or are downloaded into it once where the hub is reachable
+(:mod:`cmcr.pipeline.hub`). Only when the hub cannot be reached (connection refused, timeout,
+``HF_HUB_OFFLINE=1``) and a file is not cached does the demo fall back to random-init encoders of
+the same architectures, saying so loudly and marking every output "random weights: not
+meaningful". A missing or broken file on a reachable hub, or a bad local checkpoint, is an error.
 
 The demo only glues the three rooms together; every step is a library call that the CLI
 commands expose too.
@@ -22,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +36,6 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from cmcr.errors import CmcrError
 from cmcr.stores.files import OUTPUT_LOCK, atomic_write_json, locks_output
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ RANDOM_BANNER = "random weights: not meaningful"
 #: Captions used by default: the text towers dominate CPU time (RoBERTa-base: ~0.1 s per caption on
 #: 2 cores), so the demo stays under ~10 minutes; ``--captions 3500`` uses the whole bundled subset.
 DEFAULT_CAPTIONS = 1000
-HUB_HOSTS = (("huggingface.co", 443),)
 AUDIO_QUERY_LABEL = "dog"  # label of the example audio query
 TEXT_QUERY = "a dog barking loudly"
 PROMPT_TEMPLATE = "a photo or a sound of a {}."
@@ -123,17 +123,6 @@ class DemoResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """True when the model hub answers a TCP connect within ``timeout_s`` seconds."""
-    for host, port in HUB_HOSTS:
-        try:
-            with socket.create_connection((host, port), timeout=timeout_s):
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def _random_variant(spec: str) -> str:
     return spec.split("@", 1)[0] + "@random"
 
@@ -145,25 +134,23 @@ def load_demo_encoders(opts: DemoOptions, console: Console):
         ``(clip, clap, notes, random_weights)`` — the two :class:`~cmcr.pipeline.encoders.Encoder`,
         human-readable notes on where weights came from, and whether any encoder is random-init.
     """
+    from cmcr.errors import HubUnreachableError
     from cmcr.pipeline.encoders import load_encoder
+    from cmcr.pipeline.hub import endpoint as hub_endpoint
 
     clip_spec = opts.clip or (FAST_CLIP if opts.fast else DEFAULT_CLIP)
     clap_spec = opts.clap or (FAST_CLAP if opts.fast else DEFAULT_CLAP)
     notes: list[str] = []
-    wants_download = any("@" not in s or not s.split("@", 1)[1].startswith(("/", ".", "~", "random"))
-                         for s in (clip_spec, clap_spec))
-    if wants_download and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
-        # Without this, huggingface_hub retries with backoff for minutes before failing.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        notes.append("the model hub is unreachable: only local checkpoints and cached weights can be used")
     encoders = []
     for name, spec in (("CLIP", clip_spec), ("CLAP", clap_spec)):
         try:
             enc = load_encoder(spec, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
-        except (CmcrError, OSError, RuntimeError, ValueError) as e:
+            if enc.family == "clap" and not spec.endswith("@random") and "@random:" not in spec:
+                enc.preprocessing("text")  # the demo embeds captions: get the tokenizer files now
+        except HubUnreachableError as e:  # the only case for a fallback; anything else is an error
             fallback = _random_variant(spec)
-            notes.append(f"{name}: pretrained weights for {spec!r} unavailable ({_first_line(e)}); "
-                         f"using random init {fallback!r}")
+            notes.append(f"{name}: pretrained weights for {spec!r} unavailable because the model hub "
+                         f"{hub_endpoint()} is unreachable ({_first_line(e)}); using random init {fallback!r}")
             enc = load_encoder(fallback, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
         encoders.append(enc)
     from cmcr.trainer.evaluate import random_weight_identities
@@ -173,7 +160,9 @@ def load_demo_encoders(opts: DemoOptions, console: Console):
         console.print(Panel.fit(
             "[bold]No pretrained weights in use[/] for at least one encoder.\n"
             "The pipeline runs end to end, but every number below is [bold red]" + RANDOM_BANNER + "[/].\n"
-            "Get real numbers with e.g. [cyan]--clip open_clip:ViT-B-32@/path/to/clip.pt "
+            "Get real numbers: run once where the model hub is reachable (the weights are cached for later "
+            "offline runs), or see docs/encode.md 'Real checkpoints online and offline'; e.g. "
+            "[cyan]--clip open_clip:ViT-B-32-quickgelu@/path/to/open_clip_model.safetensors "
             "--clap clap:HTSAT-tiny@/path/to/630k-audioset-best.pt --clap-tokenizer /path/to/roberta-base[/]\n"
             + "\n".join(f"• {n}" for n in notes),
             title="[bold red]RANDOM WEIGHTS", border_style="red"))

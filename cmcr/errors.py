@@ -66,3 +66,14 @@ class UnsafeFileError(InputDataError):
 
 class OutputLockedError(CmcrError):
     """Another process is writing the same output folder (the message names its pid and command)."""
+
+
+class HubUnreachableError(EncoderError):
+    """A file must come from the model hub, is not in the local cache, and the hub cannot be reached
+    (connection refused, timeout, no route, or offline mode ``HF_HUB_OFFLINE=1``). The only case in
+    which ``cmcr demo`` may fall back to random weights."""
+
+
+class HubFileError(EncoderError):
+    """The model hub was reached but does not have the file (missing repo, file or revision), served a
+    broken one, or the locally cached copy is corrupt."""

@@ -2,11 +2,12 @@
 
 Spec syntax (``FAMILY:ARCHITECTURE[@WEIGHTS]``)::
 
-    open_clip:ViT-B-32                      pretrained tag "openai" (the default tag)
-    open_clip:ViT-B-32@laion2b_s34b_b79k    another pretrained tag (downloads where a hub is reachable)
+    open_clip:ViT-B-32                      pretrained tag "openai" (the default tag; HF cache, else downloaded once)
+    open_clip:ViT-B-32@laion2b_s34b_b79k    another pretrained tag (files: see cmcr.pipeline.hub)
     open_clip:ViT-B-32@/path/ckpt.pt        a local checkpoint file (identity records its sha256)
     open_clip:ViT-B-32@random               random init, seed 0 (``@random:7`` for seed 7)
     open_clip:cmcr-tiny-clip@random         the tiny test configuration shipped in pipeline/model_configs
+    clap:HTSAT-tiny                         lukewys/laion_clap 630k-audioset-best.pt (HF cache, else downloaded once)
     clap:HTSAT-tiny@/path/630k-audioset-best.pt   laion_clap checkpoint (non-fusion)
     clap:HTSAT-tiny-fusion@/path/630k-fusion-best.pt   laion_clap fusion model (the paper's; clap_fusion.py)
     clap:HTSAT-tiny@random                  random init (tokenizer: see clap_encoder)
@@ -242,10 +243,13 @@ def load_encoder(spec: str, *, device: str = "auto", precision: str = "fp32",
         precision: ``fp32`` (default), ``bf16`` or ``fp16`` autocast in the forward pass; rows are
             always L2-normalised in float32.
         clap_tokenizer: folder with RoBERTa ``vocab.json`` + ``merges.txt`` for CLAP text (else
-            ``$CMCR_CLAP_TOKENIZER``, else the Hugging Face cache).
+            ``$CMCR_CLAP_TOKENIZER``, else the Hugging Face cache, else downloaded once for real
+            weights); only read when text is embedded.
 
     Raises:
         EncoderError: bad spec, unknown architecture, missing checkpoint or tokenizer files.
+        HubUnreachableError: a file the spec needs is not cached and the hub cannot be reached.
+        HubFileError: the hub lacks the file or served a broken one, or the cached copy is corrupt.
     """
     parsed = parse_spec(spec)
     dev = str(resolve_device(device))  # the one device helper (cmcr.stores.files); a clear ConfigError

@@ -1,7 +1,8 @@
 """open_clip adapter: image and text embeddings from any open_clip architecture.
 
-Weights: a pretrained tag (open_clip downloads it where a hub is reachable), a local checkpoint
-file (identity records ``sha256:<hex>``), or ``random`` (explicit; seeded). Architectures are
+Weights: a pretrained tag (its file comes through :mod:`cmcr.pipeline.hub`: the Hugging Face cache,
+else a one-time download; the tag's QuickGELU and preprocessing settings are applied), a local
+checkpoint file (identity records ``sha256:<hex>``), or ``random`` (explicit; seeded). Architectures are
 open_clip's built-in configs plus the JSON configs in ``pipeline/model_configs`` (e.g.
 ``cmcr-tiny-clip``, a 3.4 M-parameter ViT for tests and demos).
 
@@ -130,18 +131,31 @@ class OpenClipEncoder(Encoder):
             check_torch_file(ckpt, what="open_clip checkpoint")  # open_clip loads it with weights_only=True too
             pretrained = str(ckpt)
             self._weights_id = "sha256:" + sha256_file(ckpt)
-        else:
-            pretrained = weights
+        tag_kwargs: dict[str, Any] = {}
+        hub_file = None
+        if not spec.is_random and ckpt is None:
+            # a pretrained tag: the weights come through cmcr's hub module (cache first, then the hub),
+            # then open_clip loads the local file with the tag's settings (QuickGELU, preprocessing)
+            hub_file, tag_kwargs = fetch_pretrained(arch, weights)
+            pretrained = str(hub_file.path)
             self._weights_id = weights
+        # ViT-B-32 and ViT-B-32-quickgelu with a QuickGELU tag (openai) are the same model: one identity
+        base = arch[: -len("-quickgelu")] if arch.endswith("-quickgelu") else arch
+        self._identity_arch = base if tag_kwargs.get("force_quick_gelu") and base in open_clip.list_models() else arch
         try:
             with _open_clip_logs_at_debug():
                 model = open_clip.create_model(arch, pretrained=pretrained, device=device,
-                                               pretrained_image=False, pretrained_text=False)
-        except Exception as e:  # download failures, bad checkpoints, unknown tags
+                                               pretrained_image=False, pretrained_text=False, **tag_kwargs)
+        except Exception as e:  # bad checkpoints (wrong architecture, truncated file)
+            if hub_file is not None:
+                from cmcr.pipeline.hub import broken_file_error
+
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise broken_file_error(hub_file, f"open_clip weights for {arch}@{weights}",
+                                        f"{type(e).__name__}: {first}") from e
             raise EncoderError(
                 f"cannot build open_clip {arch} with weights {weights!r} ({type(e).__name__}: {e}). "
-                f"Offline? Download the checkpoint elsewhere and pass open_clip:{arch}@/path/ckpt.pt; "
-                f"use @random only for tests"
+                f"Is the checkpoint a state dict of this architecture? Use @random only for tests"
             ) from e
         model.eval()
         self.model = model
@@ -157,7 +171,7 @@ class OpenClipEncoder(Encoder):
         self.context_length = int(getattr(self._tokenizer, "context_length", None) or model.context_length)
 
     def identity(self) -> dict[str, Any]:
-        ident: dict[str, Any] = {"family": self.family, "architecture": self.architecture,
+        ident: dict[str, Any] = {"family": self.family, "architecture": self._identity_arch,
                                  "weights": self._weights_id, "dim": self.dim}
         if self.spec.is_random:
             ident["seed"] = self.spec.seed
@@ -223,6 +237,55 @@ class OpenClipEncoder(Encoder):
 
     def num_parameters(self) -> int:
         return int(sum(p.numel() for p in self.model.parameters()))
+
+
+def fetch_pretrained(arch: str, tag: str) -> tuple[Any, dict[str, Any]]:
+    """Get the weights of an open_clip pretrained tag through :mod:`cmcr.pipeline.hub`.
+
+    The repo id and file names are the ones open_clip itself asks for (its ``hf_hub`` entry,
+    e.g. ``timm/vit_base_patch32_clip_224.openai`` + ``open_clip_model.safetensors``, else
+    ``open_clip_pytorch_model.bin``), so a cache filled by open_clip, ``hf download`` or cmcr serves all.
+
+    Returns:
+        ``(HubFile, create_model keyword arguments)``: the tag's QuickGELU setting and image
+        preprocessing (mean, std, interpolation, resize mode), as open_clip applies them for a tag.
+
+    Raises:
+        EncoderError: unknown tag for this architecture.
+        HubUnreachableError, HubFileError: see :func:`cmcr.pipeline.hub.fetch`.
+    """
+    import os
+
+    from cmcr.pipeline import hub
+
+    open_clip = _open_clip()
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.transform import merge_preprocess_dict
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg or not cfg.get("hf_hub"):
+        known = open_clip.list_pretrained_tags_by_model(arch)
+        raise EncoderError(
+            f"open_clip has no pretrained tag {tag!r} for {arch}; known tags: {', '.join(known) or 'none'} "
+            f"(or pass a local checkpoint: open_clip:{arch}@/path/ckpt.pt, or @random for tests)")
+    # open_clip's own rule: 'org/repo/file' or 'org/repo/' (default file name)
+    repo_id, filename = os.path.split(cfg["hf_hub"])
+    filename = filename or HF_WEIGHTS_NAME
+    names = [filename]
+    if filename == HF_WEIGHTS_NAME:  # open_clip prefers a safetensors copy when the repo has one
+        names.insert(0, HF_SAFE_WEIGHTS_NAME)
+    elif filename.endswith((".bin", ".pth")):
+        names.insert(0, filename[:-4] + ".safetensors")
+    quick_gelu = bool(cfg.get("quick_gelu"))
+    local_arch = f"{arch}-quickgelu" if quick_gelu and f"{arch}-quickgelu" in open_clip.list_models() else arch
+    hub_file = hub.fetch(repo_id, names, what=f"open_clip weights for open_clip:{arch}@{tag}",
+                         alternative=f"pass a local copy of the weights file: open_clip:{local_arch}@/path/{names[0]} "
+                                     f"(the store identity then records its sha256 instead of the tag)")
+    kwargs: dict[str, Any] = {"force_preprocess_cfg": merge_preprocess_dict({}, {k: v for k, v in cfg.items()
+                                                                                  if k != "size"})}
+    if quick_gelu:
+        kwargs["force_quick_gelu"] = True
+    return hub_file, kwargs
 
 
 def save_random_checkpoint(architecture: str, path: str, seed: int = 0) -> np.ndarray | None:

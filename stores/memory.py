@@ -40,7 +40,7 @@ import torch
 
 from cmcr.errors import StoreMismatchError, StoreValidationError
 from cmcr.stores.files import resolve_device  # noqa: F401 - the one device helper, re-exported
-from cmcr.stores.store import Store, canonical_json
+from cmcr.stores.store import Store, canonical_json, same_encoder
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def complete_store(
     """
     qs = query_store if isinstance(query_store, Store) else Store.open(query_store)
     ms = memory_store if isinstance(memory_store, Store) else Store.open(memory_store)
-    if canonical_json(qs.encoder) != canonical_json(ms.encoder):
+    if not same_encoder(qs.encoder, ms.encoder):
         raise StoreMismatchError(
             f"memory store {ms.path} was made by encoder {canonical_json(ms.encoder)}, but the query store "
             f"{qs.path} by {canonical_json(qs.encoder)}; a memory must come from the same MCR (encoder) as "

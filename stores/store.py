@@ -100,6 +100,35 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+#: Encoder-identity fields that never change the vectors; :func:`same_encoder` ignores them. Descriptive
+#: fields (where embeddings were made, notes) and ``tokenizer`` (older CLAP stores recorded it in the
+#: identity; text tokenization belongs to a text store's ``preprocessing``, and audio rows never depend
+#: on it). A ``seed`` is ignored too unless ``weights`` is ``random``/``random:N``: pretrained weights
+#: do not depend on a seed.
+IDENTITY_IGNORED_FIELDS = ("tokenizer", "source", "tool", "tool_version", "library", "library_version", "note",
+                           "notes", "description", "provenance", "created_by", "created_at", "url", "command")
+
+
+def comparable_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of an encoder identity that determines the vectors (see :data:`IDENTITY_IGNORED_FIELDS`);
+    nested identities (a projected store's ``base``) are reduced the same way."""
+    weights = identity.get("weights")
+    random_init = weights is None or str(weights).startswith("random")
+    out: dict[str, Any] = {}
+    for k, v in identity.items():
+        if k in IDENTITY_IGNORED_FIELDS or (k == "seed" and not random_init):
+            continue
+        out[k] = comparable_identity(v) if isinstance(v, Mapping) else v
+    return out
+
+
+def same_encoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two encoder identities name the same embedding space: equal once the fields that do not
+    change the vectors are dropped (:func:`comparable_identity`). E.g. an imported store whose identity
+    carries ``seed: 0`` or a ``source`` note matches a cmcr-encoded store of the same pretrained model."""
+    return canonical_json(comparable_identity(a)) == canonical_json(comparable_identity(b))
+
+
 def atomic_write_parquet(path: str | os.PathLike, table: pa.Table, **kwargs: Any) -> None:
     """Write a Parquet file atomically (temp file + fsync + rename)."""
     path = Path(path)
@@ -503,7 +532,7 @@ class Store:
             )
         if dim is not None and self.dim != int(dim):
             raise StoreMismatchError(f"{self.path}: expected dim {dim}, store has dim {self.dim}")
-        if encoder is not None and canonical_json(dict(encoder)) != canonical_json(self.encoder):
+        if encoder is not None and not same_encoder(encoder, self.encoder):
             raise StoreMismatchError(
                 f"{self.path}: {what} was made by encoder {canonical_json(self.encoder)}, "
                 f"expected {canonical_json(dict(encoder))}; embeddings of different encoders live in "

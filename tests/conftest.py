@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a private, empty Hugging Face cache: no test sees (or fills) the user's cache
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="cmcr-tests-hf-")
+os.environ.pop("HF_HUB_CACHE", None)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

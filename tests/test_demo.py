@@ -13,9 +13,10 @@ from cmcr.stores.store import Store
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    # a missing checkpoint for CLIP must fall back to random init, loudly, not crash
+    # weights that must come from the hub, which is unreachable here (HF_HUB_OFFLINE=1, nothing cached):
+    # the only case that falls back to random init — loudly, not a crash
     code = main(["demo", "--fast", "--out", str(out), "--captions", "120", "--epochs", "2", "--no-synthetic",
-                 "--num-workers", "0", "--clip", "open_clip:cmcr-tiny-clip@/nonexistent/clip.pt"])
+                 "--num-workers", "0", "--clap", "clap:cmcr-tiny-clap"])
     assert code == 0
     return out
 
@@ -41,7 +42,7 @@ def test_demo_writes_stores_connector_and_report(demo_run, sample_data):
 def test_demo_marks_random_weights_everywhere(demo_run):
     result = json.loads((demo_run / "demo.json").read_text())
     assert result["random_weights"] is True
-    assert any("unavailable" in n and "@random" in n for n in result["weight_notes"])
+    assert any("unreachable" in n and "@random" in n for n in result["weight_notes"])
     assert "RANDOM WEIGHTS: NOT MEANINGFUL" in (demo_run / "report.md").read_text()
     assert "RANDOM WEIGHTS: NOT MEANINGFUL" in (demo_run / "report.html").read_text()
 

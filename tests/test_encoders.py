@@ -69,7 +69,8 @@ def test_laion_clap_is_not_imported_for_open_clip():
 def test_clap_identity_and_audio_policy(tiny_clap):
     ident = tiny_clap.identity()
     assert ident["family"] == "clap" and ident["fusion"] is False and ident["dim"] == 64
-    assert ident["tokenizer"] == "byte-level-fallback" and ident["weights"] == "random"
+    assert "tokenizer" not in ident and ident["weights"] == "random"  # the vocabulary is text preprocessing
+    assert tiny_clap.preprocessing("text")["vocab"] == "byte-level-fallback"
     pp = tiny_clap.preprocessing("audio")
     assert (pp["sample_rate"], pp["clip_seconds"], pp["long_policy"], pp["short_policy"]) == (
         48000, 10.0, "center", "repeatpad")
@@ -97,29 +98,36 @@ def test_clap_checkpoint_round_trip_and_tokenizer_checks(tiny_clap, tmp_path):
     from cmcr.pipeline.clap_encoder import save_test_checkpoint
 
     ckpt = save_test_checkpoint(tiny_clap, tmp_path / "tiny-clap.pt")
-    with pytest.raises(EncoderError, match="clap-tokenizer"):  # real weights never use the fallback
-        load_encoder(f"clap:cmcr-tiny-clap@{ckpt}", device="cpu")
+    wav = write_wav(tmp_path / "a.wav", tone(1.0, 44100), 44100)
+    # audio-only use needs no tokenizer files; text with real weights never uses the fallback
+    audio_only = load_encoder(f"clap:cmcr-tiny-clap@{ckpt}", device="cpu")
+    np.testing.assert_allclose(audio_only.encode("audio", [wav]), tiny_clap.encode("audio", [wav]), atol=1e-5)
+    with pytest.raises(EncoderError, match="clap-tokenizer"):
+        audio_only.encode("text", ["a cat"])
     tok = write_tiny_bpe_tokenizer(tmp_path / "tok")
     loaded = load_encoder(f"clap:cmcr-tiny-clap@{ckpt}", device="cpu", clap_tokenizer=str(tok))
-    assert loaded.identity()["weights"].startswith("sha256:") and loaded.identity()["tokenizer"].startswith("roberta")
-    wav = write_wav(tmp_path / "a.wav", tone(1.0, 44100), 44100)
+    assert loaded.identity() == audio_only.identity() and loaded.identity()["weights"].startswith("sha256:")
+    assert loaded.preprocessing("text")["vocab"].startswith("roberta")
     np.testing.assert_allclose(loaded.encode("audio", [wav]), tiny_clap.encode("audio", [wav]), atol=1e-5)
     np.testing.assert_allclose(loaded.encode("text", ["a cat"]), tiny_clap.encode("text", ["a cat"]), atol=1e-5)
 
 
-def test_clap_real_architecture_needs_real_tokenizer_files(tmp_path, monkeypatch):
+def test_clap_real_weights_need_real_tokenizer_files(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from cmcr.pipeline.clap_encoder import resolve_tokenizer
+
     monkeypatch.delenv("CMCR_CLAP_TOKENIZER", raising=False)
-    fake = tmp_path / "630k-audioset-best.pt"
-    fake.write_bytes(b"not really a checkpoint")
-    with pytest.raises(EncoderError, match="vocab.json"):
-        load_encoder(f"clap:HTSAT-tiny@{fake}", device="cpu")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    with pytest.raises(EncoderError, match="vocab.json"):  # offline here: not cached, no fallback
+        resolve_tokenizer(None, allow_fallback=False)
     small = write_tiny_bpe_tokenizer(tmp_path / "tok")
     with pytest.raises(EncoderError, match="only 261 tokens"):
-        load_encoder(f"clap:HTSAT-tiny@{fake}", device="cpu", clap_tokenizer=str(small))
+        resolve_tokenizer(str(small), allow_fallback=False)
     monkeypatch.setenv("CMCR_CLAP_TOKENIZER", str(tmp_path / "empty"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(EncoderError, match="lacks"):
-        load_encoder(f"clap:HTSAT-tiny@{fake}", device="cpu")
+        resolve_tokenizer(None, allow_fallback=False)
 
 
 def test_unknown_clap_architecture_is_refused():  # fusion models: tests/test_clap_fusion.py

@@ -40,7 +40,14 @@ from safetensors.torch import load_file
 
 from cmcr import __version__
 from cmcr.errors import ConfigError, ConnectorError
-from cmcr.stores.store import atomic_write_bytes, atomic_write_json, canonical_json, identity_fingerprint, sha256_file
+from cmcr.stores.store import (
+    atomic_write_bytes,
+    atomic_write_json,
+    canonical_json,
+    identity_fingerprint,
+    same_encoder,
+    sha256_file,
+)
 from cmcr.trainer.projector import Projector, make_projector
 
 log = logging.getLogger(__name__)
@@ -101,7 +108,7 @@ class SideInfo:
     def accepts_identity(self, identity: Mapping[str, Any]) -> bool:
         """Whether embeddings of this encoder identity may be projected by this side (modality aside)."""
         if self.accepts is None:
-            return canonical_json(dict(identity)) == canonical_json(self.encoder)
+            return same_encoder(identity, self.encoder)
         return any(identity_matches(p, identity) for p in self.accepts)
 
     def describe_accepted(self) -> str:
@@ -485,4 +492,4 @@ def same_space(identity_a: Mapping[str, Any], identity_b: Mapping[str, Any]) -> 
     if is_projected(identity_a) or is_projected(identity_b):
         return (is_projected(identity_a) and is_projected(identity_b)
                 and identity_a.get("connector") == identity_b.get("connector"))
-    return canonical_json(dict(identity_a)) == canonical_json(dict(identity_b))
+    return same_encoder(identity_a, identity_b)

@@ -25,7 +25,7 @@ import numpy as np
 
 from cmcr.errors import StoreMismatchError, TrainingError
 from cmcr.stores.memory import complete_store
-from cmcr.stores.store import Store, canonical_json, join_by_key
+from cmcr.stores.store import Store, canonical_json, join_by_key, same_encoder
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import is_projected
 
@@ -83,13 +83,13 @@ def open_connect_stores(shared_a: Store | str | Path, shared_b: Store | str | Pa
             f"the shared stores must hold the same modality: {sa.path} holds {sa.modality!r}, {sb.path} holds "
             f"{sb.modality!r} (e.g. CLIP text and CLAP text of the same captions)"
         )
-    if canonical_json(sa.encoder) == canonical_json(sb.encoder):
+    if same_encoder(sa.encoder, sb.encoder):
         raise StoreMismatchError(
             f"{sa.path} and {sb.path} come from the same encoder {canonical_json(sa.encoder)}; C-MCR connects two "
             f"different MCRs — encode the shared corpus with each MCR"
         )
     for side, shared, memory in (("A", sa, ma), ("B", sb, mb)):
-        if canonical_json(memory.encoder) != canonical_json(shared.encoder):
+        if not same_encoder(memory.encoder, shared.encoder):
             raise StoreMismatchError(
                 f"memory store {memory.path} of MCR {side} was made by encoder {canonical_json(memory.encoder)}, but "
                 f"MCR {side}'s shared store {shared.path} by {canonical_json(shared.encoder)}; the memory must come "

@@ -22,7 +22,7 @@ import numpy as np
 
 from cmcr.errors import ConfigError, InputDataError, StoreMismatchError
 from cmcr.stores.files import locks_output
-from cmcr.stores.store import Store, canonical_json
+from cmcr.stores.store import Store, canonical_json, same_encoder
 from cmcr.trainer.connector import Connector, same_space
 from cmcr.trainer.data import as_store
 from cmcr.trainer.metrics import DEFAULT_KS, retrieval_metrics, zeroshot_accuracy
@@ -76,7 +76,7 @@ def project_store(
     out_path = Path(out_path)
     if (out_path / "manifest.json").exists():
         old = Store.open(out_path)
-        same = (canonical_json(old.encoder) == canonical_json(identity)
+        same = (same_encoder(old.encoder, identity)
                 and (old.manifest.get("extra") or {}).get("projected", {}).get("source_fingerprint")
                 == src.fingerprint())
         if not same:
