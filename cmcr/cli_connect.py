@@ -45,7 +45,8 @@ def connect(
     memory_a: Path = typer.Option(..., "--memory-a", help="Memory store of MCR A (e.g. CLIP images)."),
     memory_b: Path = typer.Option(..., "--memory-b", help="Memory store of MCR B (e.g. CLAP audio)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (connector, checkpoints, metrics)."),
-    config: Path | None = typer.Option(None, "--config", help="TOML config (defaults: trainer/configs/default.toml)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML config file or preset name (3d = released "
+                                       "CLIP-ULIP 3D head; defaults: trainer/configs/default.toml)."),
     name_a: str | None = typer.Option(None, help="Name of MCR A in the connector (e.g. clip)."),
     name_b: str | None = typer.Option(None, help="Name of MCR B in the connector (e.g. clap)."),
     epochs: int | None = typer.Option(None, help="Training epochs."),
@@ -115,7 +116,7 @@ def search(
     key: str | None = typer.Option(None, "--key", help="Query by the key of a row of --store."),
     store: Path | None = typer.Option(None, "--store", help="Store holding --key (raw or projected)."),
     encoder: str | None = typer.Option(None, "--encoder", help="Encoder spec for --media/--text (see `cmcr encode`)."),
-    modality: str | None = typer.Option(None, "--modality", help="Modality of --media (image/audio); guessed."),
+    modality: str | None = typer.Option(None, "--modality", help="Modality of --media (image/audio/3d); guessed."),
     k: int = typer.Option(10, "-k", min=1, help="Number of results."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -200,7 +201,7 @@ def _check_readable_file(path: Path, flag: str) -> None:
     if not path.exists():
         raise InputDataError(f"{flag} {path}: file not found")
     if path.is_dir():
-        raise InputDataError(f"{flag} {path}: is a folder; give one image or audio file")
+        raise InputDataError(f"{flag} {path}: is a folder; give one image, audio or 3D file")
     try:
         with open(path, "rb") as f:
             f.read(1)
@@ -214,7 +215,9 @@ def _guess_modality(path: Path | None) -> str:
         return "audio"
     if suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"):
         return "image"
-    raise InputDataError(f"cannot tell the modality of {path}; pass --modality image|audio")
+    if suffix in (".npy", ".ply", ".obj", ".off", ".stl", ".glb", ".gltf"):
+        return "3d"
+    raise InputDataError(f"cannot tell the modality of {path}; pass --modality image|audio|3d")
 
 
 def _search(gallery, q: np.ndarray, k: int) -> list[dict]:  # noqa: ANN001
@@ -278,25 +281,40 @@ def eval_zeroshot(
     store: Path = typer.Option(..., "--store", "-s", help="Projected store with a label column."),
     classes: str = typer.Option(..., "--classes", help="Comma-separated class names, or a file with one per line."),
     encoder: str = typer.Option(..., "--encoder", help="Text encoder spec of one connector side."),
-    prompt: str = typer.Option("a sound of a {}.", "--prompt", help="Prompt template ({} = class name)."),
+    prompt: str | None = typer.Option(None, "--prompt",
+                                      help="Prompt template ({} = class name); default 'a sound of a {}.'."),
+    templates: str | None = typer.Option(
+        None, "--templates", help="Prompt templates averaged per class instead of --prompt: a bundled set "
+                                  "(modelnet40_64 = ULIP's 64 ModelNet40 prompts) or a file (JSON list / one per "
+                                  "line)."),
     label_column: str = typer.Option("label", help="Metadata column with the true class."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Zero-shot classification: class prompts -> text encoder -> connector side -> nearest class.
+
+    With --templates, every class gets one prompt per template; the projected prompts of a class are
+    averaged (unit rows, mean, renormalised), as ULIP does for 3D zero-shot. --classes modelnet40 names
+    the bundled ModelNet40 class list.
 
     Example: cmcr eval zeroshot -c runs/clip-clap -s st/esc50_audio.cmcr --classes classes.txt
     --encoder open_clip:ViT-B-32 --prompt "the sound of a {}."
     """
     from cmcr.pipeline.encoders import load_encoder
     from cmcr.trainer.connector import Connector
-    from cmcr.trainer.evaluate import evaluate_zeroshot
+    from cmcr.trainer.evaluate import average_prompt_embeddings, evaluate_zeroshot, load_templates
 
+    if templates is not None and prompt is not None:
+        raise InputDataError("give --prompt or --templates, not both")
     names = _class_names(classes)
+    tmpl = load_templates(templates) if templates is not None else [prompt or "a sound of a {}."]
     conn = Connector.load(connector)
     enc = load_encoder(encoder)
-    raw = enc.encode("text", [prompt.format(n) for n in names])
+    raw = enc.encode("text", [t.format(n) for n in names for t in tmpl])
     side = conn.side_for(enc.identity(), "text")
     zc = conn.project(side, raw, identity=enc.identity(), modality="text")
+    if len(tmpl) > 1:
+        zc = average_prompt_embeddings(zc, len(names))
+    prompt = tmpl[0] if templates is None else f"{templates} ({len(tmpl)} templates, averaged per class)"
     r = evaluate_zeroshot(store, zc, names, label_column=label_column)
     from cmcr.stores.store import Store
     from cmcr.trainer.evaluate import random_weight_identities
@@ -314,6 +332,11 @@ def eval_zeroshot(
 
 def _class_names(classes: str) -> list[str]:
     p = Path(classes)
+    from cmcr.trainer.evaluate import bundled_class_lists
+
+    bundled = bundled_class_lists()
+    if classes in bundled and not p.exists():
+        return list(bundled[classes])
     if p.is_dir():
         raise InputDataError(f"--classes {classes}: is a folder; give a file with one class name per line, or "
                              f"comma-separated names")

@@ -317,9 +317,12 @@ class UlipModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
         self.point_encoder = PointTransformer(cfg)
         self.pc_projection = nn.Parameter(torch.empty(cfg.pc_feat_dims, cfg.embed_dim))
-        mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
-        self.register_buffer("attn_mask", mask, persistent=False)
+        self.register_buffer("attn_mask", self._causal_mask(cfg.context_length), persistent=False)
         self._init_parameters()
+
+    @staticmethod
+    def _causal_mask(n: int, device: str | torch.device | None = None) -> torch.Tensor:
+        return torch.full((n, n), float("-inf"), device=device).triu_(1)
 
     def _init_parameters(self) -> None:
         """The reference initialisation (CLIP's for the text tower; used by ``@random`` only)."""
@@ -448,8 +451,11 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str
                        f"checkpoint with ulip:PointBERT@FILE")
 
 
-def load_ulip_state_dict(model: nn.Module, path: str | Path, architecture: str) -> dict[str, Any]:
+def load_ulip_state_dict(model: UlipModel, path: str | Path, architecture: str) -> dict[str, Any]:
     """Load a ULIP checkpoint file into ``model`` strictly (keys and shapes), without unpickling code.
+
+    ``model`` may live on the meta device (:func:`build_model` with ``device="meta"``): the file's
+    tensors are then assigned (no random init of 172 M values first) and the model ends on the CPU.
 
     Returns:
         ``{"args_model": <args.model of the file or None>}`` (informational).
@@ -460,7 +466,11 @@ def load_ulip_state_dict(model: nn.Module, path: str | Path, architecture: str) 
     obj = read_checkpoint_file(path)
     sd = extract_state_dict(obj, path)
     check_state_dict(model, sd, path, architecture)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+    meta = model.positional_embedding.is_meta
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True,
+                          assign=meta)
+    if meta:
+        model.attn_mask = model._causal_mask(model.context_length, device="cpu")
     args = obj.get("args") if isinstance(obj, Mapping) else None
     return {"args_model": getattr(args, "model", None)}
 
