@@ -103,16 +103,15 @@ def farthest_point_sample(xyz: torch.Tensor, n: int) -> torch.Tensor:
     Returns:
         ``(B, n)`` int64 indices into ``N`` (deterministic: ties go to the lowest index).
     """
-    b, npts, _ = xyz.shape
+    b, npts, c = xyz.shape
     idx = torch.zeros(b, n, dtype=torch.long, device=xyz.device)
     dist = torch.full((b, npts), float("inf"), dtype=xyz.dtype, device=xyz.device)
-    farthest = torch.zeros(b, dtype=torch.long, device=xyz.device)
-    rows = torch.arange(b, device=xyz.device)
-    for i in range(n):
-        idx[:, i] = farthest
-        centre = xyz[rows, farthest].unsqueeze(1)  # (B, 1, 3)
-        dist = torch.minimum(dist, ((xyz - centre) ** 2).sum(-1))
-        farthest = dist.argmax(-1)
+    farthest = torch.zeros(b, 1, 1, dtype=torch.long, device=xyz.device)
+    for i in range(n):  # n small kernels per step; in-place updates keep allocations out of the loop
+        idx[:, i] = farthest[:, 0, 0]
+        centre = torch.gather(xyz, 1, farthest.expand(b, 1, c))  # (B, 1, 3)
+        torch.minimum(dist, (xyz - centre).square_().sum(-1), out=dist)
+        farthest = dist.argmax(-1).view(b, 1, 1)
     return idx
 
 
