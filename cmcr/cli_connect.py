@@ -279,7 +279,8 @@ def eval_retrieval(
 def eval_zeroshot(
     connector: Path = typer.Option(..., "--connector", "-c", help="Connector folder."),
     store: Path = typer.Option(..., "--store", "-s", help="Projected store with a label column."),
-    classes: str = typer.Option(..., "--classes", help="Comma-separated class names, or a file with one per line."),
+    classes: str = typer.Option(..., "--classes", help="Comma-separated class names, a file with one per line, or a "
+                                                       "bundled list (modelnet40)."),
     encoder: str = typer.Option(..., "--encoder", help="Text encoder spec of one connector side."),
     prompt: str | None = typer.Option(None, "--prompt",
                                       help="Prompt template ({} = class name); default 'a sound of a {}.'."),

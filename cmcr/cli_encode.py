@@ -16,8 +16,9 @@ SPEC_HELP = (
     "Encoder spec FAMILY:ARCHITECTURE or FAMILY:ARCHITECTURE@WEIGHTS: open_clip:ViT-B-32 (tag openai), "
     "open_clip:ViT-B-32@laion2b_s34b_b79k, open_clip:ViT-B-32@/path/ckpt.pt, "
     "open_clip:ViT-B-32@random (or @random:SEED), "
-    "clap:HTSAT-tiny@/path/630k-audioset-best.pt, clap:HTSAT-tiny@random, and the tiny test models "
-    "open_clip:cmcr-tiny-clip@random, clap:cmcr-tiny-clap@random."
+    "clap:HTSAT-tiny@/path/630k-audioset-best.pt, clap:HTSAT-tiny@random, "
+    "ulip:PointBERT@/path/pointbert_ULIP-2.pt, ulip:PointBERT@random, and the tiny test models "
+    "open_clip:cmcr-tiny-clip@random, clap:cmcr-tiny-clap@random, ulip:cmcr-tiny-ulip@random."
 )
 
 
@@ -65,7 +66,8 @@ def encode(
     shards: list[str] = typer.Argument(..., help="Shard folder(s), .tar files, globs or brace patterns "
                                                  "(e.g. shards/image or 'shards/image/shard-{000000..000009}.tar')."),
     encoder: str = typer.Option(..., "--encoder", "-e", help=SPEC_HELP),
-    modality: str = typer.Option(..., "--modality", "-m", help="image or text (open_clip); audio or text (clap)."),
+    modality: str = typer.Option(..., "--modality", "-m", help="image or text (open_clip); audio or text (clap); "
+                                                                              "3d, image or text (ulip)."),
     store: Path = typer.Option(..., "--store", "-s", help="Store folder (created if missing; a rerun resumes)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Samples per forward pass."),
     num_workers: int = typer.Option(2, "--num-workers", "-j", min=0,
