@@ -116,7 +116,7 @@ def search(
     key: str | None = typer.Option(None, "--key", help="Query by the key of a row of --store."),
     store: Path | None = typer.Option(None, "--store", help="Store holding --key (raw or projected)."),
     encoder: str | None = typer.Option(None, "--encoder", help="Encoder spec for --media/--text (see `cmcr encode`)."),
-    modality: str | None = typer.Option(None, "--modality", help="Modality of --media (image/audio/3d); guessed."),
+    modality: str | None = typer.Option(None, "--modality", help="Modality of --media (image/audio); guessed."),
     k: int = typer.Option(10, "-k", min=1, help="Number of results."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -201,7 +201,7 @@ def _check_readable_file(path: Path, flag: str) -> None:
     if not path.exists():
         raise InputDataError(f"{flag} {path}: file not found")
     if path.is_dir():
-        raise InputDataError(f"{flag} {path}: is a folder; give one image, audio or 3D file")
+        raise InputDataError(f"{flag} {path}: is a folder; give one image or audio file")
     try:
         with open(path, "rb") as f:
             f.read(1)
@@ -215,9 +215,7 @@ def _guess_modality(path: Path | None) -> str:
         return "audio"
     if suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"):
         return "image"
-    if suffix in (".npy", ".ply", ".obj", ".off", ".stl", ".glb", ".gltf"):
-        return "3d"
-    raise InputDataError(f"cannot tell the modality of {path}; pass --modality image|audio|3d")
+    raise InputDataError(f"cannot tell the modality of {path}; pass --modality image|audio")
 
 
 def _search(gallery, q: np.ndarray, k: int) -> list[dict]:  # noqa: ANN001

@@ -11,11 +11,11 @@ The model and the checkpoint form are in :mod:`cmcr.pipeline.ulip_model`.
 
 Per modality (what ULIP-2 / C-MCR do, read from the vendored reference code):
 
-* ``3d`` — the preprocessor receives a decoded array ``(N, 3)`` xyz or ``(N, 6)`` xyz+rgb (from
-  :mod:`cmcr.pipeline.pointcloud`, or given directly), or the file bytes (with their extension as a
-  ``(bytes, ext)`` pair), which :mod:`cmcr.pipeline.pointcloud` decodes. It ends with a float32
-  ``(P, 3)`` array, P = ``n_points`` (8192, ULIP's ``npoints``), centred on its mean and scaled into
-  the unit sphere (ULIP's ``pc_normalize``). **ULIP-2 PointBERT uses xyz only**: its group encoder
+* ``3d`` — the preprocessor receives the decoded array ``(N, 3)`` xyz or ``(N, 6)`` xyz+rgb (the
+  encode loop and ``Encoder.encode`` decode files with :func:`cmcr.pipeline.pointcloud.load_points`;
+  arrays may be given directly) and prepares it with :func:`cmcr.pipeline.pointcloud.prepare_points`:
+  float32 ``(P, 3)``, P = ``n_points`` (8192, ULIP's ``npoints``), centred on its mean and scaled
+  into the unit sphere (ULIP's ``pc_normalize``). **ULIP-2 PointBERT uses xyz only**: its group encoder
   takes 3 input channels and C-MCR's ``trunks.py`` feeds ``obj["xyz"]`` only; colour columns are
   dropped (recorded in the manifest as ``use_color: false``). A cloud with fewer points than the
   group count (512; the tiny config 16), or with NaN/Inf coordinates, or all points equal, is a
@@ -31,7 +31,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +48,11 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 
 def _pointcloud_module():
-    """:mod:`cmcr.pipeline.pointcloud` (point-cloud/mesh reading and preparation), or None where absent."""
+    """:mod:`cmcr.pipeline.pointcloud` (point-cloud/mesh reading and preparation), or None where absent.
+
+    The fallbacks below (``.npy`` bytes, seeded sampling) only serve a checkout without that module
+    (built in parallel); with it, its functions are the one path.
+    """
     try:
         from cmcr.pipeline import pointcloud
     except ImportError:
@@ -58,8 +61,9 @@ def _pointcloud_module():
 
 
 def decode_points(raw: Any, what: str = "point cloud") -> np.ndarray:
-    """Raw 3D input -> ``(N, C)`` array: an array as is; ``(bytes, ext)`` or bytes decoded by
-    :func:`cmcr.pipeline.pointcloud.load_points` (``.npy`` arrays are read without it, never unpickled).
+    """Raw 3D input -> ``(N, C)`` array: an array as is (the encode loop's contract); ``(bytes, ext)``
+    decoded by :func:`cmcr.pipeline.pointcloud.load_points`; without that module, ``.npy`` bytes are
+    read with ``allow_pickle=False`` (never unpickled).
 
     Raises:
         SampleError: undecodable input (names ``what``).
@@ -73,8 +77,8 @@ def decode_points(raw: Any, what: str = "point cloud") -> np.ndarray:
         raise SampleError(f"{what}: expected an (N, 3|6) array or file bytes, got {type(raw).__name__}")
     data = bytes(raw)
     pc = _pointcloud_module()
-    if pc is not None and hasattr(pc, "load_points"):
-        return pc.load_points(data, str(ext).lstrip(".").lower())
+    if pc is not None and ext:
+        return pc.load_points(data, str(ext), what=what)
     if data.startswith(_NPY_MAGIC):
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)
@@ -87,13 +91,18 @@ def decode_points(raw: Any, what: str = "point cloud") -> np.ndarray:
 def prepare_cloud(points: np.ndarray, n_points: int, min_points: int, what: str = "point cloud") -> np.ndarray:
     """``(N, 3|6)`` -> float32 ``(n_points, 3)`` xyz, centred on the mean, scaled into the unit sphere.
 
-    Uses :func:`cmcr.pipeline.pointcloud.prepare_points` (deterministic sampling to ``n_points``) where
-    present; otherwise a deterministic seeded subsample (N > n_points) or repetition (N < n_points).
+    :func:`cmcr.pipeline.pointcloud.prepare_points` (farthest-point sampling to ``n_points``, checks)
+    where present; otherwise (a checkout without it) the same checks and a seeded subsample (N >
+    n_points) or repetition (N < n_points).
 
     Raises:
         SampleError: not ``(N, >=3)``, fewer than ``min_points`` points, NaN/Inf, or all points equal.
     """
     a = np.asarray(points)
+    pc = _pointcloud_module()
+    if pc is not None:
+        return np.ascontiguousarray(pc.prepare_points(a, n_points=n_points, use_color=False, seed=0,
+                                                      min_points=min_points, what=what)[:, :3], dtype=np.float32)
     if a.ndim != 2 or a.shape[1] not in (3, 6) or not np.issubdtype(a.dtype, np.number):
         raise SampleError(f"{what}: expected a numeric (N, 3) xyz or (N, 6) xyz+rgb array, got shape "
                           f"{a.shape} dtype {a.dtype}")
@@ -103,18 +112,13 @@ def prepare_cloud(points: np.ndarray, n_points: int, min_points: int, what: str 
     xyz = a[:, :3].astype(np.float64)
     if not np.isfinite(xyz).all():
         raise SampleError(f"{what}: {int((~np.isfinite(xyz)).any(axis=1).sum())} point(s) with NaN/Inf coordinates")
-    pc = _pointcloud_module()
-    if pc is not None and hasattr(pc, "prepare_points"):
-        out = np.asarray(pc.prepare_points(xyz, n_points=n_points, use_color=False, seed=0))[:, :3]
-    else:
-        n = xyz.shape[0]
-        if n != n_points:
-            rng = np.random.default_rng(0)
-            idx = (np.sort(rng.choice(n, n_points, replace=False)) if n > n_points
-                   else np.concatenate([np.arange(n), rng.choice(n, n_points - n, replace=True)]))
-            xyz = xyz[idx]
-        out = xyz
-    out = out - out.mean(axis=0)
+    n = xyz.shape[0]
+    if n != n_points:
+        rng = np.random.default_rng(0)
+        idx = (np.sort(rng.choice(n, n_points, replace=False)) if n > n_points
+               else np.concatenate([np.arange(n), rng.choice(n, n_points - n, replace=True)]))
+        xyz = xyz[idx]
+    out = xyz - xyz.mean(axis=0)
     scale = float(np.sqrt((out ** 2).sum(axis=1)).max())
     if not scale > 0:
         raise SampleError(f"{what}: all points are equal (a degenerate cloud has no shape to embed)")
@@ -122,7 +126,8 @@ def prepare_cloud(points: np.ndarray, n_points: int, min_points: int, what: str 
 
 
 class PointCloudPreprocessor:
-    """Picklable ``raw 3D input -> ((n_points, 3) float32 tensor, {"points"})`` (module docstring, ``3d``)."""
+    """Picklable ``(N, 3|6) array -> ((n_points, 3) float32 tensor, {})`` (module docstring, ``3d``); the
+    decode facts of a row (format, vertices, ...) are added by the encode loop."""
 
     def __init__(self, n_points: int, min_points: int):
         self.n_points = n_points
@@ -131,9 +136,7 @@ class PointCloudPreprocessor:
     def __call__(self, raw: Any) -> tuple[Any, dict[str, Any]]:
         import torch
 
-        pts = decode_points(raw)
-        n = int(pts.shape[0]) if getattr(pts, "ndim", 0) >= 1 else 0
-        return torch.from_numpy(prepare_cloud(pts, self.n_points, self.min_points)), {"points": n}
+        return torch.from_numpy(prepare_cloud(decode_points(raw), self.n_points, self.min_points)), {}
 
 
 class UlipEncoder(Encoder):
@@ -190,9 +193,14 @@ class UlipEncoder(Encoder):
         self.check_modality(modality)
         c = self.cfg
         if modality == "3d":
-            return {"n_points": self.n_points, "use_color": False, "columns": "xyz",
-                    "normalize": "centre on the mean, scale by the largest norm (unit sphere)",
-                    "groups": c.num_group, "group_size": c.group_size,
+            min_points = max(c.num_group, c.group_size)
+            pc = _pointcloud_module()
+            base = (pc.prepare_settings(self.n_points, use_color=False, seed=0, min_points=min_points)
+                    if pc is not None else
+                    {"n_points": self.n_points, "use_color": False, "seed": 0, "min_points": min_points,
+                     "sampling": "seeded subsample / repetition",
+                     "normalize": "centre on the mean, scale to the unit sphere", "channels": 3})
+            return {**base, "groups": c.num_group, "group_size": c.group_size,
                     "grouping": "farthest-point sampling from point 0 + kNN (deterministic)"}
         if modality == "image":
             return {"decode": "PIL, exif_transpose, first frame; alpha composited over background",
@@ -222,28 +230,21 @@ class UlipEncoder(Encoder):
         return OpenClipTextPreprocessor(self._tokenizer, self.context_length)
 
     def encode(self, modality: str, inputs: Sequence[Any]) -> np.ndarray:
-        """As :meth:`Encoder.encode`; for ``3d`` an input may also be an ``(N, 3|6)`` array, and a file
-        path is read with its extension (``.npy``, ``.ply``, ``.obj``... via :mod:`cmcr.pipeline.pointcloud`).
+        """As :meth:`Encoder.encode` (file paths, captions); for ``3d`` the inputs may also all be
+        ``(N, 3|6)`` arrays (already decoded point clouds).
 
         Raises:
             SampleError: an input cannot be read or preprocessed (names it).
         """
-        if modality != "3d":
+        if modality != "3d" or not inputs or not all(isinstance(x, np.ndarray) for x in inputs):
             return super().encode(modality, inputs)
-        self.check_modality(modality)
         pre = self.preprocessor(modality)
         items = []
-        for x in inputs:
-            if isinstance(x, np.ndarray):
-                items.append(pre(x)[0])
-                continue
-            p = Path(x)
+        for i, x in enumerate(inputs):
             try:
-                items.append(pre((p.read_bytes(), p.suffix.lstrip(".").lower()))[0])
+                items.append(pre(x)[0])
             except SampleError as e:
-                raise SampleError(f"{p}: {e}") from e
-        if not items:
-            return np.zeros((0, self.dim), np.float32)
+                raise SampleError(f"point cloud #{i}: {e}") from e
         return self.embed(modality, self.collate(modality, items))
 
     # -- device side -------------------------------------------------------------------------

@@ -100,12 +100,12 @@ def test_3d_connect_search_and_zeroshot(tiny_3d, capsys):
     cloud = d / "clouds" / "005.npy"
     # 3D -> 3D: the cloud itself comes first; 3D -> images and 3D -> text return ranked hits
     r = _json(capsys, ["search", "-c", str(conn), "-g", str(d / "ulip_3d.cmcr"), "--media", str(cloud),
-                       "--encoder", TINY_ULIP, "-k", "3", "--json"])
+                       "--modality", "3d", "--encoder", TINY_ULIP, "-k", "3", "--json"])
     assert r["query"]["modality"] == "3d" and r["hits"][0]["key"] == "table/005" and r["hits"][0]["score"] > 0.99
     assert r["random_weights"] is True
     for gallery in ("clip_image.cmcr", "clip_text.cmcr"):
         r = _json(capsys, ["search", "-c", str(conn), "-g", str(d / gallery), "--media", str(cloud),
-                           "--encoder", TINY_ULIP, "-k", "5", "--json"])
+                           "--modality", "3d", "--encoder", TINY_ULIP, "-k", "5", "--json"])
         scores = [h["score"] for h in r["hits"]]
         assert len(r["hits"]) == 5 and scores == sorted(scores, reverse=True)
         assert {h["key"] for h in r["hits"]} <= set(Store.open(st[gallery.removesuffix(".cmcr")]).keys())
@@ -116,7 +116,7 @@ def test_3d_connect_search_and_zeroshot(tiny_3d, capsys):
     # a 3D query through the CLIP encoder is refused (CLIP has no 3D tower)
     capsys.readouterr()
     assert main(["search", "-c", str(conn), "-g", str(d / "ulip_3d.cmcr"), "--media", str(cloud),
-                 "--encoder", TINY_CLIP]) == 2
+                 "--modality", "3d", "--encoder", TINY_CLIP]) == 2
     assert "3d" in capsys.readouterr().err
     # zero-shot 3D classification with ULIP's 64 ModelNet40 templates averaged per class
     r = _json(capsys, ["eval", "zeroshot", "-c", str(conn), "-s", str(d / "ulip_3d.cmcr"), "--classes",
