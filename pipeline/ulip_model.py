@@ -20,9 +20,11 @@ the released ``pointbert_ULIP-2.pt`` loads key for key (the contract is
   causal mask, ``ln_final``), pooled at the end-of-text token (the largest id) then
   ``text_projection (512, 512)``.
 
-Grouping runs in plain torch on any device (no CUDA extension, unlike ``knn_cuda`` /
-``pointnet2_ops`` in the reference). It is deterministic: the first FPS centre is point 0 (the
-reference draws it at random, so its embeddings vary slightly from call to call; ours do not).
+Grouping needs no compiled extension (unlike ``knn_cuda`` / ``pointnet2_ops`` in the reference):
+kNN is ``torch.cdist`` + ``topk`` on any device; farthest-point sampling is a torch loop on a GPU and
+the same loop in numpy on the CPU (see :func:`farthest_point_sample`). It is deterministic: the first
+FPS centre is point 0 (the reference draws it at random, so its embeddings vary slightly from call to
+call; ours do not).
 
 Loading (:func:`load_ulip_state_dict`) reads the released file form
 ``{"state_dict": {"module." + key: tensor}, "args": argparse.Namespace(...), ...}`` with
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,7 +105,18 @@ def farthest_point_sample(xyz: torch.Tensor, n: int) -> torch.Tensor:
 
     Returns:
         ``(B, n)`` int64 indices into ``N`` (deterministic: ties go to the lowest index).
+
+    The loop has ``n`` sequential steps of small element-wise work. On the CPU it runs in numpy:
+    torch would split every small step over its intra-op threads, and on a machine whose cores are
+    shared (DataLoader workers, other jobs) that synchronisation made it up to 20x slower than one
+    thread (benchmarks/bench_ulip.py); on a GPU it runs as torch kernels. Both give the same indices.
     """
+    if xyz.device.type == "cpu":
+        return torch.from_numpy(_fps_numpy(xyz.detach().numpy(), n))
+    return _fps_torch(xyz, n)
+
+
+def _fps_torch(xyz: torch.Tensor, n: int) -> torch.Tensor:
     b, npts, c = xyz.shape
     idx = torch.zeros(b, n, dtype=torch.long, device=xyz.device)
     dist = torch.full((b, npts), float("inf"), dtype=xyz.dtype, device=xyz.device)
@@ -112,6 +126,22 @@ def farthest_point_sample(xyz: torch.Tensor, n: int) -> torch.Tensor:
         centre = torch.gather(xyz, 1, farthest.expand(b, 1, c))  # (B, 1, 3)
         torch.minimum(dist, (xyz - centre).square_().sum(-1), out=dist)
         farthest = dist.argmax(-1).view(b, 1, 1)
+    return idx
+
+
+def _fps_numpy(xyz: np.ndarray, n: int) -> np.ndarray:
+    b, npts, _ = xyz.shape
+    idx = np.zeros((b, n), np.int64)
+    dist = np.full((b, npts), np.inf, xyz.dtype)
+    farthest = np.zeros(b, np.int64)
+    rows = np.arange(b)
+    diff = np.empty_like(xyz)
+    for i in range(n):
+        idx[:, i] = farthest
+        np.subtract(xyz, xyz[rows, farthest][:, None, :], out=diff)
+        np.square(diff, out=diff)
+        np.minimum(dist, diff.sum(-1), out=dist)
+        farthest = dist.argmax(1)
     return idx
 
 

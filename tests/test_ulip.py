@@ -125,6 +125,10 @@ def test_grouping_is_fps_plus_knn_and_deterministic():
         chosen.append(nxt)
         d = torch.minimum(d, ((xyz[0] - xyz[0, nxt]) ** 2).sum(-1))
     assert idx[0].tolist() == chosen
+    # the GPU path (torch kernels) picks the same points as the CPU path (numpy)
+    from cmcr.pipeline.ulip_model import _fps_torch
+
+    assert torch.equal(_fps_torch(xyz, 10), idx)
     neigh, centres = group_points(xyz, 10, 8)
     assert neigh.shape == (2, 10, 8, 3) and centres.shape == (2, 10, 3)
     # every neighbourhood is the 8 nearest points, relative to its centre; the centre itself is in it
