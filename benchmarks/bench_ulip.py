@@ -10,7 +10,9 @@ Measured side by side in one run, each stage repeated (min and median printed):
 * **network** — mini-PointNet + transformer + projection on the grouped batch;
 * **embed** — the whole ``Encoder.embed`` (grouping + network + normalisation): samples/s.
 
-The grouping share is ``grouping / (grouping + network)`` (medians).
+The grouping share is ``grouping / (grouping + network)`` (medians). On the CPU, farthest-point
+sampling is also timed A/B in the same run: the numpy loop cmcr uses vs the torch loop (used on GPU)
+with torch's threads, alternating, min and median and their ratio.
 
     python benchmarks/bench_ulip.py                    # CPU, batch 4, 3 repeats (~1-2 min on 2 cores)
     python benchmarks/bench_ulip.py --device cuda --batch 32
@@ -78,6 +80,17 @@ def run(device: str, batch: int, repeats: int, tiny: bool, threads: int | None) 
         "samples_per_s": {"max": batch / min(embed), "median": batch / med(embed)},
         "grouping_share": med(group) / (med(group) + med(net)),
     }
+    if not device.startswith("cuda"):
+        from cmcr.pipeline.ulip_model import _fps_numpy, _fps_torch
+
+        xn = clouds.numpy()
+        a_np, a_t = [], []
+        for _ in range(repeats):  # alternate A and B so both see the same machine load
+            a_np.append(_timed(lambda: _fps_numpy(xn, enc.cfg.num_group), sync))
+            a_t.append(_timed(lambda: _fps_torch(clouds, enc.cfg.num_group), sync))
+        res["fps_numpy_ms_per_batch"] = {"min": min(a_np) * 1e3, "median": med(a_np) * 1e3}
+        res["fps_torch_ms_per_batch"] = {"min": min(a_t) * 1e3, "median": med(a_t) * 1e3}
+        res["fps_torch_over_numpy"] = {"min": min(a_t) / min(a_np), "median": med(a_t) / med(a_np)}
     return res
 
 
@@ -96,11 +109,16 @@ def main() -> None:
         return
     print(f"{r['spec']} on {r['device']} ({r['torch_threads']} threads), batch {r['batch']} x {r['points']} points, "
           f"{r['groups']} groups x {r['group_size']}, {r['repeats']} repeats (model built in {r['build_s']} s)")
-    for k in ("preprocess_ms_per_sample", "grouping_ms_per_batch", "network_ms_per_batch", "embed_ms_per_batch"):
-        print(f"  {k:26s} min {r[k]['min']:9.1f}  median {r[k]['median']:9.1f}")
+    for k in ("preprocess_ms_per_sample", "grouping_ms_per_batch", "network_ms_per_batch", "embed_ms_per_batch",
+              "fps_numpy_ms_per_batch", "fps_torch_ms_per_batch"):
+        if k in r:
+            print(f"  {k:26s} min {r[k]['min']:9.1f}  median {r[k]['median']:9.1f}")
     print(f"  3D encode: {r['samples_per_s']['median']:.2f} samples/s (best {r['samples_per_s']['max']:.2f})")
     print(f"  time share: grouping {100 * r['grouping_share']:.1f} %, network (mini-PointNet + transformer) "
           f"{100 * (1 - r['grouping_share']):.1f} %")
+    if "fps_torch_over_numpy" in r:
+        f = r["fps_torch_over_numpy"]
+        print(f"  farthest-point sampling, torch loop / numpy loop: {f['median']:.2f}x (min/min {f['min']:.2f}x)")
 
 
 if __name__ == "__main__":
