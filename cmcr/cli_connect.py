@@ -45,7 +45,8 @@ def connect(
     memory_a: Path = typer.Option(..., "--memory-a", help="Memory store of MCR A (e.g. CLIP images)."),
     memory_b: Path = typer.Option(..., "--memory-b", help="Memory store of MCR B (e.g. CLAP audio)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (connector, checkpoints, metrics)."),
-    config: Path | None = typer.Option(None, "--config", help="TOML config (defaults: trainer/configs/default.toml)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML config file or preset name (3d = released "
+                                       "CLIP-ULIP 3D head; defaults: trainer/configs/default.toml)."),
     name_a: str | None = typer.Option(None, help="Name of MCR A in the connector (e.g. clip)."),
     name_b: str | None = typer.Option(None, help="Name of MCR B in the connector (e.g. clap)."),
     epochs: int | None = typer.Option(None, help="Training epochs."),
@@ -292,9 +293,15 @@ def eval_retrieval(
 def eval_zeroshot(
     connector: Path = typer.Option(..., "--connector", "-c", help="Connector folder."),
     store: Path = typer.Option(..., "--store", "-s", help="Projected store with a label column."),
-    classes: str = typer.Option(..., "--classes", help="Comma-separated class names, or a file with one per line."),
+    classes: str = typer.Option(..., "--classes", help="Comma-separated class names, a file with one per line, or a "
+                                                       "bundled list (modelnet40)."),
     encoder: str = typer.Option(..., "--encoder", help="Text encoder spec of one connector side."),
-    prompt: str = typer.Option("a sound of a {}.", "--prompt", help="Prompt template ({} = class name)."),
+    prompt: str | None = typer.Option(None, "--prompt",
+                                      help="Prompt template ({} = class name); default 'a sound of a {}.'."),
+    templates: str | None = typer.Option(
+        None, "--templates", help="Prompt templates averaged per class instead of --prompt: a bundled set "
+                                  "(modelnet40_64 = ULIP's 64 ModelNet40 prompts) or a file (JSON list / one per "
+                                  "line)."),
     label_column: str = typer.Option("label", help="Metadata column with the true class."),
     clap_tokenizer: Path | None = typer.Option(
         None, "--clap-tokenizer", envvar="CMCR_CLAP_TOKENIZER",
@@ -304,19 +311,29 @@ def eval_zeroshot(
 ) -> None:
     """Zero-shot classification: class prompts -> text encoder -> connector side -> nearest class.
 
+    With --templates, every class gets one prompt per template; the projected prompts of a class are
+    averaged (unit rows, mean, renormalised), as ULIP does for 3D zero-shot. --classes modelnet40 names
+    the bundled ModelNet40 class list.
+
     Example: cmcr eval zeroshot -c runs/clip-clap -s st/esc50_audio.cmcr --classes classes.txt
     --encoder open_clip:ViT-B-32 --prompt "the sound of a {}."
     """
     from cmcr.pipeline.encoders import load_encoder
     from cmcr.trainer.connector import Connector
-    from cmcr.trainer.evaluate import evaluate_zeroshot
+    from cmcr.trainer.evaluate import average_prompt_embeddings, evaluate_zeroshot, load_templates
 
+    if templates is not None and prompt is not None:
+        raise InputDataError("give --prompt or --templates, not both")
     names = _class_names(classes)
+    tmpl = load_templates(templates) if templates is not None else [prompt or "a sound of a {}."]
     conn = Connector.load(connector)
     enc = load_encoder(encoder, clap_tokenizer=str(clap_tokenizer) if clap_tokenizer else None)
-    raw = enc.encode("text", [prompt.format(n) for n in names])
+    raw = enc.encode("text", [t.format(n) for n in names for t in tmpl])
     side = conn.side_for(enc.identity(), "text")
     zc = conn.project(side, raw, identity=enc.identity(), modality="text")
+    if len(tmpl) > 1:
+        zc = average_prompt_embeddings(zc, len(names))
+    prompt = tmpl[0] if templates is None else f"{templates} ({len(tmpl)} templates, averaged per class)"
     r = evaluate_zeroshot(store, zc, names, label_column=label_column)
     from cmcr.stores.store import Store
     from cmcr.trainer.evaluate import random_weight_identities
@@ -339,6 +356,11 @@ def eval_zeroshot(
 
 def _class_names(classes: str) -> list[str]:
     p = Path(classes)
+    from cmcr.trainer.evaluate import bundled_class_lists
+
+    bundled = bundled_class_lists()
+    if classes in bundled and not p.exists():
+        return list(bundled[classes])
     if p.is_dir():
         raise InputDataError(f"--classes {classes}: is a folder; give a file with one class name per line, or "
                              f"comma-separated names")

@@ -12,6 +12,9 @@ Spec syntax (``FAMILY:ARCHITECTURE[@WEIGHTS]``)::
     clap:HTSAT-tiny-fusion@/path/630k-fusion-best.pt   laion_clap fusion model (the paper's; clap_fusion.py)
     clap:HTSAT-tiny@random                  random init (tokenizer: see clap_encoder)
     clap:cmcr-tiny-clap@random              the tiny CLAP test configuration
+    ulip:PointBERT@/path/pointbert_ULIP-2.pt   ULIP-2 PointBERT checkpoint (3d, image, text; see ulip_encoder)
+    ulip:PointBERT@random                   full-size ULIP-2 PointBERT, random init
+    ulip:cmcr-tiny-ulip@random              the tiny ULIP test configuration
 
 An :class:`Encoder` splits its work the way the encode loop needs it (design.md, Encoders):
 :meth:`Encoder.preprocessor` returns a small picklable CPU-side callable used inside DataLoader
@@ -40,7 +43,7 @@ from cmcr.stores.files import resolve_device  # noqa: F401 - the one device help
 log = logging.getLogger(__name__)
 
 FAMILY_ALIASES = {"open_clip": "open_clip", "openclip": "open_clip", "clip": "open_clip",
-                  "clap": "clap", "laion_clap": "clap"}
+                  "clap": "clap", "laion_clap": "clap", "ulip": "ulip", "ulip2": "ulip"}
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _SPEC_RE = re.compile(r"^(?P<family>[A-Za-z_]+):(?P<arch>[^@]+?)(?:@(?P<weights>.+))?$")
@@ -51,7 +54,7 @@ class EncoderSpec:
     """A parsed encoder spec.
 
     Attributes:
-        family: ``open_clip`` or ``clap``.
+        family: ``open_clip``, ``clap`` or ``ulip``.
         architecture: model config name (``ViT-B-32``, ``HTSAT-tiny``, ``cmcr-tiny-clip``...).
         weights: a pretrained tag, an existing local file path, or ``random``; ``None`` = family default.
         seed: seed of a random init (``random:SEED``; 0 by default).
@@ -92,7 +95,7 @@ def parse_spec(spec: str) -> EncoderSpec:
         )
     family = FAMILY_ALIASES.get(m["family"].lower())
     if family is None:
-        raise EncoderError(f"unknown encoder family {m['family']!r} in {spec!r}: use open_clip or clap")
+        raise EncoderError(f"unknown encoder family {m['family']!r} in {spec!r}: use open_clip, clap or ulip")
     weights = m["weights"]
     seed = 0
     if weights is not None and (weights == "random" or weights.startswith("random:")):
@@ -257,6 +260,10 @@ def load_encoder(spec: str, *, device: str = "auto", precision: str = "fp32",
         from cmcr.pipeline.openclip_encoder import OpenClipEncoder
 
         return OpenClipEncoder(parsed, device=dev, precision=precision)
+    if parsed.family == "ulip":
+        from cmcr.pipeline.ulip_encoder import UlipEncoder
+
+        return UlipEncoder(parsed, device=dev, precision=precision)
     from cmcr.pipeline.clap_encoder import ClapEncoder
 
     return ClapEncoder(parsed, device=dev, precision=precision, tokenizer_dir=clap_tokenizer)

@@ -176,9 +176,32 @@ def from_dict(values: dict[str, Any], *, where: str = "config") -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
+def preset_names() -> list[str]:
+    """Names of the bundled config presets (``trainer/configs/<name>.toml``: ``default``, ``3d``)."""
+    return sorted(p.name[:-5] for p in resources.files("cmcr.trainer").joinpath("configs").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """An existing file as given, else the bundled preset of that name (``3d`` -> ``configs/3d.toml``).
+
+    Raises:
+        ConfigError: neither a file nor a preset name (lists the presets).
+    """
+    p = Path(path)
+    if p.exists():
+        return p
+    name = str(path)[:-5] if str(path).endswith(".toml") else str(path)
+    if name in preset_names():
+        return Path(str(resources.files("cmcr.trainer").joinpath(f"configs/{name}.toml")))
+    raise ConfigError(f"config {path}: no such file and not a preset name; presets: {preset_names()} "
+                      f"(e.g. --config 3d for the released CLIP-ULIP 3D head)")
+
+
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
     """Load a TOML config (tables are flattened) over the defaults, then apply ``overrides``
-    (``None`` values are ignored: CLI flags that were not given).
+    (``None`` values are ignored: CLI flags that were not given). ``path`` is a TOML file or a bundled
+    preset name (:func:`preset_names`: ``3d`` = the released CLIP-ULIP 3D head).
 
     Raises:
         ConfigError: unreadable TOML, a key given twice in different tables, an unknown key, a bad value.
@@ -186,6 +209,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
     values: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
+        path = resolve_config_path(path)
         where = str(path)
         try:
             doc = tomllib.loads(Path(path).read_text())

@@ -244,3 +244,80 @@ def evaluate_zeroshot(
     out = zeroshot_accuracy(s.embeddings(np.float32), labels, class_embeddings, class_names)
     out.update({"store": str(s.path), "modality": s.modality})
     return out
+
+
+#: Bundled prompt-template sets (ULIP's ``data/templates.json``: ``modelnet40_64``, ``shapenet_64``) and
+#: class-name lists (ULIP's ``data/labels.json``: ``modelnet40``); see ``cmcr/data/ulip/README.md``.
+BUNDLED_PROMPTS = "data/ulip/templates.json"
+BUNDLED_CLASSES = "data/ulip/labels.json"
+
+
+def _bundled_json(name: str) -> dict[str, list[str]]:
+    from importlib import resources
+
+    return json.loads(resources.files("cmcr").joinpath(name).read_text(encoding="utf-8"))
+
+
+def bundled_template_sets() -> dict[str, list[str]]:
+    """Named prompt-template sets shipped with cmcr (``modelnet40_64``: ULIP's 64 ModelNet40 prompts)."""
+    return _bundled_json(BUNDLED_PROMPTS)
+
+
+def bundled_class_lists() -> dict[str, list[str]]:
+    """Named class-name lists shipped with cmcr (``modelnet40``: the 40 ModelNet40 classes, ULIP's order)."""
+    return _bundled_json(BUNDLED_CLASSES)
+
+
+def load_templates(spec: str) -> list[str]:
+    """Prompt templates from a bundled set name (``modelnet40_64``), a JSON file (a list, or a dict with
+    one list) or a text file with one template per line; every template holds one ``{}``.
+
+    Raises:
+        ConfigError: unknown name, unreadable file, or a template without ``{}`` (names it).
+    """
+    sets = bundled_template_sets()
+    p = Path(spec)
+    if spec in sets and not p.exists():
+        templates = sets[spec]
+    elif p.is_file():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--templates {spec}: cannot be read as UTF-8 text ({e})") from e
+        if p.suffix.lower() == ".json":
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--templates {spec}: invalid JSON ({e})") from e
+            if isinstance(doc, dict) and len(doc) == 1:
+                doc = next(iter(doc.values()))
+            if not (isinstance(doc, list) and all(isinstance(t, str) for t in doc)):
+                raise ConfigError(f"--templates {spec}: expected a JSON list of template strings (or a dict "
+                                  f"with one such list)")
+            templates = doc
+        else:
+            templates = [t.strip() for t in text.splitlines() if t.strip()]
+    else:
+        raise ConfigError(f"--templates {spec}: neither a bundled template set ({', '.join(sorted(sets))}) nor "
+                          f"an existing file (JSON list or one template per line)")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise ConfigError(f"--templates {spec}: every template needs exactly one '{{}}' for the class name"
+                          + (f"; not so: {bad[:3]}" if bad else "; none given"))
+    return list(templates)
+
+
+def average_prompt_embeddings(embeddings: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-class prompt ensemble: ``(C * T, D)`` rows ordered class by class (T templates each) ->
+    ``(C, D)`` float32: the mean of the L2-normalised rows of each class, L2-normalised again (as ULIP's
+    ``test_zeroshot_3d_core`` and CLIP's prompt ensembling do).
+
+    Raises:
+        ValueError: the row count is not a multiple of ``n_classes``.
+    """
+    e = np.asarray(embeddings, np.float32)
+    if n_classes < 1 or e.shape[0] % n_classes:
+        raise ValueError(f"{e.shape[0]} prompt rows cannot be split evenly into {n_classes} classes")
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    m = e.reshape(n_classes, e.shape[0] // n_classes, e.shape[1]).mean(axis=1)
+    return (m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)).astype(np.float32)
