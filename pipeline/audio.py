@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cmcr.errors import InputDataError
+from cmcr.pipeline.stageclock import timed_decode
 
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "oga", "mp3")
 LONG_POLICIES = ("center", "head")
@@ -93,6 +94,7 @@ class AudioInfo:
     padded: bool
 
 
+@timed_decode
 def decode_audio(data: bytes, what: str = "audio") -> tuple[np.ndarray, int]:
     """Decode audio file bytes with soundfile.
 
