@@ -1,8 +1,18 @@
 """Connect-stage figures: training pairs/s, completion exact vs top-k (time, agreement), peak RAM
-of exact completion streaming a memory store larger than the RAM budget.
+of exact completion streaming a memory store larger than the RAM budget, and connect at scale.
 
     python benchmarks/bench_connect.py                 # short default run
     python benchmarks/bench_connect.py --full          # reference sizes (512-d, batch 4096, 1M memory)
+    python benchmarks/bench_connect.py --scale         # connect at scale, small grid (see below)
+    python benchmarks/bench_connect.py --scale --captions 100000 --memory 1000000   # issue 11 sizes
+
+``--scale``: for each (captions N, memory rows M, completion mode) a fresh subprocess runs
+``train_connector`` on four stores (D = 512, float16) and prints its completion time, epoch time
+and peak anonymous RSS (sampled every 5 ms); a second fresh subprocess runs **a plain in-memory
+PyTorch loop** on the same stores (every store loaded into RAM as float32, completion as a dense
+``softmax(q Mᵀ / τ) M`` per block of 1024 queries, same projectors, loss and batches), and the
+ratios cmcr / plain are printed. The grid (``--captions``, ``--memory``: comma lists) shows how
+time and RSS grow with N and with M.
 """
 
 from __future__ import annotations
@@ -122,13 +132,190 @@ def bench_streaming_ram(dim: int, n_memory: int, chunk_rows: int) -> None:
               f"{dt:.2f} s; anonymous RSS {anon0:.0f} MiB before, peak {anon1:.0f} MiB (+{anon1 - anon0:.0f})")
 
 
+# ------------------------------------------------------------------------------------- at scale
+def _peak_rss_sampler():
+    """Start sampling this process's RssAnon every 5 ms; returns (peak dict, stop function)."""
+    import threading
+
+    peak = {"anon": _rss_mib()["RssAnon"]}
+    peak["base"] = peak["anon"]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            peak["anon"] = max(peak["anon"], _rss_mib()["RssAnon"])
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+
+    def finish() -> dict:
+        stop.set()
+        th.join()
+        return peak
+
+    return peak, finish
+
+
+def make_scale_stores(root: Path, captions: int, memory: int, dim: int, seed: int = 0) -> dict[str, Path]:
+    """Four stores of a C-MCR setting (shared text of A and B, image memory of A, audio memory of B):
+    unit rows around 100 shared topics so completions and pairs are not pure noise."""
+    rng = np.random.default_rng(seed)
+    topics = unit(rng, 100, dim)
+    enc_a, enc_b = {"family": "bench-a"}, {"family": "bench-b"}
+    specs = {"shared_a": ("text", enc_a, captions), "shared_b": ("text", enc_b, captions),
+             "memory_a": ("image", enc_a, memory), "memory_b": ("audio", enc_b, memory)}
+    paths = {}
+    for role, (modality, enc, n) in specs.items():
+        path = root / f"{role}-{n}"
+        paths[role] = path
+        if (path / "manifest.json").exists():
+            continue
+        store = Store.create(path, modality=modality, encoder=enc, dim=dim)
+        for s in range(0, n, 100_000):
+            m = min(100_000, n - s)
+            x = topics[rng.integers(0, 100, m)] + 0.8 * unit(rng, m, dim)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            store.append_part([f"k{i}" for i in range(s, s + m)] if role.startswith("shared")
+                              else [f"{role}{i}" for i in range(s, s + m)], x, source=f"p{s}")
+    return paths
+
+
+def _scale_child(spec: dict) -> dict:
+    """One case in this (fresh) process: ``spec`` = {paths, mode, epochs, batch, plain}."""
+    import json
+
+    torch.zeros(1)
+    peak, finish = _peak_rss_sampler()
+    paths, mode, epochs, batch = spec["paths"], spec["mode"], spec["epochs"], spec["batch"]
+    t0 = time.perf_counter()
+    if not spec["plain"]:
+        from cmcr.trainer.loop import train_connector
+
+        marks: dict[str, float] = {}
+
+        def cb(ev: dict) -> None:
+            marks.setdefault(ev["stage"] + "_first", time.perf_counter())
+            if ev["stage"] == "completion":
+                marks["completion_last"] = time.perf_counter()
+
+        cfg = TrainConfig(completion=mode, epochs=epochs, batch_size=batch, device="cpu", keep_checkpoints=1)
+        with tempfile.TemporaryDirectory() as out:
+            res = train_connector(paths["shared_a"], paths["shared_b"], paths["memory_a"], paths["memory_b"], out,
+                                  config=cfg, progress=cb, plot=False)
+        wall = time.perf_counter() - t0
+        comp = marks.get("completion_last", t0) - t0 if mode != "queue" else 0.0
+        epoch_s = float(np.mean([h["seconds"] for h in res["history"]]))
+    else:
+        s_a = Store.open(paths["shared_a"]).embeddings(np.float32)
+        s_b = Store.open(paths["shared_b"]).embeddings(np.float32)
+        m_a = torch.from_numpy(Store.open(paths["memory_a"]).embeddings(np.float32))
+        m_b = torch.from_numpy(Store.open(paths["memory_b"]).embeddings(np.float32))
+        tc = time.perf_counter()
+        with torch.no_grad():
+            p = []
+            for s, m in ((s_a, m_a), (s_b, m_b)):
+                out = torch.empty((len(s), m.shape[1]))
+                for i in range(0, len(s), 1024):
+                    q = torch.from_numpy(s[i:i + 1024])
+                    out[i:i + 1024] = torch.nn.functional.normalize(torch.softmax(q @ m.T / 0.01, dim=1) @ m, dim=1)
+                p.append(out)
+        comp = time.perf_counter() - tc
+        cfg = TrainConfig(batch_size=batch)
+        pa, pb = build_projector(s_a.shape[1], cfg), build_projector(s_b.shape[1], cfg)
+        opt = torch.optim.AdamW(list(pa.parameters()) + list(pb.parameters()), lr=1e-3, weight_decay=0.01)
+        g = torch.Generator().manual_seed(0)
+        xa, xb = torch.from_numpy(s_a), torch.from_numpy(s_b)
+        times = []
+        for _ in range(epochs):
+            te = time.perf_counter()
+            perm = torch.randperm(len(xa))
+            for i in range(0, len(perm), batch):
+                idx = perm[i:i + batch]
+                if len(idx) < 2:
+                    continue
+                loss, _ = cmcr_loss(pa, pb, xa[idx], xb[idx], p[0][idx], p[1][idx], temperature=0.01,
+                                    noise_std=0.025, intra_weight=0.1, generator=g)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            times.append(time.perf_counter() - te)
+        epoch_s = float(np.mean(times))
+        wall = time.perf_counter() - t0
+    pk = finish()
+    out = {"wall_s": wall, "completion_s": comp, "epoch_s": epoch_s, "rss_base_mib": pk["base"],
+           "rss_peak_mib": pk["anon"]}
+    print(json.dumps(out))
+    return out
+
+
+def _run_child(spec: dict) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, __file__, "--scale-child", json.dumps(spec)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_scale(captions: list[int], memories: list[int], modes: list[str], dim: int, epochs: int, batch: int,
+                workdir: Path | None) -> None:
+    """Connect at scale: time and peak RSS per (captions, memory, mode), cmcr vs a plain in-memory loop."""
+    import shutil
+
+    root = workdir or Path(tempfile.mkdtemp(prefix="cmcr-bench-connect-"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"connect at scale: D = {dim}, {epochs} epoch(s), batch {batch}, CPU, {torch.get_num_threads()} threads; "
+          f"time in s, peak anonymous RSS in MiB (fresh process each); ratio = cmcr / plain in-memory loop")
+    print(f"{'captions':>9} {'memory':>9} {'mode':>6} | {'completion':>10} {'epoch':>7} {'wall':>7} {'RSS':>6} | "
+          f"{'plain compl.':>12} {'epoch':>7} {'wall':>7} {'RSS':>6} | {'wall x':>6} {'RSS x':>6}")
+    for n in captions:
+        for m in memories:
+            paths = {k: str(v) for k, v in make_scale_stores(root, n, m, dim).items()}
+            plain = None
+            for mode in modes:
+                for name in ("index",):  # the memory store's FAISS index is rebuilt per memory size
+                    for role in ("memory_a", "memory_b"):
+                        shutil.rmtree(Path(paths[role]) / name, ignore_errors=True)
+                r = _run_child({"paths": paths, "mode": mode, "epochs": epochs, "batch": batch, "plain": False})
+                if plain is None:
+                    plain = _run_child({"paths": paths, "mode": mode, "epochs": epochs, "batch": batch, "plain": True})
+                rr = r["rss_peak_mib"] - r["rss_base_mib"]
+                pr = plain["rss_peak_mib"] - plain["rss_base_mib"]
+                print(f"{n:9,d} {m:9,d} {mode:>6} | {r['completion_s']:10.1f} {r['epoch_s']:7.1f} {r['wall_s']:7.1f} "
+                      f"{rr:6.0f} | {plain['completion_s']:12.1f} {plain['epoch_s']:7.1f} {plain['wall_s']:7.1f} "
+                      f"{pr:6.0f} | {r['wall_s'] / plain['wall_s']:6.2f} {rr / max(pr, 1):6.2f}", flush=True)
+    if workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="reference sizes")
     ap.add_argument("--stream-child", nargs=2, metavar=("STORE", "CHUNK_ROWS"), help=argparse.SUPPRESS)
+    ap.add_argument("--scale", action="store_true", help="connect at scale (time and RSS vs a plain loop)")
+    ap.add_argument("--captions", default="2000,4000", help="--scale: caption counts (comma list)")
+    ap.add_argument("--memory", default="20000,40000", help="--scale: memory rows per side (comma list)")
+    ap.add_argument("--modes", default="exact,topk,queue", help="--scale: completion modes")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--workdir", type=Path, default=None, help="--scale: keep the stores here (reused)")
+    ap.add_argument("--scale-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stream_child:
         _stream_child(args.stream_child[0], int(args.stream_child[1]))
+        return
+    if args.scale_child:
+        import json
+
+        _scale_child(json.loads(args.scale_child))
+        return
+    if args.scale:
+        bench_scale([int(x) for x in args.captions.split(",")], [int(x) for x in args.memory.split(",")],
+                    args.modes.split(","), args.dim, args.epochs, args.batch, args.workdir)
         return
     if args.full:
         bench_streaming_ram(512, 2_000_000, 16384)

@@ -234,6 +234,9 @@ def _print_report(report, modality: str, store: Path, engine: str) -> None:
               f"{report.shards_done} / {report.shards_skipped} / {report.shards_failed}")
     t.add_row("samples/s", f"{report.samples_per_s:.1f}")
     t.add_row("decode+preprocess (CPU s, all workers)", f"{report.decode_s:.2f}")
+    st = report.stages
+    t.add_row("  per stage (CPU s, all workers)", f"read {st['read']:.2f} · decode {st['decode']:.2f} · "
+              f"preprocess {st['preprocess']:.2f} · collate {st['collate']:.2f}")
     t.add_row("waiting for data (s)", f"{report.wait_s:.2f}")
     t.add_row("model forward (s)", f"{report.model_s:.2f}")
     t.add_row("writing parts (s)", f"{report.write_s:.2f}")

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cmcr.errors import InputDataError
+from cmcr.pipeline.stageclock import timed_decode
 
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "oga", "mp3")
 #: Clips shorter than this (in seconds, before resampling) are failures: nothing to hear.
@@ -107,6 +108,7 @@ class AudioInfo:
     rescaled_int16: bool = False
 
 
+@timed_decode
 def decode_audio(data: bytes, what: str = "audio") -> tuple[np.ndarray, int]:
     """Decode audio file bytes with soundfile.
 

@@ -46,6 +46,7 @@ from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
 from cmcr.pipeline.media import MEDIA_EXTENSIONS, media_member
 from cmcr.pipeline.pointcloud import PointCloudDecoding, decode_points
+from cmcr.pipeline.stageclock import decode_seconds
 from cmcr.stores.files import progress_options, sha256_file
 from cmcr.stores.store import MANIFEST, Store
 
@@ -319,7 +320,9 @@ class Prepared:
     Attributes:
         keys: N keys; items: N model inputs (tensors or dicts); infos: N per-row facts from the
         preprocessor; metas: N per-sample metadata dicts from the shard; failures: records of samples
-        that failed; decode_s: seconds spent decoding + preprocessing.
+        that failed; decode_s: seconds spent decoding + preprocessing; decoder_s: the part of it spent
+        in the decoders (:mod:`cmcr.pipeline.stageclock`); read_s: seconds reading the samples from
+        the tar; collate_s: seconds collating the batch.
     """
 
     keys: list[str] = field(default_factory=list)
@@ -328,6 +331,9 @@ class Prepared:
     metas: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     decode_s: float = 0.0
+    decoder_s: float = 0.0
+    read_s: float = 0.0
+    collate_s: float = 0.0
 
 
 def sample_meta(sample: dict[str, Any]) -> dict[str, Any]:
@@ -390,6 +396,7 @@ def prepare_sample(sample: dict[str, Any], preprocess: Callable[[Any], tuple[Any
         return
     meta = sample_meta(sample)
     t = time.perf_counter()
+    d0 = decode_seconds()
     try:
         raw, facts = decode_payload(sample, modality, pointcloud)
         item, info = preprocess(raw)
@@ -406,6 +413,7 @@ def prepare_sample(sample: dict[str, Any], preprocess: Callable[[Any], tuple[Any
         out.infos.append(info)
         out.metas.append(meta)
     out.decode_s += time.perf_counter() - t
+    out.decoder_s += decode_seconds() - d0
 
 
 def prepare_batch(samples: Sequence[dict[str, Any]], preprocess: Callable[[Any], tuple[Any, dict]],
@@ -668,29 +676,35 @@ class ShardBatches(IterableDataset):
         for i, shard in enumerate(self.shards):
             source = shard_source(shard)
             b, chunk, error = 0, [], None
+            tr = time.perf_counter()
             try:
                 for sample in iter_shard_samples(shard):
                     chunk.append(sample)
                     if len(chunk) == self.batch_size:
                         if b % nw == wid:
-                            yield self._batch(i, b, chunk, source)
+                            yield self._batch(i, b, chunk, source, time.perf_counter() - tr)
                         b, chunk = b + 1, []
+                        tr = time.perf_counter()
             except (tarfile.TarError, OSError, EOFError) as e:
                 error = f"unreadable shard ({type(e).__name__}: {e})"
             if chunk:
                 if b % nw == wid:
-                    yield self._batch(i, b, chunk, source)
+                    yield self._batch(i, b, chunk, source, time.perf_counter() - tr)
                 b += 1
             yield {"kind": "end", "shard": i, "batches": b, "error": error}
 
-    def _batch(self, i: int, b: int, samples: list[dict[str, Any]], source: str) -> dict[str, Any]:
+    def _batch(self, i: int, b: int, samples: list[dict[str, Any]], source: str,
+               read_s: float = 0.0) -> dict[str, Any]:
         prepared = prepare_batch(samples, self.preprocess, self.modality, source, self.pointcloud)
+        prepared.read_s = read_s
         collated = None
         if prepared.items:
+            tc = time.perf_counter()
             try:
                 collated = collate_items(prepared.items)
             except Exception:  # mismatched shapes: the main process embeds one by one
                 collated = None
+            prepared.collate_s = time.perf_counter() - tc
         return {"kind": "batch", "shard": i, "batch": b, "prepared": prepared, "collated": collated}
 
 
@@ -705,7 +719,9 @@ class EncodeReport:
     Attributes:
         store: store folder; rows: rows written in this run; failures: failure records in this run;
         shards_done / shards_skipped / shards_failed: counts; samples: samples read;
-        decode_s: CPU seconds spent decoding + preprocessing (summed over workers);
+        decode_s: CPU seconds spent decoding + preprocessing (summed over workers), of which
+        decoder_s in the decoders; read_s: seconds reading shards; collate_s: seconds collating
+        batches (both summed over workers);
         wait_s: seconds the main process waited for data (the decode bottleneck, in wall time);
         model_s: seconds in the forward pass; write_s: seconds writing parts; wall_s: total;
         torch_threads: torch intra-op threads of the forward pass (main process / each actor);
@@ -720,6 +736,9 @@ class EncodeReport:
     shards_skipped: int = 0
     shards_failed: int = 0
     decode_s: float = 0.0
+    decoder_s: float = 0.0
+    read_s: float = 0.0
+    collate_s: float = 0.0
     wait_s: float = 0.0
     model_s: float = 0.0
     write_s: float = 0.0
@@ -737,9 +756,26 @@ class EncodeReport:
         """Fraction of wall time the forward pass was running."""
         return self.model_s / self.wall_s if self.wall_s > 0 else math.nan
 
+    @property
+    def stages(self) -> dict[str, float]:
+        """Where the time went, seconds per stage: ``read`` (tar), ``decode`` (bytes -> image /
+        waveform / caption), ``preprocess`` (resize, resample, tokenise...), ``collate`` — CPU
+        seconds summed over the decode workers, which run in parallel with the main process —
+        and ``forward``, ``write``, ``wait`` (main process wall seconds; ``wait`` = waiting for
+        workers, the decode bottleneck)."""
+        return {"read": self.read_s, "decode": self.decoder_s, "preprocess": max(self.decode_s - self.decoder_s, 0.0),
+                "collate": self.collate_s, "forward": self.model_s, "write": self.write_s, "wait": self.wait_s}
+
+    def add_prepared(self, prepared: Prepared) -> None:
+        """Count the worker-side seconds of one prepared batch."""
+        self.decode_s += prepared.decode_s
+        self.decoder_s += prepared.decoder_s
+        self.read_s += prepared.read_s
+        self.collate_s += prepared.collate_s
+
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "failure_examples"}
-        d.update(samples_per_s=self.samples_per_s, model_busy=self.model_busy,
+        d.update(samples_per_s=self.samples_per_s, model_busy=self.model_busy, stages=self.stages,
                  failure_examples=self.failure_examples[:10])
         return d
 
@@ -917,7 +953,7 @@ def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: 
             st = pending.setdefault(i, {"batches": {}, "ends": 0, "n": None, "error": None})
             if msg["kind"] == "batch":
                 prepared: Prepared = msg["prepared"]
-                report.decode_s += prepared.decode_s
+                report.add_prepared(prepared)
                 tm = time.perf_counter()
                 emb, ok, fails = embed_items(encoder, modality, prepared.keys, prepared.items,
                                              shard_source(todo[i]), batch=msg["collated"])

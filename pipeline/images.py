@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cmcr.pipeline.audio import SampleError
+from cmcr.pipeline.stageclock import timed_decode
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 BACKGROUND = (255, 255, 255)
@@ -81,6 +82,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> I
     return img.convert("RGB")
 
 
+@timed_decode
 def decode_image(data: bytes, what: str = "image") -> Image.Image:
     """Decode image file bytes into an 8-bit RGB PIL image.
 

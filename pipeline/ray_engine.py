@@ -402,7 +402,7 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
                     if not report.first_result_s:
                         report.first_result_s = time.perf_counter() - t_start
                     st["batches"][b] = (prepared, emb, ok, fails)
-                    report.decode_s += prepared.decode_s
+                    report.add_prepared(prepared)
                     report.model_s += model_s
                     report.samples += len(prepared.keys) + len(prepared.failures)
                     live_failures += len(prepared.failures) + len(fails)

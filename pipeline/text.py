@@ -6,10 +6,12 @@ from __future__ import annotations
 import unicodedata
 
 from cmcr.pipeline.audio import SampleError
+from cmcr.pipeline.stageclock import timed_decode
 
 TEXT_EXTENSIONS = ("txt", "text", "caption")
 
 
+@timed_decode
 def decode_text(data: bytes | str, what: str = "text") -> str:
     """Bytes (UTF-8, BOM tolerated) or str -> a cleaned caption.
 

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "index"
 INDEX_INFO = "index.json"
 INDEX_FORMAT = "cmcr-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
 KINDS = ("auto", "flat", "hnsw", "ivf")
 
 #: Stores up to this many rows get an exact (flat) index when it fits the memory budget.
@@ -68,8 +68,8 @@ HNSW_EF_CONSTRUCTION = 80
 #: on big machines; 1 keeps k-means training and list assignment affordable on a few CPU cores,
 #: at the price of a larger nprobe, which the recall tuning finds).
 IVF_NLIST_FACTOR = 1.0
-#: Training points per IVF list (FAISS warns below 39).
-IVF_TRAIN_PER_LIST = 64
+#: Training points per IVF list (FAISS warns below 39; 40 trains 1024 lists on 40,960 rows).
+IVF_TRAIN_PER_LIST = 40
 #: Largest number of training points read from the store.
 MAX_TRAIN_POINTS = 500_000
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -81,6 +81,14 @@ _BUDGET_SLACK = 0.9
 TUNING_MARGIN_STEPS = {"flat": 0, "ivf": 1, "hnsw": 2}
 _NPROBE_GRID = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
 _EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+#: k-means iterations of IVF training (FAISS default 25; 10 is within noise of it on embedding-like
+#: data and cuts the 1M-row training time by more than half on 2 cores).
+IVF_KMEANS_ITERATIONS = 10
+#: First store rows kept in an exact index to time flat search during the build (scaled to N rows).
+FLAT_TIMING_ROWS = 65536
+#: Queries answered one by one when timing single-query search; A/B repeats of the speed check.
+SPEED_SINGLE_QUERIES = 50
+SPEED_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -235,31 +243,6 @@ def _gather_rows(store: Store, rows: np.ndarray, batch_rows: int) -> np.ndarray:
     return out
 
 
-def _exact_topk(store: Store, queries: np.ndarray, k: int, metric: str, batch_rows: int) -> np.ndarray:
-    """``(Q, k) int64`` exact top-k rows of ``queries`` over the whole store (streamed)."""
-    q = queries.shape[0]
-    best_s = np.full((q, 0), 0, dtype=np.float32)
-    best_i = np.full((q, 0), 0, dtype=np.int64)
-    start = 0
-    qn = (queries * queries).sum(1, keepdims=True) if metric == "l2" else None
-    for batch in store.iter_batches(batch_rows, dtype=np.float32):
-        x = batch.embeddings
-        s = queries @ x.T
-        if metric == "l2":
-            s = -(qn - 2 * s + (x * x).sum(1)[None, :])
-        s = s.astype(np.float32, copy=False)
-        ids = np.arange(start, start + len(x), dtype=np.int64)
-        kk = min(k, len(x))
-        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        cand_s = np.concatenate([best_s, np.take_along_axis(s, part, 1)], axis=1)
-        cand_i = np.concatenate([best_i, ids[part]], axis=1)
-        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(cand_s, order, 1)
-        best_i = np.take_along_axis(cand_i, order, 1)
-        start += len(x)
-    return best_i
-
-
 def _leave_one_out_recall(approx: np.ndarray, exact: np.ndarray, query_rows: np.ndarray, k: int) -> float:
     """Mean |approx ∩ exact| / k over queries, each list first stripped of the query's own row
     (sampled store rows are the queries; their self-match would inflate recall)."""
@@ -310,6 +293,111 @@ def _prepare_queries(queries: Any, dim: int, normalize: bool) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- build
+class _ExactTopK:
+    """Exact top-k of fixed queries over store rows fed batch by batch (brute force, streamed).
+
+    ``update(x, start)`` takes ``(n, D)`` float32 rows numbered ``start..start+n-1``; ``rows``
+    is the ``(Q, k) int64`` result so far, best first. RAM: ``Q x batch`` float32 scores.
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, metric: str):
+        self.q = queries
+        self.k = k
+        self.metric = metric
+        self.best_s = np.zeros((len(queries), 0), dtype=np.float32)
+        self.rows = np.zeros((len(queries), 0), dtype=np.int64)
+
+    def update(self, x: np.ndarray, start: int) -> None:
+        if len(x) == 0 or len(self.q) == 0:
+            return
+        kk = min(self.k, len(x))
+        # faiss.knn: BLAS product + per-query heap, multi-threaded (several times faster than
+        # numpy's product + argpartition on the same rows)
+        d, i = faiss.knn(self.q, np.ascontiguousarray(x, dtype=np.float32), kk, metric=_faiss_metric(self.metric))
+        s = -d if self.metric == "l2" else d
+        cand_s = np.concatenate([self.best_s, s.astype(np.float32, copy=False)], axis=1)
+        cand_i = np.concatenate([self.rows, i.astype(np.int64) + start], axis=1)
+        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :self.k]
+        self.best_s = np.take_along_axis(cand_s, order, 1)
+        self.rows = np.take_along_axis(cand_i, order, 1)
+
+
+def _exact_topk(store: Store, queries: np.ndarray, k: int, metric: str, batch_rows: int) -> np.ndarray:
+    """``(Q, k) int64`` exact top-k rows of ``queries`` over the whole store (streamed)."""
+    acc = _ExactTopK(queries, k, metric)
+    start = 0
+    for batch in store.iter_batches(batch_rows, dtype=np.float32):
+        acc.update(batch.embeddings, start)
+        start += len(batch.embeddings)
+    return acc.rows
+
+
+def _timed_search(index: faiss.Index, queries: np.ndarray, k: int, single: bool) -> float:
+    """Seconds to answer ``queries`` (one batched call, or one call per query when ``single``)."""
+    t = time.perf_counter()
+    if single:
+        for i in range(len(queries)):
+            index.search(queries[i:i + 1], k)
+    else:
+        index.search(queries, k)
+    return time.perf_counter() - t
+
+
+def measure_speed_vs_flat(index: faiss.Index, flat_sample: faiss.Index, rows: int, queries: np.ndarray, *,
+                          k: int = RECALL_K, single_queries: int = SPEED_SINGLE_QUERIES,
+                          repeats: int = SPEED_REPEATS) -> dict[str, Any]:
+    """Queries/s of ``index`` and of exact flat search, timed side by side (A/B pairs, best of
+    ``repeats``), in batch mode (all ``queries`` in one call) and single-query mode.
+
+    Flat search is timed on ``flat_sample`` (an exact index over the first ``flat_sample.ntotal``
+    store rows) and scaled to ``rows`` linearly: brute force costs the same per row at any size
+    (a BLAS product plus a top-k per query; one scan per single query), and the sample is already
+    larger than the CPU caches. ``benchmarks/bench_index.py`` checks the estimate against a flat
+    index over every row.
+
+    Returns:
+        ``{"batch_queries", "single_queries", "flat_rows_timed", "flat_batch_qps", "index_batch_qps",
+        "batch_speedup", "flat_single_qps", "index_single_qps", "single_speedup", "method"}``
+        (speedup = index queries/s over flat queries/s; >= 1 means the index is not slower).
+    """
+    scale = rows / max(flat_sample.ntotal, 1)
+    singles = queries[:max(1, min(single_queries, len(queries)))]
+    fb = ib = fs = is_ = math.inf
+    for _ in range(max(1, repeats)):
+        fb = min(fb, _timed_search(flat_sample, queries, k, single=False) * scale)
+        ib = min(ib, _timed_search(index, queries, k, single=False))
+        fs = min(fs, _timed_search(flat_sample, singles, k, single=True) * scale)
+        is_ = min(is_, _timed_search(index, singles, k, single=True))
+    q, s = len(queries), len(singles)
+    out = {"batch_queries": q, "single_queries": s, "flat_rows_timed": int(flat_sample.ntotal),
+           "flat_batch_qps": round(q / max(fb, 1e-9), 1), "index_batch_qps": round(q / max(ib, 1e-9), 1),
+           "flat_single_qps": round(s / max(fs, 1e-9), 1), "index_single_qps": round(s / max(is_, 1e-9), 1)}
+    out["batch_speedup"] = round(fb / max(ib, 1e-9), 3)
+    out["single_speedup"] = round(fs / max(is_, 1e-9), 3)
+    out["method"] = (f"best of {max(1, repeats)} A/B pairs on this machine, k={k}; flat timed on the first "
+                     f"{int(flat_sample.ntotal)} rows and scaled to {rows} rows")
+    return out
+
+
+def _new_index(plan: dict[str, Any], dim: int, metric: str) -> faiss.Index:
+    index = faiss.index_factory(dim, plan["factory"], _faiss_metric(metric))
+    if plan["kind"] == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = int(plan["params"].get("efConstruction",
+                                                                               HNSW_EF_CONSTRUCTION))
+    if plan["kind"] == "ivf":
+        faiss.extract_index_ivf(index).cp.niter = IVF_KMEANS_ITERATIONS
+    return index
+
+
+def _flat_plan(rows: int, dim: int, budget: int, why: str) -> dict[str, Any]:
+    flat_bytes = rows * dim * 4
+    note = "" if flat_bytes <= budget * _BUDGET_SLACK else (
+        f" (the exact index, {flat_bytes / 2**20:.0f} MiB, is over the memory budget; it is memory-mapped at "
+        f"search time, so the RAM it takes is reclaimable page cache)")
+    return {"rows": rows, "dim": dim, "memory_budget_bytes": budget, "kind": "flat", "factory": "Flat",
+            "params": {}, "estimated_memory_bytes": flat_bytes, "reason": f"exact search: {why}{note}"}
+
+
 @locks_output("store", folder=lambda s: getattr(s, "path", s))
 def build_index(
     store: Store | str | os.PathLike,
@@ -322,79 +410,109 @@ def build_index(
     batch_rows: int = 65536,
     progress: bool = True,
     plan: dict[str, Any] | None = None,
+    keep_below_target: bool = False,
 ) -> dict[str, Any]:
-    """Build, tune and save a FAISS index for ``store`` in ``<store>/index/``.
+    """Build, tune, check against exact search and save a FAISS index for ``store`` in ``<store>/index/``.
 
-    Steps: plan (:func:`plan_index`, unless ``plan`` is given) -> train on up to
-    ``64·nlist`` rows sampled with ``seed`` -> add every row in batches (faiss id = store row) ->
-    measure leave-one-out recall@10 against exact search on ``sample_queries`` sampled store rows,
-    raising ``nprobe`` / ``efSearch`` until ``target_recall`` is reached -> write the index file,
-    then ``index.json`` (last, atomically). A previous index of the store is replaced.
+    Steps: plan (:func:`plan_index`, unless ``plan`` is given) -> read the training sample (up to
+    ``40·nlist`` rows) and ``sample_queries`` query rows, both sampled with ``seed``, in one pass ->
+    train -> add every row in batches (faiss id = store row), computing the queries' exact top-11
+    in the same pass and keeping the first rows for timing flat search -> raise ``nprobe`` /
+    ``efSearch`` until leave-one-out recall@10 reaches ``target_recall`` -> time the index against
+    exact flat search side by side (:func:`measure_speed_vs_flat`, batch and single-query modes)
+    -> decide -> write the index file, then ``index.json`` (last, atomically). A previous index of
+    the store is replaced.
+
+    The decision (``auto``): the approximate index is kept only when it reaches the target recall
+    **and** answers batched and single queries at least as fast as flat search; otherwise the
+    store gets an exact ``Flat`` index (recall 1.0, never slower than itself), and the reasons
+    are saved in ``index.json`` under ``decision`` (``cmcr store index --plan`` prints them). Tuning
+    stops early once the index is slower than flat search before reaching the target (it cannot win).
+    A forced ``kind`` is kept when it is slower than flat (with a warning), but one below the target
+    recall is refused unless ``keep_below_target``.
 
     Args:
         store: a :class:`Store` or its path.
         kind: ``auto``, ``flat``, ``hnsw`` or ``ivf``.
         memory_budget_bytes: RAM budget of the index at search time, bytes.
-        sample_queries: number of store rows used as queries for the recall measurement.
+        sample_queries: number of store rows used as queries for the recall and speed measurements.
         seed: seed of the training and query samples (recorded).
         target_recall: recall@10 to reach when tuning the search-time parameter.
         batch_rows: rows per streamed batch while adding.
         progress: show rich progress bars.
-        plan: a plan dict from :func:`plan_index` to execute as is.
+        plan: a plan dict from :func:`plan_index` to execute instead of the auto plan (with
+            ``kind="auto"`` the decision rules above still apply to it).
+        keep_below_target: keep (and serve) an approximate index whose recall stays below the target.
 
     Returns:
         The index record written to ``index.json`` (see ``docs/indexes.md``): kind, factory, params,
         rows, dim, metric, store_fingerprint, build seconds, recall_at_10, recall_queries,
-        target_reached, tuning curve, queries_per_second, file, file_bytes...
+        target_reached, tuning curve, speed (vs flat), decision, queries_per_second, file, file_bytes...
 
     Raises:
-        StoreIndexError: the store is empty or the budget is too small.
+        StoreIndexError: the store is empty, the budget is too small, or a forced kind stays below
+            the target recall (without ``keep_below_target``; nothing is written).
     """
     if not isinstance(store, Store):
         store = Store.open(store)
     n, dim = store.num_rows, store.dim
     if n == 0:
         raise StoreIndexError(f"{store.path}: the store is empty; add rows before building an index")
+    forced = kind != "auto"
     if plan is None:
         try:
             plan = plan_index(n, dim, memory_budget_bytes, kind=kind)
         except ValueError as e:
             raise StoreIndexError(f"{store.path}: {e}") from e
+    budget = int(plan.get("memory_budget_bytes", memory_budget_bytes))
     fingerprint = store.fingerprint()
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    index = faiss.index_factory(dim, plan["factory"], _faiss_metric(store.metric))
+    index = _new_index(plan, dim, store.metric)
     params = dict(plan["params"])
-    if plan["kind"] == "hnsw":
-        faiss.downcast_index(index).hnsw.efConstruction = int(params.get("efConstruction", HNSW_EF_CONSTRUCTION))
+    reasons: list[str] = [f"planned {plan['factory']}: {plan['reason']}"]
 
-    train_seconds = 0.0
+    # -- one read for the training sample and the query rows
+    q = int(min(sample_queries, n))
+    query_rows = np.sort(rng.choice(n, size=q, replace=False))
     n_train = 0
+    train_rows = np.zeros(0, dtype=np.int64)
     if not index.is_trained:
         nlist = int(params.get("nlist", 1))
         n_train = int(min(n, max(IVF_TRAIN_PER_LIST * nlist, 10_000), MAX_TRAIN_POINTS))
         train_rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
-        t = time.perf_counter()
-        xt = _gather_rows(store, train_rows, batch_rows)
+    t = time.perf_counter()
+    wanted = np.union1d(train_rows, query_rows)
+    gathered = _gather_rows(store, wanted, batch_rows)
+    queries = gathered[np.searchsorted(wanted, query_rows)]
+    if store.metric == "cosine":
+        queries = _prepare_queries(queries, dim, normalize=True)
+    train_seconds = 0.0
+    if n_train:
+        xt = gathered[np.searchsorted(wanted, train_rows)]
+        del gathered
         log.info("training %s on %d rows", plan["factory"], n_train)
         index.train(xt)
         del xt
         train_seconds = time.perf_counter() - t
+    else:
+        del gathered
 
-    # the recall queries (sampled store rows) are picked up during the add pass: no extra read
-    q = int(min(sample_queries, n))
-    query_rows = np.sort(rng.choice(n, size=q, replace=False))
-    queries = np.empty((q, dim), dtype=np.float32)
+    # -- add every row; the exact top-k of the queries and the flat timing sample come from the same pass
+    k_eval = min(RECALL_K + 1, n)
+    exact_acc = _ExactTopK(queries, k_eval, store.metric)
+    flat_sample = faiss.IndexFlat(dim, _faiss_metric(store.metric))
     t = time.perf_counter()
-    start, filled = 0, 0
+    start = 0
     with rows_progress(progress) as bar:
         task = bar.add_task(f"indexing {store.path.name} ({plan['factory']})", total=n)
         for batch in store.iter_batches(batch_rows, dtype=np.float32):
             x = batch.embeddings
             index.add(x)
-            lo, hi = np.searchsorted(query_rows, [start, start + len(x)])
-            queries[filled:filled + hi - lo] = x[query_rows[lo:hi] - start]
-            filled += hi - lo
+            if plan["kind"] != "flat":
+                exact_acc.update(x, start)
+                if flat_sample.ntotal < FLAT_TIMING_ROWS:
+                    flat_sample.add(np.ascontiguousarray(x[:FLAT_TIMING_ROWS - flat_sample.ntotal]))
             start += len(x)
             bar.advance(task, len(x))
     add_seconds = time.perf_counter() - t
@@ -403,16 +521,15 @@ def build_index(
 
     # -- tune the search-time knob against exact search (autofaiss: "measured recall beside the index")
     t = time.perf_counter()
-    if store.metric == "cosine":
-        queries = _prepare_queries(queries, dim, normalize=True)
-    k_eval = min(RECALL_K + 1, n)
-    exact = _exact_topk(store, queries, k_eval, store.metric, batch_rows)
     tuning: list[dict[str, float]] = []
     knob = {"ivf": "nprobe", "hnsw": "efSearch"}.get(plan["kind"])
-    if knob is None:
-        _, approx = index.search(queries, k_eval)
-        recall = _leave_one_out_recall(approx, exact, query_rows, RECALL_K)
+    speed: dict[str, Any] | None = None
+    gave_up = False
+    if plan["kind"] == "flat":
+        recall = 1.0
     else:
+        exact = exact_acc.rows
+        flat_batch_s = _timed_search(flat_sample, queries, RECALL_K, single=False) * n / max(flat_sample.ntotal, 1)
         limit = params.get("nlist", 10**9) if knob == "nprobe" else 10**9
         grid = [v for v in (_NPROBE_GRID if knob == "nprobe" else _EF_GRID) if v <= limit]
         if knob == "nprobe" and limit not in grid:
@@ -424,9 +541,19 @@ def build_index(
         recall, chosen, left = 0.0, grid[-1], None
         for value in grid:
             _set_search_param(index, plan["kind"], max(value, k_eval) if knob == "efSearch" else value)
+            ts = time.perf_counter()
             _, approx = index.search(queries, k_eval)
+            seconds = time.perf_counter() - ts
             r = _leave_one_out_recall(approx, exact, query_rows, RECALL_K)
-            tuning.append({knob: value, "recall_at_10": round(r, 4)})
+            tuning.append({knob: value, "recall_at_10": round(r, 4), "batch_seconds": round(seconds, 4)})
+            if left is None and r < target_recall and seconds > flat_batch_s and not forced:
+                # slower than exact search already and still below the target: a larger setting only gets slower
+                gave_up = True
+                reasons.append(f"{knob}={value} reached recall@10 {r:.3f} < {target_recall} while already slower "
+                               f"than exact search ({seconds:.3f} s vs ~{flat_batch_s:.3f} s for "
+                               f"{q} queries): stopped tuning")
+                recall, chosen = r, value
+                break
             recall, chosen = r, value
             if left is None and r >= target_recall:
                 left = margin_steps
@@ -436,23 +563,77 @@ def build_index(
                 left -= 1
         params[knob] = int(max(chosen, k_eval) if knob == "efSearch" else chosen)
         _set_search_param(index, plan["kind"], params[knob])
+        if not gave_up:
+            speed = measure_speed_vs_flat(index, flat_sample, n, queries)
+    reached = bool(recall >= target_recall)
+    candidate = {"kind": plan["kind"], "factory": plan["factory"], "params": dict(params),
+                 "recall_at_10": round(float(recall), 4), "target_reached": reached, "speed": speed}
+
+    # -- decide: keep the approximate index only if it reaches the target and is not slower than flat
+    chosen_plan = plan
+    if plan["kind"] == "flat":
+        reasons.append("exact search: recall 1.0 by construction")
+    else:
+        slower = [m for m in ("batch", "single") if speed is not None and speed[f"{m}_speedup"] < 1.0]
+        if speed is not None:
+            reasons.append(
+                f"{plan['factory']} with {knob}={params[knob]}: recall@10 {recall:.3f} (target {target_recall}); "
+                f"vs exact search: batch {speed['batch_speedup']:.2f}x "
+                f"({speed['index_batch_qps']:,.0f} vs {speed['flat_batch_qps']:,.0f} queries/s), "
+                f"single {speed['single_speedup']:.2f}x "
+                f"({speed['index_single_qps']:,.0f} vs {speed['flat_single_qps']:,.0f} queries/s)")
+        if forced:
+            if not reached and not keep_below_target:
+                raise StoreIndexError(
+                    f"{store.path}: the {plan['kind']} index reached recall@10 {recall:.3f} < target {target_recall} "
+                    f"({plan['factory']}, {knob}={params[knob]}); nothing was saved. Use --kind auto (falls back "
+                    f"to exact search), raise --memory-budget, lower --target-recall, or pass "
+                    f"--keep-below-target to keep it anyway")
+            if slower:
+                log.warning("%s: the forced %s index is slower than exact search in %s mode", store.path,
+                            plan["kind"], " and ".join(slower))
+                reasons.append(f"kept as asked (--kind {plan['kind']}) although slower than exact search in "
+                               f"{' and '.join(slower)} mode")
+            else:
+                reasons.append(f"kept as asked (--kind {plan['kind']})")
+        elif not reached or slower:
+            why = (f"recall@10 {recall:.3f} < target {target_recall}" if not reached else
+                   f"slower than exact search in {' and '.join(slower)} mode")
+            chosen_plan = _flat_plan(n, dim, budget, f"no approximate index beats it ({plan['factory']}: {why})")
+            reasons.append(f"fell back to exact search: {why}")
+            log.info("%s: %s; falling back to exact (flat) search", store.path, why)
+        else:
+            reasons.append(f"kept {plan['factory']}: reaches the target and is at least as fast as exact search "
+                           "in batch and single-query modes")
+
+    if chosen_plan is not plan:  # the fallback: one more pass over the store
+        index = _new_index(chosen_plan, dim, store.metric)
+        with rows_progress(progress) as bar:
+            task = bar.add_task(f"indexing {store.path.name} (Flat)", total=n)
+            for batch in store.iter_batches(batch_rows, dtype=np.float32):
+                index.add(batch.embeddings)
+                bar.advance(task, len(batch.embeddings))
+        params, recall, reached, tuning = {}, 1.0, True, tuning
+        speed = {**speed, "index_batch_qps": speed["flat_batch_qps"], "index_single_qps": speed["flat_single_qps"],
+                 "batch_speedup": 1.0, "single_speedup": 1.0} if speed else None
     tq = time.perf_counter()
     index.search(queries, RECALL_K)
     qps = q / max(time.perf_counter() - tq, 1e-9)
     tune_seconds = time.perf_counter() - t
+    kept_below = bool(not reached and keep_below_target)
 
     # -- save: index file first (new name), index.json last (atomic), then drop older files
     folder = _index_dir(store)
     folder.mkdir(parents=True, exist_ok=True)
-    fname = f"{plan['kind']}-{fingerprint}.faiss"
+    fname = f"{chosen_plan['kind']}-{fingerprint}.faiss"
     tmp = folder / f".tmp-{fname}-{os.getpid()}"
     faiss.write_index(index, str(tmp))
     atomic_replace(tmp, folder / fname)
     info = {
         "format": INDEX_FORMAT,
         "format_version": INDEX_FORMAT_VERSION,
-        "kind": plan["kind"],
-        "factory": plan["factory"],
+        "kind": chosen_plan["kind"],
+        "factory": chosen_plan["factory"],
         "params": params,
         "metric": store.metric,
         "faiss_metric": "l2" if store.metric == "l2" else "inner_product",
@@ -460,15 +641,19 @@ def build_index(
         "dim": dim,
         "store_fingerprint": fingerprint,
         "store_dtype": store.dtype,
-        "plan": {k: plan[k] for k in ("reason", "estimated_memory_bytes", "memory_budget_bytes") if k in plan},
+        "plan": {k: chosen_plan[k] for k in ("reason", "estimated_memory_bytes", "memory_budget_bytes")
+                 if k in chosen_plan},
         "recall_at_10": round(float(recall), 4),
         "recall_queries": q,
         "recall_method": "leave-one-out: sampled store rows as queries, own row removed from both result lists; "
                          "exact = brute force over the store",
         "target_recall": target_recall,
-        "target_reached": bool(recall >= target_recall),
+        "target_reached": reached,
+        "kept_below_target": kept_below,
         "tuning_margin_steps": TUNING_MARGIN_STEPS.get(plan["kind"], 0),
         "tuning": tuning,
+        "speed": speed,
+        "decision": {"forced": forced, "candidate": candidate, "reasons": reasons},
         "queries_per_second": round(qps, 1),
         "train_rows": n_train,
         "seed": seed,
@@ -485,8 +670,8 @@ def build_index(
     for old in folder.glob("*.faiss"):
         if old.name != fname:
             old.unlink(missing_ok=True)
-    if not info["target_reached"]:
-        log.warning("%s: index reached recall@10 %.3f < target %.2f (raise the memory budget for a richer index)",
+    if kept_below:
+        log.warning("%s: index reached recall@10 %.3f < target %.2f, kept as asked (--keep-below-target)",
                     store.path, recall, target_recall)
     return info
 
@@ -511,8 +696,9 @@ def open_index(store: Store | str | os.PathLike, *, mmap: bool = True) -> StoreI
     """Load the index of ``store`` (memory-mapped by default) and check it is current.
 
     Raises:
-        StoreIndexError: no index, an index file missing/unreadable, or a stale index (built for
-            an older store fingerprint: rows were added since) — rebuild with ``cmcr store index``.
+        StoreIndexError: no index, an index file missing/unreadable, a stale index (built for
+            an older store fingerprint: rows were added since), or one below its target recall that
+            was not kept on purpose (``keep_below_target``) — rebuild with ``cmcr store index``.
     """
     if not isinstance(store, Store):
         store = Store.open(store)
@@ -523,6 +709,13 @@ def open_index(store: Store | str | os.PathLike, *, mmap: bool = True) -> StoreI
             f"{store.path}: the index is stale: built for store fingerprint {info.get('store_fingerprint')} "
             f"({info.get('rows')} rows), the store is now {fp} ({store.num_rows} rows); "
             f"rebuild it with `cmcr store index {store.path}`"
+        )
+    if not info.get("target_reached", True) and not info.get("kept_below_target", False):
+        raise StoreIndexError(
+            f"{store.path}: the index reached recall@10 {info.get('recall_at_10')} < target "
+            f"{info.get('target_recall')} and was not kept on purpose; rebuild it with "
+            f"`cmcr store index {store.path}` (auto falls back to exact search) or with --keep-below-target "
+            f"to serve it anyway"
         )
     fpath = _index_dir(store) / info["file"]
     if not fpath.exists():

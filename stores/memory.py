@@ -52,6 +52,13 @@ DEFAULT_CHUNK_ROWS = 16384
 DEFAULT_QUERY_ROWS = 1024
 #: Default number of neighbours of the approximate completion.
 DEFAULT_TOPK = 256
+#: Bytes of gathered neighbour rows per sub-block of the top-k completion (queries x k x D x 4).
+TOPK_GATHER_BYTES = 64 << 20
+#: A memory store is held in RAM for the exact completion only up to this size as float32; larger
+#: memories are streamed chunk by chunk (RAM bounded by the chunk, not by the memory).
+MEMORY_IN_RAM_BYTES = 256 << 20
+#: Queries per completion call of :func:`complete_store` (progress is reported after each).
+COMPLETION_QUERY_BLOCK = 4096
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -241,42 +248,72 @@ def build_memory_index(memory: np.ndarray, *, kind: str = "auto", seed: int = 0)
     return index
 
 
+def _index_rows(index: Any, ids: np.ndarray) -> np.ndarray:
+    """``(n, D)`` float32 rows of a FAISS index (or :class:`~cmcr.stores.index.StoreIndex`) by id.
+    IVF indexes get a direct map on first use (8 bytes per row)."""
+    import faiss
+
+    idx = index.index if hasattr(index, "search_arrays") else index
+    ivf = faiss.try_extract_index_ivf(idx)
+    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+        ivf.make_direct_map()
+    return np.asarray(idx.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64)), dtype=np.float32)
+
+
 def complete_topk(
     queries: np.ndarray,
-    memory: np.ndarray | Memory,
+    memory: np.ndarray | Memory | None,
     *,
     k: int = DEFAULT_TOPK,
     temperature: float = DEFAULT_TEMPERATURE,
     index: Any = None,
     query_rows: int = 8192,
     normalize: bool = True,
+    gather_bytes: int = TOPK_GATHER_BYTES,
 ) -> np.ndarray:
     """Approximate completion: softmax over the top-``k`` memory rows of each query only.
 
+    RAM: the search results of ``query_rows`` queries plus ``gather_bytes`` of gathered neighbour
+    rows (the weighted sum runs in sub-blocks of ``gather_bytes / (k·D·4)`` queries), whatever the
+    number of queries.
+
     Args:
         queries: ``(Q, D)`` float array.
-        memory: ``(M, D)`` array (rows are gathered by id) or a :class:`Memory`.
+        memory: ``(M, D)`` array (rows are gathered by id), a :class:`Memory`, or ``None``: the rows
+            are then read back from ``index`` (``reconstruct_batch``; float16 codes are exact for a
+            float16 store), so a memory-mapped store index serves both search and rows.
         k: neighbours per query (clipped to M).
         temperature: tau_m.
-        index: a FAISS index over ``memory`` (``search(x, k) -> (scores, ids)``) or an object with
+        index: a FAISS index over the memory (``search(x, k) -> (scores, ids)``) or an object with
             ``search_arrays(x, k)`` (e.g. :class:`cmcr.stores.index.StoreIndex`); built with
-            :func:`build_memory_index` when ``None``.
+            :func:`build_memory_index` when ``None`` (then ``memory`` is required).
         query_rows: queries per FAISS search call.
         normalize: L2-normalise the result.
+        gather_bytes: RAM bound of the gathered rows, bytes.
 
     Returns:
         ``(Q, D)`` float32.
+
+    Raises:
+        ValueError: ``temperature <= 0``, or neither ``memory`` nor ``index``.
+        StoreMismatchError: query and memory dims differ.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     mem = memory.embeddings if isinstance(memory, Memory) else memory
+    if mem is None and index is None:
+        raise ValueError("complete_topk needs the memory rows or an index over them")
+    m_len = len(mem) if mem is not None else int(index.index.ntotal if hasattr(index, "search_arrays")
+                                                 else index.ntotal)
+    m_dim = mem.shape[1] if mem is not None else int(index.index.d if hasattr(index, "search_arrays") else index.d)
     single = np.ndim(queries) == 1
     q_all = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    if q_all.shape[1] != mem.shape[1]:
-        raise StoreMismatchError(f"queries have dim {q_all.shape[1]}, the memory has dim {mem.shape[1]}")
-    k = max(1, min(int(k), len(mem)))
+    if q_all.shape[1] != m_dim:
+        raise StoreMismatchError(f"queries have dim {q_all.shape[1]}, the memory has dim {m_dim}")
+    k = max(1, min(int(k), m_len))
     if index is None:
         index = build_memory_index(mem)
+    sub = max(1, int(gather_bytes) // (k * m_dim * 4))
     out = np.empty_like(q_all)
     for start in range(0, len(q_all), query_rows):
         q = q_all[start:start + query_rows]
@@ -291,12 +328,34 @@ def complete_topk(
         logits -= logits.max(axis=1, keepdims=True)
         w = np.exp(logits)
         w /= w.sum(axis=1, keepdims=True)
-        rows = np.asarray(mem[np.where(valid, ids, 0).reshape(-1)], dtype=np.float32).reshape(len(q), k, -1)
-        p = np.einsum("qk,qkd->qd", w.astype(np.float32), rows)
-        if normalize:
-            p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
-        out[start:start + len(q)] = p
+        w = w.astype(np.float32)
+        safe = np.where(valid, ids, 0)
+        for s in range(0, len(q), sub):
+            e = min(s + sub, len(q))
+            flat_ids = safe[s:e].reshape(-1)
+            got = _index_rows(index, flat_ids) if mem is None else np.asarray(mem[flat_ids], dtype=np.float32)
+            p = np.einsum("qk,qkd->qd", w[s:e], got.reshape(e - s, k, -1))
+            if normalize:
+                p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+            out[start + s:start + e] = p
     return out[0] if single else out
+
+
+def memory_store_index(memory_store: Store, *, progress: bool = False) -> Any:
+    """The memory store's own FAISS index (:mod:`cmcr.stores.index`), memory-mapped, for
+    :func:`complete_topk`: reused when current, else built with ``build_index`` and saved beside
+    the store (``<store>/index/``; ``cmcr store index`` builds it ahead of time). The planner keeps
+    an approximate index only if it reaches recall@10 >= 0.95 and beats exact search; otherwise
+    the index is exact (flat)."""
+    from cmcr.stores.index import build_index, describe_index, open_index
+
+    desc = describe_index(memory_store)
+    usable = desc is not None and not desc["stale"] and (desc.get("target_reached") or desc.get("kept_below_target"))
+    if not usable:
+        log.info("building the FAISS index of memory store %s (%d rows) for the top-k completion",
+                 memory_store.path, memory_store.num_rows)
+        build_index(memory_store, progress=progress)
+    return open_index(memory_store)
 
 
 # ------------------------------------------------------------------------------ completion store
@@ -328,6 +387,7 @@ def complete_store(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: Any = None,
+    query_block: int = COMPLETION_QUERY_BLOCK,
 ) -> Store:
     """Complete every row of ``query_store`` from ``memory_store`` and write the pseudo embeddings
     as a store keyed like the queries (one part per block of ``batch_rows`` queries; a rerun
@@ -346,11 +406,17 @@ def complete_store(
         temperature: tau_m; k: neighbours of ``"topk"``.
         batch_rows: queries per part.
         chunk_rows: memory rows per chunk of the exact completion.
-        memory_in_ram: hold the memory in RAM (default: when it is under 2 GiB as float32);
-            otherwise the exact method streams it from disk for every query block.
+        memory_in_ram: hold the memory in RAM for the exact method (default: when it is at most
+            :data:`MEMORY_IN_RAM_BYTES` as float32); otherwise it is streamed from disk chunk by
+            chunk for every query block, so RAM stays bounded by ``chunk_rows`` and ``query_block``
+            whatever the memory size. The ``topk`` method searches and reads rows through the
+            memory store's own FAISS index (:func:`memory_store_index`, memory-mapped; built and
+            saved beside the memory store when missing).
         device: torch device of the exact completion.
         overwrite: replace an output store made with other parameters.
-        progress: optional callable ``progress(done_rows, total_rows)``.
+        progress: optional callable ``progress(done_rows, total_rows)``, called after every
+            ``query_block`` queries.
+        query_block: queries per completion call.
 
     Returns:
         The completion :class:`Store`.
@@ -382,28 +448,38 @@ def complete_store(
     done = out.done_sources()
     total = qs.num_rows
     if memory_in_ram is None:
-        memory_in_ram = ms.num_rows * ms.dim * 4 <= 2 << 30
+        memory_in_ram = ms.num_rows * ms.dim * 4 <= MEMORY_IN_RAM_BYTES
     need_blocks = [(s, min(s + batch_rows, total)) for s in range(0, total, batch_rows)
                    if f"queries:{s}-{min(s + batch_rows, total)}" not in done]
     if not need_blocks:
         return out
-    memory: np.ndarray | Store = ms.embeddings(dtype=np.float32) if (memory_in_ram or method == "topk") else ms
-    index = build_memory_index(memory) if method == "topk" else None  # type: ignore[arg-type]
+    memory: np.ndarray | Store | None = None
+    index = None
+    if method == "topk":
+        index = memory_store_index(ms)  # memory-mapped: serves the search and the neighbour rows
+    else:
+        memory = ms.embeddings(dtype=np.float32) if memory_in_ram else ms
     pos = 0
     finished = total - sum(e - s for s, e in need_blocks)
+    if progress is not None:
+        progress(finished, total)
     for batch in qs.iter_batches(batch_size=batch_rows, dtype=np.float32):
         start, end = pos, pos + len(batch.keys)
         pos = end
         source = f"queries:{start}-{end}"
         if source in done:
             continue
-        if method == "exact":
-            # A streamed memory is re-read once per query block: use large blocks for it.
-            query_rows = 8192 if isinstance(memory, Store) else DEFAULT_QUERY_ROWS
-            pseudo = complete_exact(batch.embeddings, memory, temperature=temperature, chunk_rows=chunk_rows,
-                                    query_rows=query_rows, device=device)
-        else:
-            pseudo = complete_topk(batch.embeddings, memory, k=k, temperature=temperature, index=index)
+        pseudo = np.empty_like(batch.embeddings)
+        for s in range(0, len(pseudo), query_block):  # bounded RAM and a progress report per block
+            e = min(s + query_block, len(pseudo))
+            if method == "exact":
+                # A streamed memory is re-read once per query block of the exact completion.
+                pseudo[s:e] = complete_exact(batch.embeddings[s:e], memory, temperature=temperature,  # type: ignore[arg-type]
+                                             chunk_rows=chunk_rows, query_rows=query_block, device=device)
+            else:
+                pseudo[s:e] = complete_topk(batch.embeddings[s:e], None, k=k, temperature=temperature, index=index)
+            if progress is not None and e < len(pseudo):
+                progress(finished + e, total)
         out.append_part(batch.keys, pseudo, source=source)
         finished += end - start
         if progress is not None:
@@ -449,10 +525,11 @@ class MemoryQueue:
         device: torch device.
         seed: shuffling seed (recorded by the trainer).
         read_rows: rows read from the store per refill read.
+        chunk_rows: queue rows per chunk of :meth:`complete` (RAM: batch x chunk_rows x 4 bytes of logits).
     """
 
     def __init__(self, store: Store, capacity: int, *, device: str | torch.device = "cpu", seed: int = 0,
-                 read_rows: int = 65536):
+                 read_rows: int = 65536, chunk_rows: int = 8192):
         if store.num_rows == 0:
             raise StoreValidationError(f"{store.path}: the memory store is empty")
         if capacity <= 0:
@@ -461,6 +538,7 @@ class MemoryQueue:
         self.capacity = int(min(capacity, store.num_rows))
         self.device = resolve_device(device)
         self.read_rows = read_rows
+        self.chunk_rows = max(1, int(chunk_rows))
         self._rng = np.random.default_rng(seed)
         self._pass = 0
         self._stream = self._rows()
@@ -512,5 +590,6 @@ class MemoryQueue:
         """Exact completion of ``queries`` ``(B, D)`` float32 against the rows now in the queue;
         returns ``(B, D)`` float32, L2-normalised, without gradient."""
         with torch.no_grad():
-            p = online_softmax_completion(queries.float(), iter([self.tensor]), temperature)
+            # chunks of the queue bound the logits to B x chunk_rows (not B x capacity)
+            p = online_softmax_completion(queries.float(), iter(self.tensor.split(self.chunk_rows)), temperature)
             return torch.nn.functional.normalize(p, dim=1)

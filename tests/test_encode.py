@@ -32,6 +32,13 @@ def test_messy_images_never_kill_a_shard(tiny_clip, messy_images, tmp_path):
     shards = _image_shards(messy_images, tmp_path)
     rep = encode_shards(shards, tiny_clip, "image", tmp_path / "store", batch_size=3, num_workers=2, progress=False)
     assert rep.rows == 9 and rep.failures == 4 and rep.shards_done == len(shards)
+    # where the time went, per stage (worker CPU seconds come back with the batches)
+    st = rep.stages
+    assert set(st) == {"read", "decode", "preprocess", "collate", "forward", "write", "wait"}
+    assert st["decode"] > 0 and st["preprocess"] > 0 and st["collate"] > 0 and st["forward"] > 0
+    assert st["read"] > 0 and st["write"] > 0
+    assert st["decode"] + st["preprocess"] == pytest.approx(rep.decode_s)
+    assert rep.to_json()["stages"] == st
     store = Store.open(tmp_path / "store", modality="image", encoder=tiny_clip.identity(), validate="full")
     fails = store.failures().to_pylist()
     assert sorted(f["key"] for f in fails) == ["not_an_image", "truncated_jpg", "truncated_png", "zero"]

@@ -172,3 +172,75 @@ def test_l2_store_scores_are_distances(tmp_path):
     s, r = open_index(store).search_arrays(x[:3] + 0.01, k=2)  # not normalised for l2
     assert r[:, 0].tolist() == [0, 1, 2]
     assert np.all(s[:, 0] < s[:, 1]) and np.all(s[:, 0] < 0.01)
+
+
+# ---------------------------------------------------------------------- never lose to exact search
+def _uniform_store(tmp_path, n=6000, dim=32):
+    from cmcr.stores.store import Store
+
+    x = np.random.default_rng(3).standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    store = Store.create(tmp_path / "uniform", modality="image", encoder={"family": "t"}, dim=dim)
+    store.append_part([f"u{i}" for i in range(n)], x)
+    return store
+
+
+def test_auto_falls_back_to_flat_when_the_candidate_cannot_win(tmp_path):
+    # PQ4 codes of uniform random rows cannot reach recall@10 0.95 at any nprobe: the auto decision
+    # must end with an exact index, say why, and keep the candidate's measurements
+    store = _uniform_store(tmp_path)
+    plan = plan_index(store.num_rows, store.dim, 10 * 1024**2, kind="ivf")
+    plan = {**plan, "factory": "IVF64,PQ4x8", "params": {"nlist": 64, "nprobe": 1, "code": "PQ", "pq_m": 4}}
+    info = build_index(store, plan=plan, sample_queries=100, progress=False)
+    assert info["kind"] == "flat" and info["factory"] == "Flat" and info["recall_at_10"] == 1.0
+    assert info["target_reached"] and not info["kept_below_target"]
+    cand = info["decision"]["candidate"]
+    assert cand["kind"] == "ivf" and cand["factory"] == "IVF64,PQ4x8" and not cand["target_reached"]
+    assert any("fell back to exact search" in r for r in info["decision"]["reasons"])
+    assert info["file"].startswith("flat-")
+    x = store.embeddings(np.float32)
+    assert open_index(store).search_arrays(x[:3], k=1)[1][:, 0].tolist() == [0, 1, 2]
+
+
+def test_forced_kind_below_target_is_refused_unless_kept(tmp_path):
+    store = _uniform_store(tmp_path)
+    plan = {**plan_index(store.num_rows, store.dim, GiB, kind="ivf"), "factory": "IVF64,PQ4x8",
+            "params": {"nlist": 64, "nprobe": 1, "code": "PQ", "pq_m": 4}}
+    with pytest.raises(StoreIndexError, match="keep-below-target"):
+        build_index(store, kind="ivf", plan=plan, sample_queries=100, progress=False)
+    assert not (store.path / "index" / "index.json").exists()
+    info = build_index(store, kind="ivf", plan=plan, sample_queries=100, progress=False, keep_below_target=True)
+    assert info["kind"] == "ivf" and not info["target_reached"] and info["kept_below_target"]
+    open_index(store)  # kept on purpose: served
+    # a below-target record that was not kept on purpose is never served
+    path = store.path / "index" / "index.json"
+    path.write_text(json.dumps({**info, "kept_below_target": False}))
+    with pytest.raises(StoreIndexError, match="below|< target"):
+        open_index(store)
+
+
+def test_speed_against_flat_is_measured_and_saved(store_factory):
+    store = store_factory(n=3000, dim=32)
+    info = build_index(store, kind="ivf", sample_queries=100, progress=False)
+    sp = info["speed"]
+    assert sp["batch_queries"] == 100 and sp["single_queries"] == 50 and sp["flat_rows_timed"] == 3000
+    for key in ("flat_batch_qps", "index_batch_qps", "flat_single_qps", "index_single_qps", "batch_speedup",
+                "single_speedup"):
+        assert sp[key] > 0
+    assert info["decision"]["forced"] and info["decision"]["candidate"]["speed"] == sp
+    assert all("batch_seconds" in t for t in info["tuning"])
+
+
+def test_measure_speed_vs_flat_scales_the_flat_sample():
+    import faiss
+
+    from cmcr.stores.index import measure_speed_vs_flat
+
+    x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    sample = faiss.IndexFlatIP(16)
+    sample.add(x[:500])
+    full = faiss.IndexFlatIP(16)
+    full.add(x)
+    sp = measure_speed_vs_flat(full, sample, rows=2000, queries=x[:64], single_queries=8, repeats=2)
+    assert sp["single_queries"] == 8 and sp["flat_rows_timed"] == 500
+    assert "scaled to 2000 rows" in sp["method"]

@@ -113,7 +113,7 @@ def test_complete_store_resumes_after_partial_run(make_store, tmp_path):
     mpath.write_text(json.dumps(man))
     calls.clear()
     out = complete_store(qs, ms, tmp_path / "p", batch_rows=5, progress=lambda d, t: calls.append(d))
-    assert calls == [15, 20]
+    assert calls == [10, 15, 20]  # where it starts, then after each block
     assert out.keys() == qs.keys()
 
 

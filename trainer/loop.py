@@ -441,6 +441,8 @@ class _Reporter:
         self.callback = progress if callable(progress) else None
         self.bar = None
         self.task = None
+        self.comp_bar: Any = None
+        self.comp_tasks: dict[str, Any] = {}
         if progress is True:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -450,12 +452,43 @@ class _Reporter:
                                 **progress_options())
 
     def completion(self, side: str, done: int, total: int) -> None:
+        """Progress of the semantic completion of one side: a rich bar on stderr (queries done,
+        queries/s, time left), one per side, or the user callback."""
         if self.callback:
             self.callback({"stage": "completion", "side": side, "done": done, "total": total})
-        elif self.bar is not None:
-            log.info("completion %s: %d/%d", side, done, total)
+            return
+        if self.bar is None:
+            return
+        if self.comp_bar is None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.text import Text
+
+            class QueriesPerSecond(ProgressColumn):
+                def render(self, task):  # noqa: ANN001, ANN202
+                    return Text(f"{task.speed:,.0f} queries/s" if task.speed else "? queries/s")
+
+            self.comp_bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     QueriesPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=Console(stderr=True))
+            self.comp_bar.start()
+        if side not in self.comp_tasks:
+            self.comp_tasks[side] = self.comp_bar.add_task(f"completion {side}", total=total)
+        self.comp_bar.update(self.comp_tasks[side], completed=done, total=total)
+        if all(t.finished for t in self.comp_bar.tasks) and len(self.comp_tasks) == 2:
+            self.comp_bar.stop()
 
     def start(self, total: int, done: int) -> None:
+        if self.comp_bar is not None:
+            self.comp_bar.stop()
         if self.bar is not None:
             self.bar.start()
             self.task = self.bar.add_task("training", total=total, completed=done, loss=float("nan"), rate=0.0)
