@@ -46,9 +46,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from cmcr import cli_connect, cli_demo, cli_encode, cli_store
+    from cmcr import cli_connect, cli_demo, cli_encode, cli_serve, cli_store
 
-    for module in (cli_store, cli_encode, cli_connect, cli_demo):
+    for module in (cli_store, cli_encode, cli_connect, cli_demo, cli_serve):
         module.register(app)
 
 

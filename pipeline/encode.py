@@ -414,8 +414,23 @@ def metadata_table(modality: str, infos: Sequence[dict[str, Any]], metas: Sequen
     return pa.Table.from_pydict(cols, schema=schema)
 
 
+def media_roots_of_shards(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The media folders the shards' samples came from (``media_roots`` of the ``shards.json`` beside
+    them, written by ``cmcr shard``): their rows' ``source`` paths are relative to one of these.
+    ``[]`` when no index records any (tars made elsewhere)."""
+    roots: set[str] = set()
+    for folder in {Path(p).parent for p in paths}:
+        try:
+            index = json.loads((folder / "shards.json").read_text())
+        except (OSError, ValueError):
+            continue
+        roots.update(str(r) for r in (index.get("media_roots") or []) if isinstance(r, str))
+    return sorted(roots)
+
+
 def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *, overwrite: bool = False,
-               dtype: str = "float16", command: str | None = None, start_over: bool = False) -> Store:
+               dtype: str = "float16", command: str | None = None, start_over: bool = False,
+               media_roots: Sequence[str] = ()) -> Store:
     """Open (or create) the store for ``encoder``/``modality``.
 
     Args:
@@ -434,7 +449,8 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
         shutil.rmtree(store_path)
     return Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
                                 overwrite=overwrite, preprocessing=encoder.preprocessing(modality),
-                                dtype=dtype, command=command)
+                                dtype=dtype, command=command,
+                                extra={"media_roots": list(media_roots)} if media_roots else None)
 
 
 @dataclass
@@ -724,6 +740,7 @@ def encode_shards(
     paths = list_shards(shards)
     check_shards_modality(paths, modality)
     store = open_store(store_path, encoder, modality, overwrite=overwrite, dtype=dtype, command=command,
+                       media_roots=media_roots_of_shards(paths),
                        start_over=start_over)
     report = EncodeReport(store=str(store.path))
     todo, idents = shards_to_do(paths, store)
