@@ -104,7 +104,8 @@ class Gallery:
             rows = [int(i) for i in top]
             scores = [float(s[i]) for i in top]
         keys, meta = self.keys(), self.metadata_rows()
-        return [{"key": keys[r], "score": sc, "row": r, "metadata": meta[r]} for r, sc in zip(rows, scores, strict=True)]
+        return [{"key": keys[r], "score": sc, "row": r, "metadata": meta[r]}
+                for r, sc in zip(rows, scores, strict=True)]
 
     def media_path(self, key: str) -> Path | None:
         """The media file of row ``key`` inside one of :attr:`media_roots`, or ``None``.
@@ -124,6 +125,28 @@ class Gallery:
             if p.is_file() and (p == root or root in p.parents):
                 return p
         return None
+
+
+def open_gallery(store: Any, name: str | None = None, media_roots: Sequence[str | os.PathLike] | None = None
+                 ) -> Gallery:
+    """A :class:`Gallery` over a projected store, with its FAISS index when it has a current one
+    (else exact search over the rows held in memory).
+
+    Args:
+        store: an opened projected :class:`~cmcr.stores.store.Store`.
+        name: gallery name (default: the store folder name).
+        media_roots: folders of the rows' media (default: recorded in the store, see :func:`media_roots_of`).
+    """
+    index = None
+    try:
+        from cmcr.stores.index import open_index
+
+        index = open_index(store)
+    except (ImportError, CmcrError) as e:
+        log.info("gallery %s: no usable index (%s); exact search", store.path, e)
+    roots = [Path(r) for r in media_roots] if media_roots else media_roots_of(store)
+    return Gallery(name=name or _safe_name(Path(store.path).name), store=store, index=index,
+                   side=str(store.encoder.get("side", "")), media_roots=roots)
 
 
 def media_roots_of(store: Any) -> list[Path]:
@@ -181,22 +204,15 @@ class SearchService:
         for g in galleries:
             store = Store.open(g)
             if not (is_projected(store.encoder) and store.encoder.get("connector") == self.connector.fingerprint):
+                holds = "a projection by another connector" if is_projected(store.encoder) else "raw embeddings"
                 raise ConnectorError(
                     f"gallery {g} is not in the space of connector {connector} ({self.connector.fingerprint}): "
-                    f"it holds {'a projection by another connector' if is_projected(store.encoder) else 'raw embeddings'}"
-                    f"; run `cmcr project {connector} <store> {g}` first")
+                    f"it holds {holds}; run `cmcr project {connector} <store> {g}` first")
             name = _unique(_safe_name(Path(g).name), self.galleries)
-            index = None
-            try:
-                from cmcr.stores.index import open_index
-
-                index = open_index(store)
-            except (ImportError, CmcrError) as e:
-                log.info("gallery %s: no usable index (%s); exact search", g, e)
-            roots = [Path(media_roots[name])] if media_roots and name in media_roots else media_roots_of(store)
-            self.galleries[name] = Gallery(name=name, store=store, index=index, side=store.encoder["side"],
-                                           media_roots=roots)
-            self.galleries[name].embeddings() if index is None else None
+            roots = [media_roots[name]] if media_roots and name in media_roots else None
+            gal = self.galleries[name] = open_gallery(store, name, roots)
+            if gal.index is None:
+                gal.embeddings()  # exact search: hold the rows once
         self._lock = threading.Lock()
         self.encoders: list[tuple[Any, dict[str, str]]] = []
         for spec in encoders:
