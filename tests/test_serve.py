@@ -262,8 +262,14 @@ def test_page_in_a_real_browser(live_server, sample_data, tmp_path):
             page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
             widths = page.eval_on_selector_all("#results img", "els => els.map(e => e.naturalWidth)")
             assert len(widths) == 10 and all(w > 0 for w in widths)
+            assert page.locator("#query audio").count() == 1  # the uploaded query is playable
             if shots:
                 page.screenshot(path=str(Path(shots) / "serve.png"), full_page=True)
+            # browse: "find similar" on a hit queries by its key
+            first = page.locator("#results .hit").first.get_attribute("data-key")
+            page.locator("#results .similar").first.click()
+            page.wait_for_function(f"document.getElementById('status').innerText.includes({json.dumps(first)})")
+            assert page.locator("#results .hit").first.get_attribute("data-key") == first  # itself, at cosine 1
         finally:
             browser.close()
 
