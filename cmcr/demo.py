@@ -179,6 +179,26 @@ def load_demo_encoders(opts: DemoOptions, console: Console):
     return encoders[0], encoders[1], notes, random_weights
 
 
+def serve_command(out: Path, clip: Any, clap: Any, opts: DemoOptions) -> str:
+    """The one ``cmcr serve`` command line that serves the demo's output (both galleries, both encoders)."""
+    import shlex
+
+    def spec(enc: Any, given: str | None, default: str) -> str:
+        ident = enc.identity()
+        if str(ident.get("weights", "")).startswith("random"):
+            seed = int(ident.get("seed") or 0)
+            return f"{ident['family']}:{ident['architecture']}@random" + (f":{seed}" if seed else "")
+        return given or default
+
+    parts = ["cmcr", "serve", "-c", str(out / "connector"), "-g", str(out / "projected" / "clip_image"),
+             "-g", str(out / "projected" / "clap_audio"),
+             "-e", spec(clip, opts.clip, FAST_CLIP if opts.fast else DEFAULT_CLIP),
+             "-e", spec(clap, opts.clap, FAST_CLAP if opts.fast else DEFAULT_CLAP)]
+    if opts.clap_tokenizer:
+        parts += ["--clap-tokenizer", str(opts.clap_tokenizer)]
+    return shlex.join(parts)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -366,6 +386,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
                         seconds={k: round(v, 2) for k, v in seconds.items()})
     write_reports(result, out)
     console.print(f"\nreport: {result.report_md} and {result.report_html}")
+    console.print(f"browse it: {serve_command(out, clip, clap, opts)}", highlight=False, soft_wrap=True)
     if random_weights:
         console.print(f"[bold red]{RANDOM_BANNER.upper()}[/]: the encoders were random-init; see the notes above.")
     return result

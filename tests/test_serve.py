@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -24,8 +27,11 @@ TINY = ["open_clip:cmcr-tiny-clip@random", "clap:cmcr-tiny-clap@random"]
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serve") / "demo"
-    assert main(["demo", "--fast", "--out", str(out), "--captions", "120", "--epochs", "2", "--no-synthetic",
-                 "--num-workers", "0"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--fast", "--out", str(out), "--captions", "120", "--epochs", "2", "--no-synthetic",
+                     "--num-workers", "0"]) == 0
+    (out / "printed.txt").write_text(printed.getvalue())
     return out
 
 
@@ -274,14 +280,18 @@ def test_page_in_a_real_browser(live_server, sample_data, tmp_path):
             browser.close()
 
 
-def test_serve_command_starts_and_answers(demo_out, tmp_path):
-    """`cmcr serve` as a user starts it: a subprocess on a free port, answering /api/health."""
+def test_the_serve_command_the_demo_prints_works(demo_out, tmp_path):
+    """`cmcr demo` ends with the one command that serves its output; run it as printed (a subprocess on a
+    free port) and query it."""
     import httpx
 
+    line = [x for x in (demo_out / "printed.txt").read_text().splitlines() if x.startswith("browse it: ")]
+    assert len(line) == 1
+    argv = shlex.split(line[0].removeprefix("browse it: "))
+    assert argv[:2] == ["cmcr", "serve"]
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cmcr.cli", "serve", "-c", str(demo_out / "connector"),
-                             "-g", str(demo_out / "projected" / "clip_image"), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "cmcr.cli", *argv[1:], "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for _ in range(600):
@@ -292,7 +302,10 @@ def test_serve_command_starts_and_answers(demo_out, tmp_path):
                 if proc.poll() is not None:
                     raise AssertionError(proc.stderr.read()) from None
                 time.sleep(0.1)
-        assert r.json()["galleries"] == 1
+        assert r.json()["galleries"] == 2
+        hits = httpx.post(f"http://127.0.0.1:{port}/api/search", timeout=60,
+                          json={"text": "a dog barking", "gallery": "clip_image", "k": 3}).json()["hits"]
+        assert len(hits) == 3
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=20)
