@@ -68,7 +68,8 @@ def build(work: Path, rows: int) -> tuple[Path, Path, str]:
     step = 50_000
     for start in range(0, rows, step):
         n = min(step, rows - start)
-        x = centres[rng.integers(0, 1000, n)] + 0.5 * rng.standard_normal((n, cfg.out_dim)).astype(np.float32) / np.sqrt(cfg.out_dim) * 1.5
+        noise = rng.standard_normal((n, cfg.out_dim)).astype(np.float32) * (0.75 / np.sqrt(cfg.out_dim))
+        x = centres[rng.integers(0, 1000, n)] + noise
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         store.append_part([f"img{i:07d}" for i in range(start, start + n)], x,
                           {"label": [f"c{i % 1000}" for i in range(start, start + n)]}, source=f"bench-{start}")
@@ -122,7 +123,10 @@ def phase(url: str, make_request, clients: int, seconds: float, pid: int) -> dic
     for t in threads:
         t.join()
     lat.sort()
-    q = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan"))
+
+    def q(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
     return {"requests": len(lat), "errors": len(errors), "error_kinds": sorted(set(errors))[:3],
             "p50_ms": q(0.50), "p90_ms": q(0.90), "p99_ms": q(0.99), "qps": len(lat) / seconds,
             "rss_mb_first": rss[0] if rss else float("nan"), "rss_mb_last": rss[-1] if rss else float("nan"),
