@@ -344,3 +344,50 @@ def _unique(name: str, taken: Mapping[str, Any]) -> str:
     while f"{name}-{n}" in taken:
         n += 1
     return f"{name}-{n}"
+
+
+def render_points_png(points: np.ndarray, size: int = 256, max_points: int = 4096, up_axis: str = "y") -> bytes:
+    """A PNG preview of a point cloud: an orthographic view from 30° azimuth / 20° elevation, far points
+    drawn first, coloured by the cloud's rgb or shaded by depth.
+
+    Args:
+        points: ``(N, 3)`` xyz or ``(N, 6)`` xyz + rgb in [0, 1], float; any scale (centred and scaled here).
+        size: image width and height (pixels).
+        max_points: draw at most this many points (an even subsample, deterministic).
+        up_axis: ``y`` (ShapeNet/Objaverse/glTF convention) or ``z``.
+
+    Returns:
+        PNG file bytes.
+    """
+    import io
+
+    from PIL import Image, ImageDraw
+
+    pts = np.asarray(points, dtype=np.float32)
+    if len(pts) > max_points:
+        pts = pts[np.linspace(0, len(pts) - 1, max_points).astype(int)]
+    xyz = pts[:, :3] - pts[:, :3].mean(axis=0)
+    xyz /= max(float(np.linalg.norm(xyz, axis=1).max()), 1e-9)
+    if up_axis == "y":  # y-up (ShapeNet, Objaverse, glTF) -> z-up
+        xyz = xyz[:, [0, 2, 1]] * np.array([1, -1, 1], np.float32)
+    az, el = np.radians(30.0), np.radians(20.0)
+    rot_z = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]], np.float32)
+    rot_x = np.array([[1, 0, 0], [0, np.cos(el), -np.sin(el)], [0, np.sin(el), np.cos(el)]], np.float32)
+    v = xyz @ rot_z.T @ rot_x.T  # x right, y depth, z up
+    order = np.argsort(-v[:, 1])  # far first
+    img = Image.new("RGB", (size, size), (233, 236, 243))
+    draw = ImageDraw.Draw(img)
+    half = size / 2
+    depth = (v[:, 1] - v[:, 1].min()) / max(float(np.ptp(v[:, 1])), 1e-9)
+    r = max(1.0, size / 160)
+    for i in order:
+        x, y = half + v[i, 0] * half * 0.9, half - v[i, 2] * half * 0.9
+        if pts.shape[1] >= 6:
+            c = tuple(int(255 * float(np.clip(ch, 0, 1))) for ch in pts[i, 3:6])
+        else:
+            shade = 1.0 - 0.6 * float(depth[i])
+            c = (int(47 * shade), int(91 * shade), int(211 * shade))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=c)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
