@@ -76,9 +76,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from cmcr import cli_connect, cli_connector, cli_demo, cli_encode, cli_store
+    from cmcr import cli_connect, cli_connector, cli_demo, cli_encode, cli_serve, cli_store
 
-    for module in (cli_store, cli_encode, cli_connect, cli_demo, cli_connector):
+    for module in (cli_store, cli_encode, cli_connect, cli_demo, cli_connector, cli_serve):
         module.register(app)
 
 

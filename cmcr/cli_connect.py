@@ -117,8 +117,9 @@ def project(
 
 
 def search(
-    connector: Path = typer.Option(..., "--connector", "-c", help="Connector folder."),
-    gallery: Path = typer.Option(..., "--gallery", "-g", help="Projected store to search (`cmcr project`)."),
+    connector: Path | None = typer.Option(None, "--connector", "-c", help="Connector folder (not with --server)."),
+    gallery: Path = typer.Option(..., "--gallery", "-g",
+                                 help="Projected store to search (`cmcr project`); with --server, a gallery name."),
     media: Path | None = typer.Option(None, "--media", help="Query file (image, audio or 3d) to encode."),
     text: str | None = typer.Option(None, "--text", help="Query text to encode."),
     key: str | None = typer.Option(None, "--key", help="Query by the key of a row of --store."),
@@ -132,11 +133,15 @@ def search(
         help="Folder with RoBERTa vocab.json + merges.txt for a CLAP text encoder (env CMCR_CLAP_TOKENIZER; "
              "default: the Hugging Face cache, else downloaded once)."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    server: str | None = typer.Option(None, "--server",
+                                      help="URL of a running `cmcr serve` to ask instead of loading models here."),
 ) -> None:
     """Search a projected store with a media file, a text or a key of a store.
 
     Example: cmcr search -c runs/clip-clap -g st/vggss_image.cmcr --media dog.wav
     --encoder clap:HTSAT-tiny@/path/630k-audioset-best.pt
+
+    Example: cmcr search --server http://127.0.0.1:8000 -g clip_image --media dog.wav
     """
     from cmcr.stores.store import Store
     from cmcr.trainer.connector import Connector, is_projected
@@ -147,6 +152,11 @@ def search(
         raise InputDataError("give exactly one query: --media FILE, --text TEXT or --key KEY (with --store)")
     if media is not None:
         _check_readable_file(media, "--media")
+    if server is not None:
+        _search_server(server, str(gallery), media=media, text=text, key=key, store=store, k=k, as_json=as_json)
+        return
+    if connector is None:
+        raise InputDataError("give --connector (the connector folder), or --server URL of a running `cmcr serve`")
     conn = Connector.load(connector)
     g = Store.open(gallery)
     if not (is_projected(g.encoder) and g.encoder.get("connector") == conn.fingerprint):
@@ -188,7 +198,38 @@ def search(
                      "random_weights": bool(random_weight_identities(*sources))})
         return
     _random_note(sources)
-    console.print(f"top {k} in {gallery} for {title}", highlight=False, soft_wrap=True)
+    _print_hits(hits, f"top {k} in {gallery} for {title}")
+
+
+def _search_server(url: str, gallery: str, *, media: Path | None, text: str | None, key: str | None,
+                   store: Path | None, k: int, as_json: bool) -> None:
+    """``cmcr search --server``: ask a running ``cmcr serve`` (:mod:`cmcr.client`) and print its hits."""
+    from cmcr.client import CmcrClient
+
+    with CmcrClient(url) as client:
+        if text is not None:
+            res = client.search_text(text, gallery=gallery, k=k)
+            title = f"text {text!r}"
+        elif media is not None:
+            res = client.search_file(media, gallery=gallery, k=k)
+            title = f"{res['query'].get('modality')} file {media}"
+        else:
+            res = client.search_key(key, gallery=gallery, key_gallery=str(store) if store else None, k=k)
+            title = f"key {key}"
+    if as_json:
+        _print_json(res)
+        return
+    if res.get("random_weights"):
+        from cmcr.trainer.evaluate import RANDOM_WEIGHTS_NOTE
+
+        console.print(f"[bold red]note: {RANDOM_WEIGHTS_NOTE}[/] (the server runs random-init encoder weights)",
+                      highlight=False)
+    _print_hits(res["hits"], f"top {k} in {gallery} at {url} for {title}")
+
+
+def _print_hits(hits: list[dict], title: str) -> None:
+    """The hits table (rank, key, score, label/source when present)."""
+    console.print(title, highlight=False, soft_wrap=True)
     shown = [c for c in ("label", "source") if any((h["metadata"] or {}).get(c) is not None for h in hits)]
     table = Table()
     table.add_column("rank", justify="right")
@@ -235,21 +276,10 @@ def _guess_modality(path: Path | None) -> str:
 
 
 def _search(gallery, q: np.ndarray, k: int) -> list[dict]:  # noqa: ANN001
-    """Top-k hits through the store's FAISS index, or exactly when it has none."""
-    try:
-        from cmcr.stores.index import open_index
+    """Top-k hits through the store's FAISS index, or exactly when it has none (:mod:`cmcr.service`)."""
+    from cmcr.service import open_gallery
 
-        index = open_index(gallery)
-        return [{"key": h.key, "score": float(h.score), "row": int(h.row), "metadata": h.metadata}
-                for h in index.search(np.atleast_2d(q), k=k)[0]]
-    except (ImportError, CmcrError):
-        emb = gallery.embeddings(np.float32)
-        scores = emb @ np.atleast_2d(q)[0]
-        top = np.argsort(-scores, kind="stable")[:k]
-        keys = gallery.keys()
-        meta = gallery.metadata().to_pylist()
-        return [{"key": keys[i], "score": float(scores[i]), "row": int(i),
-                 "metadata": {c: v for c, v in meta[i].items() if c != "key"}} for i in top]
+    return open_gallery(gallery).search(np.atleast_2d(q)[0], k)
 
 
 @eval_app.command("retrieval")

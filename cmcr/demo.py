@@ -23,6 +23,7 @@ import csv
 import html
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -64,6 +65,7 @@ CONSOLE_SYNTHETIC = ["variant", "pool", "R@1", "R@5", "R@10", "mAP", "chance_R@1
                      "image_to_audio_R@1", "zeroshot_top1", "seconds"]
 RETRIEVAL_COLUMNS = ["direction", "queries", "queries_without_positive", "pool", "R@1", "R@5", "R@10", "mAP",
                      "median_rank", "chance_R@1", "chance_R@5", "chance_R@10", "chance_mAP"]
+PER_CLASS_COLUMNS = ["label", "queries", "positives", "R@1", "R@5", "mAP", "chance_R@1", "chance_R@5", "chance_mAP"]
 ZEROSHOT_COLUMNS = ["task", "classes", "items", "top1", "top5", "chance_top1", "chance_top5"]
 SYNTHETIC_COLUMNS = ["variant", "direction", "pool", "R@1", "R@5", "R@10", "mAP", "chance_R@1", "chance_R@5",
                      "chance_mAP", "image_to_audio_R@1", "zeroshot_top1", "zeroshot_chance", "seconds"]
@@ -116,6 +118,7 @@ class DemoResult:
     searches: list[dict[str, Any]]
     synthetic: list[dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
     report_md: str = ""
     report_html: str = ""
 
@@ -167,6 +170,26 @@ def load_demo_encoders(opts: DemoOptions, console: Console):
             + "\n".join(f"• {n}" for n in notes),
             title="[bold red]RANDOM WEIGHTS", border_style="red"))
     return encoders[0], encoders[1], notes, random_weights
+
+
+def serve_command(out: Path, clip: Any, clap: Any, opts: DemoOptions) -> str:
+    """The one ``cmcr serve`` command line that serves the demo's output (both galleries, both encoders)."""
+    import shlex
+
+    def spec(enc: Any, given: str | None, default: str) -> str:
+        ident = enc.identity()
+        if str(ident.get("weights", "")).startswith("random"):
+            seed = int(ident.get("seed") or 0)
+            return f"{ident['family']}:{ident['architecture']}@random" + (f":{seed}" if seed else "")
+        return given or default
+
+    parts = ["cmcr", "serve", "-c", str(out / "connector"), "-g", str(out / "projected" / "clip_image"),
+             "-g", str(out / "projected" / "clap_audio"),
+             "-e", spec(clip, opts.clip, FAST_CLIP if opts.fast else DEFAULT_CLIP),
+             "-e", spec(clap, opts.clap, FAST_CLAP if opts.fast else DEFAULT_CLAP)]
+    if opts.clap_tokenizer:
+        parts += ["--clap-tokenizer", str(opts.clap_tokenizer)]
+    return shlex.join(parts)
 
 
 def _first_line(e: BaseException) -> str:
@@ -328,6 +351,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     z_img, z_aud = z_img_store.embeddings(np.float32), z_aud_store.embeddings(np.float32)
     zeroshot = _zeroshot(clip, clap, connector, z_img, _labels(z_img_store), z_aud, _labels(z_aud_store),
                          zeroshot_accuracy)
+    per_class = _per_class(z_aud, _labels(z_aud_store), z_img, _labels(z_img_store))
     _print_table(console, "retrieval in the connected space (positives: same label)", retrieval, random_weights,
                  CONSOLE_RETRIEVAL)
     _print_table(console, "zero-shot classification across the two MCRs", zeroshot, random_weights,
@@ -354,9 +378,11 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
                         connect={"connector": str(connect["connector"]), "metrics": connect["metrics"],
                                  "data": connect["data"], "device": connect["device"]},
                         retrieval=retrieval, zeroshot=zeroshot, searches=searches, synthetic=synthetic,
-                        seconds={k: round(v, 2) for k, v in seconds.items()})
-    write_reports(result, out)
+                        seconds={k: round(v, 2) for k, v in seconds.items()}, per_class=per_class)
+    serve = serve_command(out, clip, clap, opts)
+    write_reports(result, out, serve)
     console.print(f"\nreport: {result.report_md} and {result.report_html}")
+    console.print(f"browse it: {serve}", highlight=False, soft_wrap=True)
     if random_weights:
         console.print(f"[bold red]{RANDOM_BANNER.upper()}[/]: the encoders were random-init; see the notes above.")
     return result
@@ -399,10 +425,27 @@ def _example_searches(clip, connector, z_img_store, z_aud_store, z_aud) -> list[
 
     return [
         {"query": f"audio {aud_meta[q_row]['key']} (label {aud_meta[q_row].get('label')}) → images",
-         "kind": "audio->image", "hits": hits(z_img_store, z_query_audio)},
+         "kind": "audio->image", "hits": hits(z_img_store, z_query_audio), "query_key": aud_meta[q_row]["key"],
+         "query_label": aud_meta[q_row].get("label"), "query_source": aud_meta[q_row].get("source")},
         {"query": f"caption {TEXT_QUERY!r} (CLIP text) → audio clips", "kind": "text->audio",
-         "hits": hits(z_aud_store, z_txt[0])},
+         "hits": hits(z_aud_store, z_txt[0]), "query_text": TEXT_QUERY},
     ]
+
+
+def _per_class(z_aud: np.ndarray, aud_labels: list[Any], z_img: np.ndarray, img_labels: list[Any]
+               ) -> list[dict[str, Any]]:
+    """Audio -> image retrieval by shared label, per class (labels with at least one image), with chance."""
+    from cmcr.trainer.metrics import retrieval_metrics
+
+    rows = []
+    for label in sorted({lab for lab in aud_labels if lab and lab in set(img_labels)}):
+        idx = [i for i, lab in enumerate(aud_labels) if lab == label]
+        m = retrieval_metrics(z_aud[idx], z_img, [label] * len(idx), img_labels, ks=(1, 5))
+        rows.append({"label": label, "queries": m["queries"], "positives": int(round(m["mean_positives"])),
+                     **_flat({k: v for k, v in m.items() if k not in ("pool", "queries_without_positive",
+                                                                      "median_rank", "mean_positives")})})
+        rows[-1].pop("queries_without_positive", None)
+    return rows
 
 
 def _synthetic(out: Path, fast: bool) -> list[dict[str, Any]]:
@@ -436,12 +479,9 @@ def _fmt(v: Any) -> str:
 # ---------------------------------------------------------------------------- reports
 def _thumbnail(source: str | None, dst_dir: Path, key: str) -> str | None:
     """A 128 px JPEG thumbnail of an image (``source`` absolute or relative to the bundled images)."""
-    if not source:
+    source = _media_source(source, "images")
+    if source is None:
         return None
-    if not Path(source).is_file():
-        source = str(SAMPLE_DATA / "images" / source)
-        if not Path(source).is_file():
-            return None
     try:
         from PIL import Image
 
@@ -471,82 +511,156 @@ def _md_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
-def write_reports(result: DemoResult, out: Path) -> None:
-    """Write ``report.md``, ``report.html`` (thumbnails in ``report_files/``) and ``demo.json``."""
+def _media_source(source: str | None, folder: str) -> Path | None:
+    """A row's media file: ``source`` as is, or relative to the bundled ``folder`` (``images``/``audio``)."""
+    if not source:
+        return None
+    for p in (Path(source), SAMPLE_DATA / folder / source):
+        if p.is_file():
+            return p
+    return None
+
+
+def _copy_audio(source: str | None, dst_dir: Path, key: str) -> str | None:
+    """Copy an audio clip next to the report (players need a file); returns its relative path."""
+    src = _media_source(source, "audio")
+    if src is None:
+        return None
+    name = key.replace("/", "__") + src.suffix
+    shutil.copyfile(src, dst_dir / name)
+    return f"{dst_dir.name}/{name}"
+
+
+def _report_search(s: dict[str, Any], files: Path) -> dict[str, Any]:
+    """One example search made ready for the templates: the query (player / caption) and hits with
+    thumbnails or players, marked same-label or not."""
+    gallery = "image" if s["kind"].endswith("image") else "audio"
+    query_label = s.get("query_label")
+    hits = []
+    for h in s["hits"]:
+        hit = dict(h)
+        hit["thumbnail"] = _thumbnail(h.get("source"), files, h["key"]) if gallery == "image" else None
+        hit["audio"] = _copy_audio(h.get("source"), files, h["key"]) if gallery == "audio" else None
+        hit["same_label"] = (h.get("label") == query_label) if query_label else None
+        hits.append(hit)
+    query_audio = (_copy_audio(s.get("query_source"), files, "query__" + str(s.get("query_key")))
+                   if s["kind"].startswith("audio") else None)
+    return {"title": s["query"], "kind": s["kind"], "gallery_modality": gallery, "hits": hits,
+            "query_audio": query_audio, "query_text": s.get("query_text"), "query_label": query_label}
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _read_training(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()).get("training") or {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _loss_svg(history: list[dict[str, Any]], chance: float, width: int = 640, height: int = 300) -> str:
+    """An SVG line chart of the per-epoch inter-MCR InfoNCE terms with the chance line ``chance`` (ln B)."""
+    series = [(name, color, [r.get(name) for r in history]) for name, color in
+              (("inter_shared", "#2f5bd3"), ("inter_pseudo", "#c2572b")) if any(r.get(name) for r in history)]
+    left, right, top, bottom = 56, 150, 16, 40
+    values = [v for _, _, vals in series for v in vals if v is not None] + [chance]
+    lo, hi = 0.0, max(values) * 1.1
+    n = max(1, len(history))
+
+    def x(i: int) -> float:
+        return left + (width - left - right) * (i / max(1, n - 1))
+
+    def y(v: float) -> float:
+        return top + (height - top - bottom) * (1 - (v - lo) / (hi - lo or 1))
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12" role="img" aria-label="training loss per epoch">',
+             f'<rect width="{width}" height="{height}" fill="#fff"/>']
+    for t in range(5):
+        v = lo + (hi - lo) * t / 4
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" fill="#555">{v:.1f}</text>')
+    parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(chance):.1f}" y2="{y(chance):.1f}" '
+                 f'stroke="#777" stroke-dasharray="6 4"/><text x="{width - right + 6}" y="{y(chance) + 4:.1f}" '
+                 f'fill="#555">chance ln B = {chance:.2f}</text>')
+    for k, (name, color, vals) in enumerate(series):
+        pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(vals) if v is not None)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>')
+        parts.append(f'<text x="{width - right + 6}" y="{top + 14 + 16 * k}" fill="{color}">{name}</text>')
+    for i in range(n):
+        if n <= 10 or i % max(1, n // 10) == 0 or i == n - 1:
+            parts.append(f'<text x="{x(i):.1f}" y="{height - bottom + 16}" text-anchor="middle" fill="#555">'
+                         f'{history[i].get("epoch", i + 1) if history else 1}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle" '
+                 f'fill="#333">epoch</text><text x="14" y="{(top + height - bottom) / 2:.0f}" fill="#333" '
+                 f'transform="rotate(-90 14 {(top + height - bottom) / 2:.0f})" text-anchor="middle">InfoNCE loss'
+                 f'</text></svg>')
+    return "".join(parts)
+
+
+def write_reports(result: DemoResult, out: Path, serve: str = "") -> None:
+    """Write ``report.md`` and ``report.html`` from the jinja2 templates in ``cmcr/web`` (the HTML shares the
+    look of the ``cmcr serve`` page; thumbnails, audio clips and the loss curve go to ``report_files/``),
+    then ``demo.json``.
+
+    Args:
+        result: what the demo measured.
+        out: the demo folder (reads ``connector/metrics.jsonl`` and ``connector/connector.json``).
+        serve: the ``cmcr serve`` command for this run (shown at the end).
+    """
+    import jinja2
+    from markupsafe import Markup
+
+    from cmcr import __version__
+
     files = out / "report_files"
     if files.exists():
         shutil.rmtree(files)
-    for s in result.searches:
-        for h in s["hits"]:
-            h["thumbnail"] = _thumbnail(h.get("source"), files, h["key"]) if s["kind"].endswith("image") else None
-    banner = f"**{RANDOM_BANNER.upper()}** — the encoders were random-init.\n\n" if result.random_weights else ""
-    tag = f" — {RANDOM_BANNER}" if result.random_weights else ""
-    md = [f"# cmcr demo report\n\n{banner}"]
-    md.append("Encoders:\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result.encoders.items()) + "\n")
-    if result.weight_notes:
-        md.append("\nNotes on weights:\n\n" + "\n".join(f"- {n}" for n in result.weight_notes) + "\n")
+    files.mkdir(parents=True)
+    searches = [_report_search(s, files) for s in result.searches]
+    history = _read_history(out / "connector" / "metrics.jsonl")
+    training = _read_training(out / "connector" / "connector.json")
+    last = history[-1] if history else {}
+    batch = max(2, min(int(training.get("batch_size") or 2), int(last.get("train_pairs") or last.get("pairs") or 2)))
+    chance_loss = math.log(batch)
+    svg = _loss_svg(history, chance_loss)
+    (files / "loss.svg").write_text(svg)
+    n_val = int(last.get("val_pairs") or 0)
+    held_out = (f"{last['val_shared_R@1']:.3f} over {n_val} held-out caption pairs (chance {1 / n_val:.3f})"
+                if last.get("val_shared_R@1") is not None and n_val else "not measured (too few captions)")
     corpus_line = (f"Corpus: {result.counts.get('text', 0)} captions (shared modality), "
                    f"{result.counts.get('image', 0)} images (CLIP memory), {result.counts.get('audio', 0)} audio "
                    f"clips (CLAP memory). No audio–image pair is used for training; evaluation pairs audio and "
                    f"images by their shared label. The memories are the same images and clips that are evaluated "
                    f"(unpaired, but not held out: the bundled set is small); with your own data, use separate "
                    f"memory corpora.")
-    md.append(f"\n{corpus_line}\n")
-    md.append(f"\n## Retrieval (connected space){tag}\n\n" + _md_table(result.retrieval, RETRIEVAL_COLUMNS))
-    md.append(f"\n## Zero-shot classification across the two MCRs{tag}\n\n"
-              + _md_table(result.zeroshot, ZEROSHOT_COLUMNS))
-    md.append(f"\n## Example searches{tag}\n")
-    for s in result.searches:
-        md.append(f"\n**{s['query']}**\n\n| rank | key | label | score | |\n| --- | --- | --- | --- | --- |\n")
-        for r, h in enumerate(s["hits"], 1):
-            img = f"![]({h['thumbnail']})" if h.get("thumbnail") else ""
-            md.append(f"| {r} | {h['key']} | {h['label']} | {h['score']:.3f} | {img} |\n")
-    if result.synthetic:
-        md.append("\n## Synthetic check (known true pairs; ablations)\n\n"
-                  + _md_table(result.synthetic, SYNTHETIC_COLUMNS))
-    md.append("\n## Time (seconds)\n\n" + _md_table([result.seconds]))
-    md_text = "".join(md)
-    (out / "report.md").write_text(md_text)
-    result.report_md = str(out / "report.md")
 
-    def h_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    def h_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> Markup:
         if not rows:
-            return "<p><em>none</em></p>"
+            return Markup("<p><em>none</em></p>")
         cols = _columns(rows, columns)
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
-                       for r in rows)
-        return f"<table><tr>{head}</tr>{body}</table>"
+        body = "".join("<tr>" + "".join(f"<td class='num'>{html.escape(_fmt(r.get(c)))}</td>" for c in cols)
+                       + "</tr>" for r in rows)
+        return Markup(f"<table><tr>{head}</tr>{body}</table>")
 
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>cmcr demo report</title><style>"
-             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px}.warn{color:#b00;font-weight:bold}</style></head><body>",
-             "<h1>cmcr demo report</h1>"]
-    warn = f" <span class='warn'>({html.escape(RANDOM_BANNER)})</span>" if result.random_weights else ""
-    if result.random_weights:
-        parts.append(f"<p class='warn'>{RANDOM_BANNER.upper()} — the encoders were random-init.</p>")
-    parts.append("<p>Encoders:</p><ul>" + "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
-                                                  for k, v in result.encoders.items()) + "</ul>")
-    if result.weight_notes:
-        parts.append("<p>Notes on weights:</p><ul>" + "".join(f"<li>{html.escape(n)}</li>"
-                                                             for n in result.weight_notes) + "</ul>")
-    parts.append(f"<p>{html.escape(corpus_line)}</p>")
-    parts.append(f"<h2>Retrieval (connected space){warn}</h2>" + h_table(result.retrieval, RETRIEVAL_COLUMNS))
-    parts.append(f"<h2>Zero-shot classification across the two MCRs{warn}</h2>"
-                 + h_table(result.zeroshot, ZEROSHOT_COLUMNS))
-    parts.append(f"<h2>Example searches{warn}</h2>")
-    for s in result.searches:
-        parts.append(f"<h3>{html.escape(s['query'])}</h3><table><tr><th>rank</th><th>key</th><th>label</th>"
-                     "<th>score</th><th></th></tr>")
-        for r, h in enumerate(s["hits"], 1):
-            img = f"<img src='{html.escape(h['thumbnail'])}'>" if h.get("thumbnail") else ""
-            parts.append(f"<tr><td>{r}</td><td>{html.escape(h['key'])}</td><td>{html.escape(str(h['label']))}</td>"
-                         f"<td>{h['score']:.3f}</td><td>{img}</td></tr>")
-        parts.append("</table>")
-    if result.synthetic:
-        parts.append("<h2>Synthetic check (known true pairs; ablations)</h2>"
-                     + h_table(result.synthetic, SYNTHETIC_COLUMNS))
-    parts.append("<h2>Time (seconds)</h2>" + h_table([result.seconds]) + "</body></html>")
-    (out / "report.html").write_text("".join(parts))
+    context = {"r": result, "searches": searches, "per_class": result.per_class, "corpus_line": corpus_line,
+               "retrieval_columns": RETRIEVAL_COLUMNS, "zeroshot_columns": ZEROSHOT_COLUMNS,
+               "synthetic_columns": SYNTHETIC_COLUMNS, "per_class_columns": PER_CLASS_COLUMNS,
+               "batch": batch, "chance_loss": chance_loss, "held_out": held_out, "loss_svg": svg,
+               "serve": serve, "version": __version__,
+               "subtitle": f"CLIP ↔ CLAP connected through {result.counts.get('text', 0)} captions"}
+    web = Path(__file__).resolve().parent / "web"
+    env_html = jinja2.Environment(loader=jinja2.FileSystemLoader(str(web)), autoescape=True)
+    env_md = jinja2.Environment(loader=jinja2.FileSystemLoader(str(web)), autoescape=False,
+                                keep_trailing_newline=True)
+    (out / "report.md").write_text(env_md.get_template("report.md").render(**context, md_table=_md_table))
+    (out / "report.html").write_text(env_html.get_template("report.html").render(**context, table=h_table))
+    result.report_md = str(out / "report.md")
     result.report_html = str(out / "report.html")
     atomic_write_json(out / "demo.json", result.to_json())

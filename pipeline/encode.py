@@ -506,9 +506,23 @@ def store_preprocessing(encoder: Encoder, modality: str, pointcloud: PointCloudD
     return pre
 
 
+def media_roots_of_shards(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The media folders the shards' samples came from (``media_roots`` of the ``shards.json`` beside
+    them, written by ``cmcr shard``): their rows' ``source`` paths are relative to one of these.
+    ``[]`` when no index records any (tars made elsewhere)."""
+    roots: set[str] = set()
+    for folder in {Path(p).parent for p in paths}:
+        try:
+            index = json.loads((folder / "shards.json").read_text())
+        except (OSError, ValueError):
+            continue
+        roots.update(str(r) for r in (index.get("media_roots") or []) if isinstance(r, str))
+    return sorted(roots)
+
+
 def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *, overwrite: bool = False,
                dtype: str = "float16", command: str | None = None, start_over: bool = False,
-               pointcloud: PointCloudDecoding | None = None) -> Store:
+               pointcloud: PointCloudDecoding | None = None, media_roots: Sequence[str] = ()) -> Store:
     """Open (or create) the store for ``encoder``/``modality``.
 
     Args:
@@ -529,7 +543,9 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
     precision = getattr(encoder, "precision", "fp32")
     store = Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
                                  overwrite=overwrite, preprocessing=store_preprocessing(encoder, modality, pointcloud),
-                                 dtype=dtype, command=command, extra={COMPUTE_PRECISION: precision})
+                                 dtype=dtype, command=command,
+                                 extra={COMPUTE_PRECISION: precision,
+                                        **({"media_roots": list(media_roots)} if media_roots else {})})
     recorded = (store.manifest.get("extra") or {}).get(COMPUTE_PRECISION)
     if recorded is not None and recorded != precision:
         if not overwrite:
@@ -538,7 +554,8 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
                 f"two precisions must not mix in one store. Pass --precision {recorded} to add to it, or encode "
                 f"into another --store (or pass --overwrite to start this store over in {precision})")
         shutil.rmtree(store_path)
-        return open_store(store_path, encoder, modality, dtype=dtype, command=command, pointcloud=pointcloud)
+        return open_store(store_path, encoder, modality, dtype=dtype, command=command, pointcloud=pointcloud,
+                          media_roots=media_roots)
     if recorded is None and store.num_rows:
         log.warning("%s records no compute precision (made by an older cmcr); appending %s rows", store_path,
                     precision)
@@ -876,7 +893,7 @@ def encode_shards(
     paths = list_shards(shards)
     check_shards_modality(paths, modality)
     store = open_store(store_path, encoder, modality, overwrite=overwrite, dtype=dtype, command=command,
-                       start_over=start_over, pointcloud=pointcloud)
+                       start_over=start_over, pointcloud=pointcloud, media_roots=media_roots_of_shards(paths))
     report = EncodeReport(store=str(store.path))
     todo, idents = shards_to_do(paths, store)
     report.shards_skipped = len(paths) - len(todo)

@@ -53,6 +53,7 @@ from cmcr.pipeline.encode import (
     embed_items,
     finish_shard,
     list_shards,
+    media_roots_of_shards,
     open_store,
     progress_bar,
     shard_source,
@@ -276,7 +277,7 @@ def encode_shards_ray(
     enc = driver_encoder if driver_encoder is not None else load_encoder(
         encoder, device="cpu", precision=precision, clap_tokenizer=clap_tokenizer)
     store = open_store(store_path, enc, modality, overwrite=overwrite, dtype=dtype, command=command,
-                       start_over=start_over, pointcloud=pointcloud)
+                       start_over=start_over, pointcloud=pointcloud, media_roots=media_roots_of_shards(paths))
     report = RayEncodeReport(store=str(store.path), replicas=replicas, address=address,
                              torch_threads=max(1, int(cpus_per_replica)))
     todo, idents = shards_to_do(paths, store)

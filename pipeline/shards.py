@@ -135,7 +135,8 @@ class _ShardSink:
         for old in self.folder.glob("shard-*.tar"):
             if old.name not in keep:
                 old.unlink()
-        index = {"modality": modality, "samples": self.total, "inputs": list(inputs),
+        roots = sorted({str(Path(p).resolve()) for p in inputs if Path(p).is_dir()})
+        index = {"modality": modality, "samples": self.total, "inputs": list(inputs), "media_roots": roots,
                  "shards": [{"file": p.name, "samples": n, "bytes": b, "sha256": h}
                             for p, n, b, h in zip(self.paths, self.counts, self.sizes, self.digests, strict=True)]}
         atomic_write_json(self.folder / INDEX_NAME, index)

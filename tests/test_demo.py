@@ -67,3 +67,28 @@ def test_demo_refuses_a_folder_with_another_run_or_other_content(demo_run, tmp_p
     assert main(["demo", "--fast", "--out", str(other), "--no-synthetic"]) == 2
     assert "holds no demo run" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_demo_report_shows_queries_players_per_class_and_the_loss_chance_line(demo_run):
+    """The report (jinja2 templates, the serve page's look): the query audio playable, audio hits with players,
+    image hits with thumbnails, hits marked same-label or not, per-class recall with chance, the loss curve
+    with its ln(B) chance line, and the random-weights note once at the top."""
+    import math
+    import re
+
+    html = (demo_run / "report.html").read_text()
+    result = json.loads((demo_run / "demo.json").read_text())
+    assert html.count("RANDOM WEIGHTS: NOT MEANINGFUL") == 1
+    assert html.index("RANDOM WEIGHTS") < html.index("Retrieval in the connected space")
+    players = re.findall(r'<audio controls[^>]*src="(report_files/[^"]+)"', html)
+    assert len(players) == 1 + 5  # the query clip + the five audio hits of the caption search
+    assert all((demo_run / p).is_file() and (demo_run / p).stat().st_size > 0 for p in players)
+    assert html.count("same label") + html.count("other label") == 5  # the audio query's image hits are marked
+    labels = {r["label"] for r in result["per_class"]}
+    assert "dog" in labels and all(0 <= r["R@1"] <= 1 and 0 < r["chance_R@1"] < 1 for r in result["per_class"])
+    assert "Per-class audio → image recall" in html and "chance_R@5" in html
+    svg = (demo_run / "report_files" / "loss.svg").read_text()
+    assert svg.startswith("<svg") and "<polyline" in svg and svg in html
+    assert f"ln B = {math.log(118):.2f}" in svg  # 120 captions - 2 held out, batch 256 -> B = 118
+    md = (demo_run / "report.md").read_text()
+    assert "report_files/loss.svg" in md and "| same label |" in md

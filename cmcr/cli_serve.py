@@ -1,0 +1,65 @@
+"""`cmcr serve`: a cross-modal search service and web page over projected galleries (see cmcr/server.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cmcr.errors import InputDataError
+
+
+def serve(
+    connector: Path = typer.Option(..., "--connector", "-c", help="Connector folder."),
+    gallery: list[Path] = typer.Option(..., "--gallery", "-g",
+                                       help="Projected store to search (repeat for several)."),
+    encoder: list[str] = typer.Option([], "--encoder", "-e",
+                                      help="Encoder spec for text/media queries (repeat: one per connector side)."),
+    clap_tokenizer: str | None = typer.Option(None, "--clap-tokenizer", envvar="CMCR_CLAP_TOKENIZER",
+                                              help="Folder with RoBERTa vocab.json + merges.txt (CLAP text)."),
+    media_root: list[str] = typer.Option([], "--media-root",
+                                         help="GALLERY=FOLDER: where a gallery's media files live (default: "
+                                              "recorded in the store)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01, help="Largest accepted upload (MB)."),
+    max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", min=0.1,
+                                            help="Longest accepted audio upload (s)."),
+    device: str = typer.Option("cpu", "--device", help="Device of the query encoders (cpu, cuda, auto)."),
+) -> None:
+    """Serve cross-modal search over HTTP: a JSON API (OpenAPI at /docs) and a web page at /.
+
+    Loads the connector, the galleries (with their FAISS indexes) and the query encoders once.
+
+    Example: cmcr serve -c runs/clip-clap -g st/clip_image.cmcr -g st/clap_audio.cmcr
+    -e open_clip:ViT-B-32 -e clap:HTSAT-tiny@/ckpt/630k-audioset-best.pt --port 8000
+    """
+    from rich.console import Console
+
+    from cmcr.server import serve as run
+    from cmcr.service import SearchService
+
+    roots = {}
+    for item in media_root:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise InputDataError(f"--media-root {item!r}: use GALLERY=FOLDER (gallery name as in GET /api/galleries)")
+        roots[name] = folder
+    service = SearchService(connector, [str(g) for g in gallery], encoders=encoder, clap_tokenizer=clap_tokenizer,
+                            media_roots=roots, device=device)
+    console = Console(stderr=True)
+    for g in service.describe()["galleries"]:
+        console.print(f"gallery {g['name']}: {g['rows']} {g['modality']} rows (side {g['side']}, {g['mcr']})"
+                      f"{'' if g['media'] else ', no media root'}", highlight=False)
+    if service.random_weights():
+        console.print("note: random-init encoder weights behind this service: results are not meaningful",
+                      style="bold red", highlight=False)
+    console.print(f"serving on http://{host}:{port}/ (API docs: http://{host}:{port}/docs); Ctrl-C stops",
+                  highlight=False)
+    run(service, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_audio_seconds=max_audio_seconds)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cmcr serve`` to the root app."""
+    app.command("serve")(serve)

@@ -1,0 +1,181 @@
+"""``cmcr serve``: the HTTP face of :class:`cmcr.service.SearchService` (FastAPI + uvicorn).
+
+Routes (JSON unless noted; OpenAPI at ``/docs`` and ``/openapi.json``):
+
+=========================  ======================================================================
+``GET  /api/health``        ``{"status": "ok", "version": ...}``
+``GET  /api/galleries``     connector, galleries (name, rows, modality, side), query modalities,
+                            ``random_weights``
+``POST /api/search``        JSON ``{"gallery", "k", "text" | "key" (+ "key_gallery"), "side"}``
+``POST /api/search/media``  multipart: ``file`` (image/audio/point cloud), form ``gallery``, ``k``
+``GET  /media/{g}/{key}``   the media file of a gallery row (from the store's recorded media root)
+``GET  /``                  the web page (text box, drop zone, result grid with players)
+=========================  ======================================================================
+
+Errors are JSON ``{"detail": "..."}`` with 4xx codes: 400 bad query, 404 unknown gallery/key/media,
+413 upload too large, 422 unreadable or too long media.
+"""
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from cmcr import __version__
+from cmcr.errors import CmcrError, InputDataError
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_AUDIO_SECONDS = 60.0
+MAX_K = 200
+
+
+class TextOrKeyQuery(BaseModel):
+    """Body of ``POST /api/search``: a caption or the key of a stored row."""
+
+    gallery: str = Field(..., description="gallery name (GET /api/galleries)")
+    k: int = Field(10, ge=1, le=MAX_K, description="number of hits")
+    text: str | None = Field(None, description="a caption")
+    key: str | None = Field(None, description="key of a stored row (query by example)")
+    key_gallery: str | None = Field(None, description="gallery holding `key` (default: `gallery`)")
+    side: str | None = Field(None, description="connector side whose encoder embeds the text (A/B)")
+
+
+def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS) -> Any:
+    """A FastAPI application answering queries with ``service`` (a loaded
+    :class:`~cmcr.service.SearchService`).
+
+    Args:
+        service: the search service (connector, galleries, query encoders held in memory).
+        max_upload_bytes: largest accepted upload (bytes); larger gets HTTP 413.
+        max_audio_seconds: longest accepted audio upload (seconds); longer gets HTTP 422.
+    """
+    import jinja2
+
+    app = FastAPI(title="cmcr search", version=__version__,
+                  description="Cross-modal search in a C-MCR connected space (text, images, audio, 3D).")
+    templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(WEB_DIR)),
+                                   autoescape=jinja2.select_autoescape(["html"]))
+    facts = service.describe()
+    random_ids = service.random_weights()
+
+    def _answer(q: Any, info: dict[str, Any], gallery: str, k: int, started: float) -> dict[str, Any]:
+        try:
+            hits = service.search(q, gallery, k)
+        except InputDataError as e:
+            raise HTTPException(404, str(e)) from e
+        g = service.gallery(gallery)
+        for h in hits:
+            h["media_url"] = f"/media/{gallery}/{h['key']}" if g.media_roots else None
+        return {"query": info, "gallery": gallery, "modality": g.modality, "hits": hits,
+                "random_weights": bool(random_ids), "took_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        """Liveness: status and version."""
+        return {"status": "ok", "version": __version__, "galleries": len(service.galleries)}
+
+    @app.get("/api/galleries")
+    def galleries() -> dict[str, Any]:
+        """Connector, galleries and what a query may be."""
+        return {**facts, "random_weight_encoders": random_ids}
+
+    @app.post("/api/search")
+    def search(body: TextOrKeyQuery) -> dict[str, Any]:
+        """Search a gallery by a caption or by the key of a stored row."""
+        started = time.perf_counter()
+        if (body.text is None) == (body.key is None):
+            raise HTTPException(400, "give exactly one of `text` or `key`")
+        if body.gallery not in service.galleries:
+            raise HTTPException(404, f"no gallery {body.gallery!r}; known: {', '.join(service.galleries)}")
+        try:
+            if body.text is not None:
+                # default: the text encoder of the gallery's own MCR (e.g. CLAP text for audio rows)
+                q, info = service.embed_text(body.text, side=body.side or service.gallery(body.gallery).side)
+            else:
+                q, info = service.embed_key(body.key_gallery or body.gallery, body.key)
+        except InputDataError as e:
+            raise HTTPException(404 if body.key is not None else 400, str(e)) from e
+        return _answer(q, info, body.gallery, body.k, started)
+
+    @app.post("/api/search/media")
+    async def search_media(file: UploadFile = File(..., description="image, audio or point-cloud file"),
+                           gallery: str = Form(...), k: int = Form(10, ge=1, le=MAX_K),
+                           side: str | None = Form(None)) -> dict[str, Any]:
+        """Search a gallery with an uploaded media file (the modality comes from the file extension)."""
+        started = time.perf_counter()
+        if gallery not in service.galleries:
+            raise HTTPException(404, f"no gallery {gallery!r}; known: {', '.join(service.galleries)}")
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"{file.filename}: larger than the {max_upload_bytes} bytes this server "
+                                     f"accepts (cmcr serve --max-upload-mb)")
+        if not data:
+            raise HTTPException(422, f"{file.filename}: empty file")
+        name = file.filename or "upload"
+        try:
+            from cmcr.service import modality_of_filename
+
+            if modality_of_filename(name) == "audio":
+                _check_audio_duration(data, name, max_audio_seconds)
+            import anyio
+
+            q, info = await anyio.to_thread.run_sync(lambda: service.embed_media(data, name, side=side))
+        except InputDataError as e:
+            raise HTTPException(422, str(e)) from e
+        return _answer(q, info, gallery, k, started)
+
+    @app.get("/media/{gallery}/{key:path}")
+    def media(gallery: str, key: str) -> Any:
+        """The media file of a gallery row, served from the gallery's media root (never outside it)."""
+        if gallery not in service.galleries:
+            raise HTTPException(404, f"no gallery {gallery!r}")
+        path = service.gallery(gallery).media_path(key)
+        if path is None:
+            raise HTTPException(404, f"no media file for key {key!r} in gallery {gallery!r}")
+        return FileResponse(path)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> Any:
+        """The search page."""
+        html = templates.get_template("index.html").render(
+            facts=facts, random_ids=random_ids, version=__version__,
+            accept=",".join(sorted(_accepted_extensions(facts["query_modalities"]))))
+        return HTMLResponse(html)
+
+    @app.exception_handler(CmcrError)
+    def _cmcr_error(_request: Any, exc: CmcrError) -> Any:
+        return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    return app
+
+
+def _accepted_extensions(modalities: list[str]) -> set[str]:
+    from cmcr.service import QUERY_EXTENSIONS
+
+    return {e for m in modalities for e in QUERY_EXTENSIONS.get(m, ())}
+
+
+def _check_audio_duration(data: bytes, name: str, max_seconds: float) -> None:
+    """Raise :class:`InputDataError` when an audio upload is unreadable or longer than ``max_seconds``."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - soundfile raises several types for bad files
+        raise InputDataError(f"{name}: not a readable audio file ({type(e).__name__})") from e
+    if info.duration > max_seconds:
+        raise InputDataError(f"{name}: {info.duration:.1f} s of audio; this server accepts up to {max_seconds:g} s "
+                             f"(cmcr serve --max-audio-seconds)")
+
+
+def serve(service: Any, *, host: str = "127.0.0.1", port: int = 8000, **app_kwargs: Any) -> None:
+    """Run the HTTP server in the foreground (uvicorn) until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(service, **app_kwargs), host=host, port=port, log_level="warning")
