@@ -428,12 +428,14 @@ def read_checkpoint_file(path: str | Path) -> Any:
     if not p.is_file():
         raise EncoderError(f"ULIP checkpoint {p} does not exist; pass the file of {CHECKPOINT_FORM}, "
                            f"e.g. ulip:PointBERT@/path/pointbert_ULIP-2.pt")
+    from cmcr.errors import CorruptFileError, UnsafeFileError
+    from cmcr.safeload import load_torch_file
+
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError (a disallowed global), truncated zip, not a torch file
-        raise EncoderError(f"cannot read ULIP checkpoint {p} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
-                           f"expected {CHECKPOINT_FORM}, loadable with torch.load(weights_only=True)") from e
+        return load_torch_file(p, what="ULIP checkpoint", allowed_globals=[argparse.Namespace])
+    except (CorruptFileError, UnsafeFileError) as e:  # a disallowed global, truncated zip, not a torch file
+        raise EncoderError(f"cannot read ULIP checkpoint {p} ({e}); expected {CHECKPOINT_FORM}, loadable with "
+                           f"torch.load(weights_only=True)") from e
 
 
 def _short(keys: list[str], n: int = 8) -> str:

@@ -140,7 +140,7 @@ PRESETS: dict[str, ReleasePreset] = {
 def load_release_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a released connector file: a plain state dict, loaded without running code.
 
-    The only ``torch.load`` of this module (``weights_only=True``: tensors and plain containers only;
+    Read with :func:`cmcr.safeload.load_torch_file` (``weights_only=True``: tensors and plain containers only;
     a file that holds anything else is refused, never unpickled).
 
     Returns:
@@ -152,14 +152,14 @@ def load_release_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ConnectorError(f"{path}: no such file; pass the released clap_clip.pt or ulip_clip.pt")
+    from cmcr.errors import CorruptFileError, UnsafeFileError
+    from cmcr.safeload import load_torch_file
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConnectorError(
-            f"{path}: not a plain PyTorch state dict that loads safely ({type(e).__name__}: {first}); cmcr never "
-            f"unpickles arbitrary objects from a file it is handed"
-        ) from e
+        obj = load_torch_file(path, what="released connector")
+    except (CorruptFileError, UnsafeFileError) as e:
+        raise ConnectorError(f"{e} (expected a plain PyTorch state dict: clap_clip.pt or ulip_clip.pt; cmcr never "
+                             f"unpickles arbitrary objects from a file it is handed)") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
