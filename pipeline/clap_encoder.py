@@ -359,6 +359,7 @@ class ClapEncoder(Encoder):
 
         ckpt_path: Path | None = None
         self._hub_file = None
+        self._weights_file: str | None = None
         if spec.is_random:
             self._weights_id = "random"
         else:
@@ -374,6 +375,9 @@ class ClapEncoder(Encoder):
             from cmcr.stores.files import sha256_file
 
             self._weights_id = "sha256:" + (sha or sha256_file(ckpt_path))
+            # the released file's name (e.g. 630k-fusion-best.pt): not compared between stores (the digest
+            # decides), but connectors imported from the authors' release bind to it (trainer/release.py)
+            self._weights_file = ckpt_path.name
         # The tokenizer is only needed for text: it is resolved on first use (audio-only encoding
         # needs no tokenizer files). Tiny test configs accept small tokenizers.
         self._tokenizer_dir = tokenizer_dir
@@ -474,6 +478,8 @@ class ClapEncoder(Encoder):
                                  "fusion": self.fusion, "weights": self._weights_id, "dim": self.dim}
         if self.fusion:
             ident["fusion_type"] = FUSION_TYPE
+        if self._weights_file:
+            ident["weights_file"] = self._weights_file
         if self.spec.is_random:
             ident["seed"] = self.spec.seed
         return ident

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,6 +163,7 @@ class UlipEncoder(Encoder):
         cfg = CONFIGS[arch]
         if n_points < max(cfg.num_group, cfg.group_size):
             raise EncoderError(f"n_points={n_points} is below the {cfg.num_group} groups of ulip:{arch}")
+        self._weights_file: str | None = None
         if spec.is_random:
             model = build_model(arch, device="cpu", seed=spec.seed)
             self._weights_id = "random"
@@ -171,6 +173,7 @@ class UlipEncoder(Encoder):
 
             load_ulip_state_dict(model, ckpt, arch)
             self._weights_id = "sha256:" + sha256_file(ckpt)
+            self._weights_file = Path(ckpt).name  # bound by imported connectors, not compared (stores.store)
         self.model = model.to(device).eval()
         self.cfg = cfg
         self.architecture = arch
@@ -185,6 +188,8 @@ class UlipEncoder(Encoder):
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {"family": self.family, "architecture": self.architecture,
                                  "weights": self._weights_id, "dim": self.dim}
+        if self._weights_file:
+            ident["weights_file"] = self._weights_file
         if self.spec.is_random:
             ident["seed"] = self.spec.seed
         return ident

@@ -101,11 +101,12 @@ def _now() -> str:
 
 
 #: Encoder-identity fields that never change the vectors; :func:`same_encoder` ignores them. Descriptive
-#: fields (where embeddings were made, notes) and ``tokenizer`` (older CLAP stores recorded it in the
+#: fields (where embeddings were made, notes), ``weights_file`` (the checkpoint's file name: the digest in
+#: ``weights`` decides) and ``tokenizer`` (older CLAP stores recorded it in the
 #: identity; text tokenization belongs to a text store's ``preprocessing``, and audio rows never depend
 #: on it). A ``seed`` is ignored too unless ``weights`` is ``random``/``random:N``: pretrained weights
 #: do not depend on a seed.
-IDENTITY_IGNORED_FIELDS = ("tokenizer", "source", "tool", "tool_version", "library", "library_version", "note",
+IDENTITY_IGNORED_FIELDS = ("tokenizer", "weights_file", "source", "tool", "tool_version", "library", "library_version", "note",
                            "notes", "description", "provenance", "created_by", "created_at", "url", "command")
 
 

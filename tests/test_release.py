@@ -284,3 +284,32 @@ def test_cli_info_of_a_trained_connector(tiny_trained, capsys):
     assert info["fingerprint"] == Connector.load(tiny_trained).fingerprint
     assert main(["connector", "info", str(tiny_trained)]) == 0
     assert "trained by `cmcr connect`" in capsys.readouterr().out
+
+
+def test_default_bindings_accept_stores_of_the_official_files_by_name():
+    """A store encoded from the official checkpoint (local copy or hub download) records its sha256 *and* its
+    file name; the imported CLAP/ULIP sides accept it by the released file's name, no flag needed, while two
+    stores are still compared on the digest only."""
+    from cmcr.stores.store import same_encoder
+    from cmcr.trainer.connector import SideInfo
+    from cmcr.trainer.release import PRESETS
+
+    clap = {"family": "clap", "architecture": "HTSAT-tiny-fusion", "text_model": "roberta", "fusion": True,
+            "fusion_type": "aff_2d", "weights": "sha256:" + "ab" * 32, "weights_file": "630k-fusion-best.pt",
+            "dim": 512}
+    ulip = {"family": "ulip", "architecture": "PointBERT", "weights": "sha256:" + "cd" * 32,
+            "weights_file": "pointbert_ULIP-2.pt", "dim": 512}
+
+    def side(preset: str, mcr: str) -> SideInfo:
+        rs = next(s for s in PRESETS[preset].sides.values() if s.mcr == mcr)
+        return SideInfo(mcr=mcr, encoder=dict(rs.accepts[0]), modalities=list(rs.modalities), input_dim=512,
+                        shared_modality=PRESETS[preset].shared_modality, accepts=[dict(p) for p in rs.accepts])
+
+    assert side("clap_clip", "clap").accepts_identity(clap)
+    assert side("ulip_clip", "ulip").accepts_identity(ulip)
+    assert not side("clap_clip", "clap").accepts_identity({**clap, "weights_file": "630k-best.pt"})
+    assert not side("clap_clip", "clap").accepts_identity({**clap, "fusion": False})
+    assert not side("ulip_clip", "ulip").accepts_identity({k: v for k, v in ulip.items() if k != "weights_file"})
+    # the file name never decides whether two stores are in the same space: the digest does
+    assert same_encoder(clap, {**clap, "weights_file": "renamed.pt"})
+    assert not same_encoder(clap, {**clap, "weights": "sha256:" + "ef" * 32})

@@ -59,9 +59,9 @@ CLIP_VITB32_OPENAI = {"family": "open_clip", "architecture": "ViT-B-32", "weight
 CLIP_VITB32_OPENAI_FILE_SHA256 = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
 #: LAION-CLAP HTSAT-tiny fusion, 630k checkpoint (``clap:HTSAT-tiny-fusion``, weights ``630k-fusion-best.pt``).
 CLAP_FUSION_630K = {"family": "clap", "architecture": "HTSAT-tiny-fusion", "fusion": True,
-                    "weights": "630k-fusion-best.pt", "dim": 512}
+                    "weights_file": "630k-fusion-best.pt", "dim": 512}
 #: ULIP-2 PointBERT (``ulip:PointBERT``, weights ``pointbert_ULIP-2.pt``).
-ULIP2_POINTBERT = {"family": "ulip", "architecture": "PointBERT", "weights": "pointbert_ULIP-2.pt", "dim": 512}
+ULIP2_POINTBERT = {"family": "ulip", "architecture": "PointBERT", "weights_file": "pointbert_ULIP-2.pt", "dim": 512}
 
 
 @dataclass(frozen=True)
