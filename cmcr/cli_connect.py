@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from cmcr.console import err_console, out_console
-from cmcr.errors import CmcrError, ConnectorError, InputDataError
+from cmcr.errors import ConnectorError, InputDataError
 
 console = out_console()
 

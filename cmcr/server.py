@@ -16,13 +16,14 @@ Errors are JSON ``{"detail": "..."}`` with 4xx codes: 400 bad query, 404 unknown
 413 upload too large, 422 unreadable or too long media.
 """
 
+import functools
 import io
 import time
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from cmcr import __version__
@@ -72,6 +73,7 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
         g = service.gallery(gallery)
         for h in hits:
             h["media_url"] = f"/media/{gallery}/{h['key']}" if g.media_roots else None
+            h["thumb_url"] = f"/thumb/{gallery}/{h['key']}" if g.media_roots and g.modality == "3d" else None
         return {"query": info, "gallery": gallery, "modality": g.modality, "hits": hits,
                 "random_weights": bool(random_ids), "took_ms": round((time.perf_counter() - started) * 1000, 2)}
 
@@ -140,6 +142,20 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
             raise HTTPException(404, f"no media file for key {key!r} in gallery {gallery!r}")
         return FileResponse(path)
 
+    @app.get("/thumb/{gallery}/{key:path}")
+    def thumb(gallery: str, key: str) -> Any:
+        """A PNG preview of a 3D gallery row (the point cloud or mesh rendered from its media file)."""
+        if gallery not in service.galleries:
+            raise HTTPException(404, f"no gallery {gallery!r}")
+        path = service.gallery(gallery).media_path(key)
+        if path is None:
+            raise HTTPException(404, f"no media file for key {key!r} in gallery {gallery!r}")
+        try:
+            png = _thumbnail_png(str(path), path.stat().st_mtime_ns)
+        except CmcrError as e:
+            raise HTTPException(422, f"{key}: cannot render ({e})") from e
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
     @app.get("/", response_class=HTMLResponse)
     def page() -> Any:
         """The search page."""
@@ -156,9 +172,19 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
 
 
 def _accepted_extensions(modalities: list[str]) -> set[str]:
-    from cmcr.service import QUERY_EXTENSIONS
+    from cmcr.service import query_extensions
 
-    return {e for m in modalities for e in QUERY_EXTENSIONS.get(m, ())}
+    return query_extensions(modalities)
+
+
+@functools.lru_cache(maxsize=512)
+def _thumbnail_png(path: str, mtime_ns: int) -> bytes:
+    """Rendered preview of a 3D media file (cached per path and modification time)."""
+    from cmcr.pipeline.pointcloud import load_points
+    from cmcr.service import render_points_png
+
+    data = Path(path).read_bytes()
+    return render_points_png(load_points(data, Path(path).suffix, what=path))
 
 
 def _check_audio_duration(data: bytes, name: str, max_seconds: float) -> None:

@@ -27,26 +27,31 @@ from cmcr.errors import CmcrError, ConnectorError, InputDataError
 
 log = logging.getLogger(__name__)
 
-#: file extensions of uploaded query media, per modality
-QUERY_EXTENSIONS = {
-    "audio": (".wav", ".flac", ".ogg", ".mp3"),
-    "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
-    "3d": (".npy", ".ply", ".obj", ".off", ".stl", ".glb"),
-}
+#: modalities a query file may have (text comes as a string, not a file)
+QUERY_MODALITIES = ("image", "audio", "3d")
 
 
 def modality_of_filename(name: str) -> str:
-    """The modality of a media file name by its extension (``audio``, ``image``, ``3d``).
+    """The modality of a media file name by its extension (``audio``, ``image``, ``3d``), from the one list
+    of media extensions (:mod:`cmcr.pipeline.media`).
 
     Raises:
         InputDataError: the extension is not a known media extension.
     """
-    suffix = Path(name).suffix.lower()
-    for modality, exts in QUERY_EXTENSIONS.items():
-        if suffix in exts:
-            return modality
-    known = ", ".join(e for exts in QUERY_EXTENSIONS.values() for e in exts)
-    raise InputDataError(f"cannot tell the modality of {name!r} from its extension; use one of {known}")
+    from cmcr.pipeline.media import MEDIA_EXTENSIONS, modality_of
+
+    modality = modality_of(name)
+    if modality not in QUERY_MODALITIES:
+        known = ", ".join(f".{e}" for m in QUERY_MODALITIES for e in MEDIA_EXTENSIONS[m])
+        raise InputDataError(f"cannot tell the modality of {name!r} from its extension; use one of {known}")
+    return modality
+
+
+def query_extensions(modalities: Sequence[str]) -> set[str]:
+    """``.ext`` of every media file a query of these modalities may be (for the page's file picker)."""
+    from cmcr.pipeline.media import MEDIA_EXTENSIONS
+
+    return {f".{e}" for m in modalities if m in QUERY_MODALITIES for e in MEDIA_EXTENSIONS[m]}
 
 
 @dataclass

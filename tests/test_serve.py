@@ -310,3 +310,27 @@ def test_the_serve_command_the_demo_prints_works(demo_out, tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert "gallery clip_image: 56 image rows" in err and "random-init" in err
+
+
+@pytest.mark.parametrize("name", ["cow/spot_triangulated.obj", "bbq/BBQ_xyzrgb.npy"])
+def test_3d_previews_render_meshes_and_clouds(sample_data, name):
+    """3D gallery rows get a rendered PNG preview (the page's thumbnail): deterministic, not blank, and the
+    cloud's own colours are used when it has them."""
+    from PIL import Image
+
+    from cmcr.server import _thumbnail_png
+
+    path = sample_data / "3d" / name
+    png = _thumbnail_png(str(path), path.stat().st_mtime_ns)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    assert img.shape == (256, 256, 3)
+    background = np.array([233, 236, 243])
+    drawn = np.abs(img - background).sum(axis=2) > 30
+    assert 0.03 < drawn.mean() < 0.9  # an object, not an empty or a filled square
+    from cmcr.pipeline.pointcloud import load_points
+    from cmcr.service import render_points_png
+
+    assert render_points_png(load_points(path.read_bytes(), path.suffix)) == png  # deterministic
+    if name.endswith("xyzrgb.npy"):  # coloured: not the depth-shaded blue of colourless clouds
+        colours = img[drawn]
+        assert not np.all((colours[:, 2] > colours[:, 0]) & (colours[:, 2] > colours[:, 1]))
