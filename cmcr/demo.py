@@ -130,6 +130,40 @@ def _random_variant(spec: str) -> str:
     return spec.split("@", 1)[0] + "@random"
 
 
+def load_or_random(name: str, spec: str, notes: list[str], *, device: str = "auto",
+                   clap_tokenizer: str | None = None, no_hub_fallback: bool = False):  # noqa: ANN201
+    """Load the encoder ``spec``; fall back to its random-init variant **only** when its weights must come
+    from the model hub and the hub is unreachable (a note in ``notes`` says so). Any other failure (a
+    missing local file, a broken download, a wrong checkpoint) is raised.
+
+    Args:
+        name: what the encoder is called in the note (``CLIP``...).
+        no_hub_fallback: also fall back when a default spec (no ``@weights``) names a model that no hub
+            serves (ULIP-2): there is nothing to download, so the demo runs on random weights and says so.
+
+    Raises:
+        CmcrError: the encoder cannot be built (and no fallback applies).
+    """
+    from cmcr.errors import EncoderError, HubUnreachableError
+    from cmcr.pipeline.encoders import load_encoder
+    from cmcr.pipeline.hub import endpoint as hub_endpoint
+
+    try:
+        enc = load_encoder(spec, device=device, clap_tokenizer=clap_tokenizer)
+        if enc.family == "clap" and not spec.endswith("@random") and "@random:" not in spec:
+            enc.preprocessing("text")  # the demo embeds captions: get the tokenizer files now
+        return enc
+    except HubUnreachableError as e:  # the case for a fallback
+        why = f"the model hub {hub_endpoint()} is unreachable ({_first_line(e)})"
+    except EncoderError as e:
+        if not (no_hub_fallback and "@" not in spec):
+            raise
+        why = _first_line(e)
+    fallback = _random_variant(spec)
+    notes.append(f"{name}: pretrained weights for {spec!r} unavailable because {why}; using random init {fallback!r}")
+    return load_encoder(fallback, device=device, clap_tokenizer=clap_tokenizer)
+
+
 def load_demo_encoders(opts: DemoOptions, console: Console):
     """Load the CLIP and CLAP encoders, falling back to random init (loudly) when weights are missing.
 
@@ -137,25 +171,11 @@ def load_demo_encoders(opts: DemoOptions, console: Console):
         ``(clip, clap, notes, random_weights)`` — the two :class:`~cmcr.pipeline.encoders.Encoder`,
         human-readable notes on where weights came from, and whether any encoder is random-init.
     """
-    from cmcr.errors import HubUnreachableError
-    from cmcr.pipeline.encoders import load_encoder
-    from cmcr.pipeline.hub import endpoint as hub_endpoint
-
     clip_spec = opts.clip or (FAST_CLIP if opts.fast else DEFAULT_CLIP)
     clap_spec = opts.clap or (FAST_CLAP if opts.fast else DEFAULT_CLAP)
     notes: list[str] = []
-    encoders = []
-    for name, spec in (("CLIP", clip_spec), ("CLAP", clap_spec)):
-        try:
-            enc = load_encoder(spec, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
-            if enc.family == "clap" and not spec.endswith("@random") and "@random:" not in spec:
-                enc.preprocessing("text")  # the demo embeds captions: get the tokenizer files now
-        except HubUnreachableError as e:  # the only case for a fallback; anything else is an error
-            fallback = _random_variant(spec)
-            notes.append(f"{name}: pretrained weights for {spec!r} unavailable because the model hub "
-                         f"{hub_endpoint()} is unreachable ({_first_line(e)}); using random init {fallback!r}")
-            enc = load_encoder(fallback, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
-        encoders.append(enc)
+    encoders = [load_or_random(name, spec, notes, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
+                for name, spec in (("CLIP", clip_spec), ("CLAP", clap_spec))]
     from cmcr.trainer.evaluate import random_weight_identities
 
     random_weights = bool(random_weight_identities(*(e.identity() for e in encoders)))

@@ -160,34 +160,24 @@ def load_release_encoders(opts: ReleaseDemoOptions, notes: list[str]) -> tuple[d
     Returns:
         ``(encoders by MCR name, unavailable: MCR name -> reason)``.
     """
-    from cmcr.demo import _first_line, _random_variant, hub_reachable
-    from cmcr.pipeline.encoders import load_encoder, parse_spec
+    from cmcr.demo import _first_line, load_or_random
+    from cmcr.pipeline.encoders import parse_spec
 
     given = {"clip": opts.clip, "clap": opts.clap, "ulip": opts.ulip}
     specs = {m: given[m] or (FAST_SPECS if opts.fast else DEFAULT_SPECS)[m] for m in given}
-    wants_download = any("@" not in s or not s.split("@", 1)[1].startswith(("/", ".", "~", "random"))
-                         for s in specs.values())
-    if wants_download and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # huggingface_hub would retry for minutes
-        notes.append("the model hub is unreachable: only local checkpoints and cached weights can be used")
     encoders: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
     for mcr, spec in specs.items():
         try:
             parse_spec(spec)
-        except CmcrError as e:  # e.g. the ulip family is not part of this build
+        except CmcrError as e:  # e.g. a family this build does not have
             unavailable[mcr] = f"encoder {spec!r} not available ({_first_line(e)})"
             continue
         try:
-            encoders[mcr] = load_encoder(spec, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
-        except (CmcrError, OSError, RuntimeError, ValueError) as e:
-            fallback = _random_variant(spec)
-            try:
-                encoders[mcr] = load_encoder(fallback, device=opts.device, clap_tokenizer=opts.clap_tokenizer)
-                notes.append(f"{mcr}: pretrained weights for {spec!r} unavailable ({_first_line(e)}); using random "
-                             f"init {fallback!r}")
-            except (CmcrError, OSError, RuntimeError, ValueError) as e2:
-                unavailable[mcr] = f"encoder {spec!r} cannot be loaded ({_first_line(e)}; {_first_line(e2)})"
+            encoders[mcr] = load_or_random(mcr, spec, notes, device=opts.device, clap_tokenizer=opts.clap_tokenizer,
+                                           no_hub_fallback=mcr == "ulip")
+        except CmcrError as e:
+            unavailable[mcr] = f"encoder {spec!r} cannot be loaded ({_first_line(e)})"
         if mcr in encoders and encoders[mcr].dim != RELEASED_DIM:
             unavailable[mcr] = (f"encoder {spec!r} embeds {encoders.pop(mcr).dim}-d rows; the released heads take "
                                 f"{RELEASED_DIM}-d")

@@ -90,6 +90,14 @@ CONFIGS: dict[str, UlipConfig] = {
         vision_width=32, image_size=32, transformer_width=32, transformer_heads=2, transformer_layers=1,
         embed_dim=64,
     ),
+    # the tiny towers with the full 512-d joint space: fits the released 512-d ulip_clip.pt heads
+    # (`cmcr demo --release --fast`)
+    "cmcr-tiny-ulip-512": UlipConfig(
+        num_group=16, group_size=8, trans_dim=32, depth=1, num_heads=2, encoder_dims=32,
+        vision_kwargs={"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2},
+        vision_width=32, image_size=32, transformer_width=32, transformer_heads=2, transformer_layers=1,
+        embed_dim=512,
+    ),
 }
 
 
