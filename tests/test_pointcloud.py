@@ -65,9 +65,13 @@ def test_planted_payload_in_a_pickled_npy_never_runs(tmp_path, protocol):
     marker = tmp_path / "pwned"
     evil = {"xyz": sphere_points(600), "rgb": np.zeros((600, 3), np.float32),
             "note": _Payload(f"open({str(marker)!r}, 'w').write('ran')")}
+    data = _object_npy(evil, protocol)
     with pytest.raises(SampleError, match=r"refused to unpickle: it references builtins\.exec.*np\.load\("):
-        load_points(_object_npy(evil, protocol), "npy", what="evil.npy")
+        load_points(data, "npy", what="evil.npy")
     assert not marker.exists()
+    np.load(io.BytesIO(data), allow_pickle=True)  # the payload is live: full unpickling runs it
+    assert marker.read_text() == "ran"
+    marker.unlink()
     # the same dict without the payload reads fine
     del evil["note"]
     assert load_points(_object_npy(evil), "npy").shape == (600, 6)
