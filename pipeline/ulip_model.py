@@ -116,7 +116,7 @@ def farthest_point_sample(xyz: torch.Tensor, n: int) -> torch.Tensor:
 
     The loop has ``n`` sequential steps of small element-wise work. On the CPU it runs in numpy:
     torch would split every small step over its intra-op threads, and on a machine whose cores are
-    shared (DataLoader workers, other jobs) that synchronisation made it up to 20x slower than one
+    shared (DataLoader workers, other jobs) that synchronisation made it 13x slower than numpy on one
     thread (benchmarks/bench_ulip.py); on a GPU it runs as torch kernels. Both give the same indices.
     """
     if xyz.device.type == "cpu":

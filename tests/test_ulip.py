@@ -14,7 +14,7 @@ from cmcr.errors import EncoderError
 from cmcr.pipeline.audio import SampleError
 
 CONTRACT = Path("/work/shared/data/cmcr-release/ulip2_pointbert_state_dict.json")
-FIXTURE_CONTRACT = Path(__file__).parent / "fixtures" / "ulip2_pointbert_state_dict.json"
+FIXTURE_CONTRACT = Path(__file__).parent / "fixtures" / "cmcr-release" / "ulip2_pointbert_state_dict.json"
 TINY_ULIP = "ulip:cmcr-tiny-ulip@random"
 
 
