@@ -192,6 +192,11 @@ def _clean_rows(
     row-by-row diagnosis below.
     """
     n, dim = chunk.emb.shape
+    if not normalize and chunk.emb.dtype == dtype and chunk.emb.flags.c_contiguous:
+        rows = np.asarray(chunk.emb)  # no copy: a view of the (memory-mapped) input rows
+        ok = _screen_rows(rows, True, INPUT_NORM_TOLERANCE) if need_unit else _screen_rows(rows, False, 0.0)
+        if ok:
+            return rows, list(range(n)), []
     out = np.empty((n, dim), dtype=dtype)
     if not normalize:
         with np.errstate(over="ignore", invalid="ignore"):

@@ -242,3 +242,33 @@ def test_verification_is_cached_by_file_identity(tmp_path, monkeypatch):
     assert len(hashed) == 2
     Store.open(s.path).embeddings()
     assert len(hashed) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_fast_row_screen_never_passes_what_the_exact_check_refuses(dtype):
+    """The fast screen (float16: from the bits) may only pass rows the exact check passes."""
+    from cmcr.stores.store import NORM_TOLERANCE, _check_rows, _screen_rows
+
+    rng = np.random.default_rng(1)
+    base = clustered_embeddings(2048, 32).astype(dtype)
+    keys = [str(i) for i in range(len(base))]
+    tol = NORM_TOLERANCE["float16"]
+    cases = [("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf), ("zero row", 0.0), ("scaled", 1.01),
+             ("subnormal", 1e-7), ("big", 60000.0), ("fine", None)]
+    for name, value in cases:
+        x = base.copy()
+        row = int(rng.integers(0, len(x)))
+        if name in ("zero row", "scaled"):
+            x[row] = 0 if value == 0 else x[row] * dtype(value)
+        elif value is not None:
+            x[row, int(rng.integers(0, 32))] = value
+        for normalized in (True, False):
+            try:
+                _check_rows(x, keys, normalized, tol, "t")
+                exact_ok = True
+            except StoreValidationError:
+                exact_ok = False
+            if _screen_rows(x, normalized, tol):
+                assert exact_ok, (name, normalized)
+            if name == "fine":
+                assert _screen_rows(x, normalized, tol), "clean rows must pass the screen"
