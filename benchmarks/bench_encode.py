@@ -8,8 +8,9 @@ run:
   writes store parts);
 * **plain**: decode + preprocess in the main process, batch, forward (no store writing).
 
-Printed per modality: samples/s, forward busy fraction (model seconds / wall seconds) and the
-pipeline/plain throughput ratio. Then a resume check: a ``cmcr encode`` subprocess is killed
+Printed per modality: samples/s, forward busy fraction (model seconds / wall seconds), the
+pipeline/plain throughput ratio, and where the pipeline's time went per stage (read, decode,
+preprocess, collate, forward, write, wait). Then a resume check: a ``cmcr encode`` subprocess is killed
 (SIGKILL) after its first parts, rerun, and compared with the clean run (rows and vectors).
 
 Default run is short (~2-3 min on 2 cores); reference sizes: ``--images 1000 --audio 200 --texts 5000``.
@@ -181,6 +182,14 @@ def main() -> int:
         for m, spec, n, ps, pb, ls, lb, ratio, r in rows:
             print(f"{m:8} {spec:34} {n:5d} {ps:10.1f} {pb:6.0%} {ls:9.1f} {lb:6.0%} {ratio:6.2f}   "
                   f"{r.decode_s:.1f} {r.wait_s:.1f} {r.model_s:.1f} {r.write_s:.1f} {r.wall_s:.1f} ({r.torch_threads})")
+        print()
+        print("where the pipeline's time went, per stage (s): read / decode / preprocess / collate are CPU seconds "
+              "summed over the decode workers (in parallel with the main process); forward / write / wait are "
+              "main-process wall seconds")
+        for m, _spec, _n, _ps, _pb, _ls, _lb, _ratio, r in rows:
+            st = r.stages
+            print(f"{m:8} " + "  ".join(f"{k} {v:.2f}" for k, v in st.items()) + f"  | wall {r.wall_s:.2f}, "
+                  f"forward busy {r.model_busy:.0%}")
         if not args.no_resume_check and "image" in args.modalities.split(","):
             print()
             print(resume_check(work / "shards" / "image", specs["image"], "image", work / "store-image", work,

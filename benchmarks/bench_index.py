@@ -152,7 +152,6 @@ def run(name: str, args: argparse.Namespace, work: Path) -> dict:
         print(f"build-time estimate (flat timed on {sp['flat_rows_timed']:,} rows, scaled): batch "
               f"{sp['batch_speedup']:.2f}x, single {sp['single_speedup']:.2f}x; flat estimate "
               f"{sp['flat_batch_qps']:,.0f} q/s batch vs {res['flat_batch_qps'][1]:,.0f} measured on every row")
-    del flat, index
     if not args.keep:
         shutil.rmtree(path, ignore_errors=True)
     return res

@@ -240,13 +240,18 @@ def index_cmd(
     target_recall: float = typer.Option(0.95, "--target-recall", help="recall@10 that nprobe/efSearch tuning aims at."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training and query samples."),
     plan_only: bool = typer.Option(False, "--plan", help="Only print the chosen index and why; build nothing."),
+    keep_below_target: bool = typer.Option(False, "--keep-below-target",
+                                           help="Keep (and serve) a forced --kind index below the target recall."),
     as_json: bool = typer.Option(False, "--json", help="Print the index record as JSON."),
 ) -> None:
     """Build a FAISS index for a store in <store>/index/, with its measured recall@10.
 
     Exact for small stores; HNSW or IVF (float16 / SQ8 / PQ codes) chosen from rows, dim and the memory
     budget. nprobe / efSearch is raised until recall@10 against exact search on sampled store rows reaches
-    the target; the chosen parameters and the measured recall are saved in <store>/index/index.json.
+    the target; then the index is timed against exact search side by side (batch and single queries).
+    With --kind auto it is kept only if it reaches the target and is not slower than exact search;
+    otherwise the store gets an exact (flat) index. Parameters, recall, speeds and the reasons are saved
+    in <store>/index/index.json; --plan prints the plan and, once built, the decision and its reasons.
 
     Example: cmcr store index stores/ulip2-3d --memory-budget 4GiB
     """
@@ -261,16 +266,32 @@ def index_cmd(
             plan = plan_index(max(store.num_rows, 1), store.dim, budget, kind=kind)
         except ValueError as e:
             raise StoreIndexError(f"{path}: {e}") from e
+        from cmcr.stores.index import describe_index
+
+        built = describe_index(store)
         if as_json:
-            _print_json(plan)
+            _print_json({**plan, "built": built})
+            return
+        console.print(f"plan: {plan['kind']} [bold]{plan['factory']}[/] {plan['params']}, "
+                      f"~{_human_bytes(plan['estimated_memory_bytes'])}: {plan['reason']}", highlight=False)
+        if kind == "auto" and plan["kind"] != "flat":
+            console.print(f"the build measures recall@10 on {sample_queries} store rows and times it against exact "
+                          f"search (batch and single queries); it is kept only if recall@10 >= {target_recall} "
+                          "and it is not slower than exact search, else the store gets an exact (flat) index",
+                          highlight=False)
+        if built is None:
+            console.print("built: none yet", highlight=False)
         else:
-            console.print(f"{plan['kind']} [bold]{plan['factory']}[/] {plan['params']}, "
-                          f"~{_human_bytes(plan['estimated_memory_bytes'])}: {plan['reason']}")
+            console.print(f"built: {built['kind']} {built['factory']} {built['params']}, recall@10 "
+                          f"{built['recall_at_10']:.3f}" + (" [red](STALE)[/]" if built["stale"] else ""),
+                          highlight=False)
+            for reason in (built.get("decision") or {}).get("reasons", []):
+                console.print(f"  - {reason}", highlight=False)
         return
     if kind not in ("auto", "flat", "hnsw", "ivf"):
         raise ConfigError(f"--kind must be auto, flat, hnsw or ivf, got {kind!r}")
     info = build_index(store, kind=kind, memory_budget_bytes=budget, sample_queries=sample_queries, seed=seed,
-                       target_recall=target_recall, progress=not as_json)
+                       target_recall=target_recall, progress=not as_json, keep_below_target=keep_below_target)
     if as_json:
         _print_json(info)
         return
@@ -279,6 +300,8 @@ def index_cmd(
                   f"recall@10 {info['recall_at_10']:.3f} on {info['recall_queries']} queries, "
                   f"{info['queries_per_second']:,.0f} queries/s, {_human_bytes(info['file_bytes'])}, "
                   f"built in {info['build_seconds']:.1f} s")
+    for reason in info["decision"]["reasons"]:
+        console.print(f"  - {reason}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

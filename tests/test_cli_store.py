@@ -53,6 +53,10 @@ def test_import_info_validate_index_roundtrip(tmp_path, capsys):
     assert rec["kind"] == "flat" and rec["recall_at_10"] == 1.0 and rec["recall_queries"] == 20
     hits = open_index(out).search(x[5], k=1)[0]
     assert hits[0].key == "obj0005" and hits[0].metadata == {"category": "c1"}
+    # --plan shows the plan and, once built, the decision and its reasons
+    assert main(["store", "index", str(out), "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "plan: flat" in text and "built: flat" in text and "exact search: recall 1.0" in text
 
     assert main(["store", "info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
