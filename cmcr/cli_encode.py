@@ -17,7 +17,8 @@ SPEC_HELP = (
     "Encoder spec FAMILY:ARCHITECTURE or FAMILY:ARCHITECTURE@WEIGHTS: open_clip:ViT-B-32 (tag openai), "
     "open_clip:ViT-B-32@laion2b_s34b_b79k, open_clip:ViT-B-32@/path/ckpt.pt, "
     "open_clip:ViT-B-32@random (or @random:SEED), "
-    "clap:HTSAT-tiny@/path/630k-audioset-best.pt, clap:HTSAT-tiny@random, "
+    "clap:HTSAT-tiny@/path/630k-audioset-best.pt, clap:HTSAT-tiny-fusion@/path/630k-fusion-best.pt (the paper's "
+    "fusion CLAP), clap:HTSAT-tiny@random, "
     "ulip:PointBERT@/path/pointbert_ULIP-2.pt, ulip:PointBERT@random, and the tiny test models "
     "open_clip:cmcr-tiny-clip@random, clap:cmcr-tiny-clap@random, ulip:cmcr-tiny-ulip@random."
 )
