@@ -106,8 +106,9 @@ def _now() -> str:
 #: identity; text tokenization belongs to a text store's ``preprocessing``, and audio rows never depend
 #: on it). A ``seed`` is ignored too unless ``weights`` is ``random``/``random:N``: pretrained weights
 #: do not depend on a seed.
-IDENTITY_IGNORED_FIELDS = ("tokenizer", "weights_file", "source", "tool", "tool_version", "library", "library_version", "note",
-                           "notes", "description", "provenance", "created_by", "created_at", "url", "command")
+IDENTITY_IGNORED_FIELDS = ("tokenizer", "weights_file", "source", "tool", "tool_version", "library",
+                           "library_version", "note", "notes", "description", "provenance", "created_by",
+                           "created_at", "url", "command")
 
 
 def comparable_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
