@@ -146,12 +146,22 @@ def test_3d_connect_search_and_zeroshot(tiny_3d, capsys):
     assert "modelnet40_64" in capsys.readouterr().err
 
 
-def test_templates_and_class_lists():
+def test_templates_and_class_lists(tmp_path):
+    from cmcr.cli_connect import _class_names
+    from cmcr.errors import ConfigError
     from cmcr.trainer.evaluate import average_prompt_embeddings, bundled_class_lists, load_templates
 
     t = load_templates("modelnet40_64")
     assert len(t) == 64 and t[0] == "a point cloud model of {}."
     assert len(bundled_class_lists()["modelnet40"]) == 40
+    assert _class_names("modelnet40")[:3] == ["airplane", "bathtub", "bed"]
+    (tmp_path / "t.json").write_text('["a {}.", "a 3D model of a {}."]')
+    (tmp_path / "t.txt").write_text("a {}.\n\nthe {} in the scene.\n")
+    (tmp_path / "bad.txt").write_text("no placeholder\n")
+    assert load_templates(str(tmp_path / "t.json")) == ["a {}.", "a 3D model of a {}."]
+    assert load_templates(str(tmp_path / "t.txt")) == ["a {}.", "the {} in the scene."]
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_templates(str(tmp_path / "bad.txt"))
     e = np.array([[1, 0], [0, 1], [1, 0], [1, 0]], np.float32)
     np.testing.assert_allclose(average_prompt_embeddings(e, 2), [[2 ** -0.5, 2 ** -0.5], [1, 0]], atol=1e-6)
 
