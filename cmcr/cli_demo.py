@@ -57,9 +57,9 @@ def demo(
     Example: cmcr demo --3d --ulip ulip:PointBERT@/ckpt/pointbert_ULIP-2.pt
     """
     if three_d:
-        from cmcr.demo_3d import Demo3DOptions, run_demo_3d
-
         from rich.console import Console
+
+        from cmcr.demo_3d import Demo3DOptions, run_demo_3d
 
         result = run_demo_3d(Demo3DOptions(out=out, fast=fast, clip=clip, ulip=ulip, captions=captions, epochs=epochs,
                                            device=device, num_workers=num_workers, ulip_clip=ulip_clip),
