@@ -28,8 +28,12 @@ def demo(
     release: bool = typer.Option(False, "--release",
                                  help="Instead: the C-MCR authors' demo (toilet/BBQ/train through their released "
                                       "connectors, softmax(10·cos) next to their numbers; writes <out>/release)."),
+    three_d: bool = typer.Option(False, "--3d",
+                                 help="Instead: the second system, CLIP + ULIP-2 through images, on the bundled "
+                                      "point clouds/meshes, images and captions (3D search, zero-shot 3D, the "
+                                      "released 3D matrices; writes <out>/3d)."),
     ulip: str = typer.Option(None, "--ulip", envvar="CMCR_ULIP_ENCODER",
-                             help="With --release: ULIP encoder spec (default ulip:PointBERT)."),
+                             help="With --release / --3d: ULIP encoder spec (default ulip:PointBERT)."),
     clap_clip: Path = typer.Option(None, "--clap-clip", help="With --release: the released clap_clip.pt "
                                    "(not shipped; default: a random stand-in, flagged)."),
     ulip_clip: Path = typer.Option(None, "--ulip-clip", help="With --release: the released ulip_clip.pt "
@@ -49,7 +53,22 @@ def demo(
     --clap-tokenizer /ckpt/roberta-base
     Example: cmcr demo --release --clip open_clip:ViT-B-32 --clap clap:HTSAT-tiny-fusion@/ckpt/630k-fusion-best.pt
     --ulip ulip:PointBERT@/ckpt/pointbert_ULIP-2.pt --clap-clip /ckpt/clap_clip.pt
+
+    Example: cmcr demo --3d --ulip ulip:PointBERT@/ckpt/pointbert_ULIP-2.pt
     """
+    if three_d:
+        from rich.console import Console
+
+        from cmcr.demo_3d import Demo3DOptions, run_demo_3d
+
+        result = run_demo_3d(Demo3DOptions(out=out, fast=fast, clip=clip, ulip=ulip, captions=captions, epochs=epochs,
+                                           device=device, num_workers=num_workers, ulip_clip=ulip_clip),
+                             Console(stderr=True) if as_json else None)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(result, indent=2, default=str))
+        return
     if release:
         from cmcr.release_demo import ReleaseDemoOptions, run_release_demo
 
