@@ -10,7 +10,6 @@ os.environ["TERM"] = "dumb"
 os.environ["NO_COLOR"] = "1"
 
 import typer  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
 from cmcr.cli import app  # noqa: E402
 
@@ -60,14 +59,22 @@ CONVENTIONS = """
 
 
 def render() -> str:
-    runner = CliRunner()
-    out = ["# CLI reference\n", "Generated from `cmcr <command> --help` by `docs/make_cli_reference.py`.\n"]
-    out.append("\n" + "".join(f"- [`cmcr {' '.join(p)}`](#cmcr-{'-'.join(p)})\n" for p in command_paths()))
-    out.append(CONVENTIONS)
-    for path in command_paths():
-        text = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "110", "NO_COLOR": "1"}).output
-        out.append(f"\n## cmcr {' '.join(path)}\n\n```\n{text.rstrip()}\n```\n")
-    return "".join(out)
+    """docs/cli.md: the conventions, then every command as Markdown (typer's own docs generator, the same
+    texts as ``--help``: usage, arguments, options with defaults)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        md = Path(tmp) / "cli.md"
+        subprocess.run([sys.executable, "-m", "typer", "cmcr.cli", "utils", "docs", "--name", "cmcr",
+                        "--output", str(md)], check=True, capture_output=True)
+        body = md.read_text()
+    head, _, commands = body.partition("\n## ")
+    head = head.replace("# `cmcr`", "# CLI reference", 1)
+    toc = "".join(f"- [`cmcr {' '.join(p)}`](#cmcr-{'-'.join(p)})\n" for p in command_paths())
+    return (f"{head.rstrip()}\n\nGenerated from the CLI itself by `python docs/make_cli_reference.py`.\n\n"
+            f"{toc}{CONVENTIONS}\n## {commands}")
 
 
 if __name__ == "__main__":

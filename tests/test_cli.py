@@ -47,4 +47,4 @@ def test_every_command_has_help_with_an_example():
 def test_cli_reference_lists_every_command():
     text = (DOCS / "cli.md").read_text()
     for path in _reference_module().command_paths():
-        assert f"## cmcr {' '.join(path)}\n" in text, f"docs/cli.md lacks `cmcr {' '.join(path)}`: regenerate it"
+        assert f"# `cmcr {' '.join(path)}`\n" in text, f"docs/cli.md lacks `cmcr {' '.join(path)}`: regenerate it"

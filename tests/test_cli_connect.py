@@ -403,5 +403,5 @@ def test_search_media_modality_comes_from_the_one_extension_list(tiny_encoded, s
     doc = tmp_path / "notes.md"
     doc.write_text("x")
     assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(doc),
-                 "--encoder", TINY_CLIP]) == 2
+                 "--encoder", TINY_CLIP]) == 1
     assert "cannot tell the modality" in capsys.readouterr().err

@@ -241,7 +241,7 @@ def test_cli_import_info_and_side_override(clap_clip, tmp_path, capsys):
     assert main(["connector", "info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Head_A" in text and "clap_clip.pt" in text and "cmcr-tiny-clap" in text
-    assert main(["connector", "import", str(ULIP_CLIP), "--preset", "clap_clip", "--out", str(tmp_path / "x")]) == 2
+    assert main(["connector", "import", str(ULIP_CLIP), "--preset", "clap_clip", "--out", str(tmp_path / "x")]) == 1
     assert "--preset ulip_clip" in capsys.readouterr().err
 
 
@@ -258,10 +258,10 @@ def test_cli_side_override_from_an_encoder_spec(tmp_path, capsys):
     assert conn.side_for(tiny.identity(), "image") == "A"
     assert conn.provenance["sides"]["A"]["bound_by"] == "encoder spec"
     assert main(["connector", "import", str(ULIP_CLIP), "--preset", "ulip_clip", "--out", str(tmp_path / "v"),
-                 "--side-a", "open_clip:cmcr-tiny-clip@random"]) == 2
+                 "--side-a", "open_clip:cmcr-tiny-clip@random"]) == 1
     assert "512" in capsys.readouterr().err
     assert main(["connector", "import", str(ULIP_CLIP), "--preset", "ulip_clip", "--out", str(tmp_path / "w"),
-                 "--side-b", spec]) == 2  # CLIP embeds no 3D: not a ULIP side
+                 "--side-b", spec]) == 1  # CLIP embeds no 3D: not a ULIP side
     assert "3d" in capsys.readouterr().err
 
 

@@ -97,7 +97,7 @@ def test_payload_in_clap_checkpoint_does_not_run_on_encode(tiny_clap, tmp_path, 
     rc = main(["encode", str(tmp_path / "shards" / "audio"), "-e", f"clap:cmcr-tiny-clap@{evil}", "-m", "audio",
                "--store", str(tmp_path / "store"), "--clap-tokenizer", str(tok), "--num-workers", "0"])
     err = capsys.readouterr().err
-    assert rc == 2 and not marker.exists()
+    assert rc == 1 and not marker.exists()
     assert str(evil) in err and "refuses to unpickle" in err
     assert not (tmp_path / "store" / "manifest.json").exists()
     # the same checkpoint without the payload encodes
@@ -135,7 +135,7 @@ def test_payload_in_newest_training_checkpoint_does_not_run_on_resume(two_epoch_
     capsys.readouterr()
     rc = _connect(tiny_synthetic, out, "--epochs", "3", "--resume")
     err = capsys.readouterr().err
-    assert rc == 2 and not marker.exists()
+    assert rc == 1 and not marker.exists()
     assert "epoch-0002.pt" in err and "refuses to unpickle" in err and "--overwrite" in err
 
 

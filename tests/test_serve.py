@@ -234,7 +234,7 @@ def test_python_client_and_cli_search_server(live_server, sample_data, capsys):
 
 def test_cli_search_server_unreachable_is_one_clear_line(capsys):
     port = _free_port()
-    assert main(["search", "--server", f"http://127.0.0.1:{port}", "-g", "x", "--text", "hi"]) == 2
+    assert main(["search", "--server", f"http://127.0.0.1:{port}", "-g", "x", "--text", "hi"]) == 1
     err = capsys.readouterr().err
     assert "cannot reach cmcr server" in err and "Traceback" not in err
 
