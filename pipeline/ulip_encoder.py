@@ -28,7 +28,6 @@ Per modality (what ULIP-2 / C-MCR do, read from the vendored reference code):
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,85 +44,36 @@ log = logging.getLogger(__name__)
 DEFAULT_N_POINTS = 8192
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_NPY_MAGIC = b"\x93NUMPY"
-
-
-def _pointcloud_module():
-    """:mod:`cmcr.pipeline.pointcloud` (point-cloud/mesh reading and preparation), or None where absent.
-
-    The fallbacks below (``.npy`` bytes, seeded sampling) only serve a checkout without that module
-    (built in parallel); with it, its functions are the one path.
-    """
-    try:
-        from cmcr.pipeline import pointcloud
-    except ImportError:
-        return None
-    return pointcloud
 
 
 def decode_points(raw: Any, what: str = "point cloud") -> np.ndarray:
     """Raw 3D input -> ``(N, C)`` array: an array as is (the encode loop's contract); ``(bytes, ext)``
-    decoded by :func:`cmcr.pipeline.pointcloud.load_points`; without that module, ``.npy`` bytes are
-    read with ``allow_pickle=False`` (never unpickled).
+    decoded by :func:`cmcr.pipeline.pointcloud.load_points` (never unpickled).
 
     Raises:
         SampleError: undecodable input (names ``what``).
     """
+    from cmcr.pipeline.pointcloud import load_points
+
     if isinstance(raw, np.ndarray):
         return raw
-    ext = ""
-    if isinstance(raw, tuple) and len(raw) == 2:
-        raw, ext = raw
-    if not isinstance(raw, (bytes, bytearray, memoryview)):
-        raise SampleError(f"{what}: expected an (N, 3|6) array or file bytes, got {type(raw).__name__}")
-    data = bytes(raw)
-    pc = _pointcloud_module()
-    if pc is not None and ext:
-        return pc.load_points(data, str(ext), what=what)
-    if data.startswith(_NPY_MAGIC):
-        try:
-            return np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as e:  # object arrays / pickled dicts: refused, never unpickled
-            raise SampleError(f"{what}: a .npy file holding pickled objects is not read (it could run code); "
-                              f"save a plain float array (N, 3) or (N, 6)") from e
-    raise SampleError(f"{what}: cannot read this 3D file{f' (.{ext})' if ext else ''}; give a .npy array (N, 3|6)")
+    if isinstance(raw, tuple) and len(raw) == 2 and isinstance(raw[0], (bytes, bytearray, memoryview)):
+        return load_points(bytes(raw[0]), str(raw[1]), what=what)
+    raise SampleError(f"{what}: expected an (N, 3|6) array or (file bytes, extension), got {type(raw).__name__}")
 
 
 def prepare_cloud(points: np.ndarray, n_points: int, min_points: int, what: str = "point cloud") -> np.ndarray:
-    """``(N, 3|6)`` -> float32 ``(n_points, 3)`` xyz, centred on the mean, scaled into the unit sphere.
-
-    :func:`cmcr.pipeline.pointcloud.prepare_points` (farthest-point sampling to ``n_points``, checks)
-    where present; otherwise (a checkout without it) the same checks and a seeded subsample (N >
-    n_points) or repetition (N < n_points).
+    """``(N, 3|6)`` -> float32 ``(n_points, 3)`` xyz (ULIP-2 PointBERT takes no colour), prepared by
+    :func:`cmcr.pipeline.pointcloud.prepare_points`: farthest-point sampling to ``n_points``, centred,
+    scaled into the unit sphere.
 
     Raises:
         SampleError: not ``(N, >=3)``, fewer than ``min_points`` points, NaN/Inf, or all points equal.
     """
-    a = np.asarray(points)
-    pc = _pointcloud_module()
-    if pc is not None:
-        return np.ascontiguousarray(pc.prepare_points(a, n_points=n_points, use_color=False, seed=0,
-                                                      min_points=min_points, what=what)[:, :3], dtype=np.float32)
-    if a.ndim != 2 or a.shape[1] not in (3, 6) or not np.issubdtype(a.dtype, np.number):
-        raise SampleError(f"{what}: expected a numeric (N, 3) xyz or (N, 6) xyz+rgb array, got shape "
-                          f"{a.shape} dtype {a.dtype}")
-    if a.shape[0] < min_points:
-        raise SampleError(f"{what}: {a.shape[0]} points, fewer than the {min_points} that ULIP's PointBERT "
-                          f"groups need; give a denser cloud (or sample the mesh surface)")
-    xyz = a[:, :3].astype(np.float64)
-    if not np.isfinite(xyz).all():
-        raise SampleError(f"{what}: {int((~np.isfinite(xyz)).any(axis=1).sum())} point(s) with NaN/Inf coordinates")
-    n = xyz.shape[0]
-    if n != n_points:
-        rng = np.random.default_rng(0)
-        idx = (np.sort(rng.choice(n, n_points, replace=False)) if n > n_points
-               else np.concatenate([np.arange(n), rng.choice(n, n_points - n, replace=True)]))
-        xyz = xyz[idx]
-    out = xyz - xyz.mean(axis=0)
-    scale = float(np.sqrt((out ** 2).sum(axis=1)).max())
-    if not scale > 0:
-        raise SampleError(f"{what}: all points are equal (a degenerate cloud has no shape to embed)")
-    return (out / scale).astype(np.float32)
+    from cmcr.pipeline.pointcloud import prepare_points
+
+    return np.ascontiguousarray(prepare_points(np.asarray(points), n_points=n_points, use_color=False, seed=0,
+                                               min_points=min_points, what=what)[:, :3], dtype=np.float32)
 
 
 class PointCloudPreprocessor:
@@ -199,12 +149,9 @@ class UlipEncoder(Encoder):
         c = self.cfg
         if modality == "3d":
             min_points = max(c.num_group, c.group_size)
-            pc = _pointcloud_module()
-            base = (pc.prepare_settings(self.n_points, use_color=False, seed=0, min_points=min_points)
-                    if pc is not None else
-                    {"n_points": self.n_points, "use_color": False, "seed": 0, "min_points": min_points,
-                     "sampling": "seeded subsample / repetition",
-                     "normalize": "centre on the mean, scale to the unit sphere", "channels": 3})
+            from cmcr.pipeline.pointcloud import prepare_settings
+
+            base = prepare_settings(self.n_points, use_color=False, seed=0, min_points=min_points)
             return {**base, "groups": c.num_group, "group_size": c.group_size,
                     "grouping": "farthest-point sampling from point 0 + kNN (deterministic)"}
         if modality == "image":
