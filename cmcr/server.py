@@ -132,24 +132,23 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
             raise HTTPException(422, str(e)) from e
         return _answer(q, info, gallery, k, started)
 
-    @app.get("/media/{gallery}/{key:path}")
-    def media(gallery: str, key: str) -> Any:
-        """The media file of a gallery row, served from the gallery's media root (never outside it)."""
+    def media_file(gallery: str, key: str) -> Path:
         if gallery not in service.galleries:
             raise HTTPException(404, f"no gallery {gallery!r}")
         path = service.gallery(gallery).media_path(key)
         if path is None:
             raise HTTPException(404, f"no media file for key {key!r} in gallery {gallery!r}")
-        return FileResponse(path)
+        return path
+
+    @app.get("/media/{gallery}/{key:path}")
+    def media(gallery: str, key: str) -> Any:
+        """The media file of a gallery row, served from the gallery's media root (never outside it)."""
+        return FileResponse(media_file(gallery, key))
 
     @app.get("/thumb/{gallery}/{key:path}")
     def thumb(gallery: str, key: str) -> Any:
         """A PNG preview of a 3D gallery row (the point cloud or mesh rendered from its media file)."""
-        if gallery not in service.galleries:
-            raise HTTPException(404, f"no gallery {gallery!r}")
-        path = service.gallery(gallery).media_path(key)
-        if path is None:
-            raise HTTPException(404, f"no media file for key {key!r} in gallery {gallery!r}")
+        path = media_file(gallery, key)
         try:
             png = _thumbnail_png(str(path), path.stat().st_mtime_ns)
         except CmcrError as e:

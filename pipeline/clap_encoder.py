@@ -474,15 +474,8 @@ class ClapEncoder(Encoder):
     def identity(self) -> dict[str, Any]:
         # The tokenizer is not part of the identity (audio rows do not depend on it, and audio-only
         # encoding never loads it): it is recorded in the text preprocessing.
-        ident: dict[str, Any] = {"family": self.family, "architecture": self.architecture, "text_model": "roberta",
-                                 "fusion": self.fusion, "weights": self._weights_id, "dim": self.dim}
-        if self.fusion:
-            ident["fusion_type"] = FUSION_TYPE
-        if self._weights_file:
-            ident["weights_file"] = self._weights_file
-        if self.spec.is_random:
-            ident["seed"] = self.spec.seed
-        return ident
+        return self._identity(self.architecture, text_model="roberta", fusion=self.fusion,
+                              **({"fusion_type": FUSION_TYPE} if self.fusion else {}))
 
     def preprocessing(self, modality: str) -> dict[str, Any]:
         self.check_modality(modality)

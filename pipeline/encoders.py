@@ -143,6 +143,20 @@ class Encoder:
         """Model identity (same for every modality of the model), recorded in store manifests."""
         raise NotImplementedError
 
+    def _identity(self, architecture: str, **fields: Any) -> dict[str, Any]:
+        """The identity every adapter records: ``family``, ``architecture``, the model-specific ``fields``,
+        ``weights`` (tag, ``sha256:<file digest>`` or ``random``), ``weights_file`` (a checkpoint's file name,
+        when loaded from one; not compared between stores: :func:`cmcr.stores.store.same_encoder`),
+        ``dim``, and the ``seed`` of a random init. Adapters set ``spec``, ``_weights_id`` and
+        ``_weights_file``."""
+        ident: dict[str, Any] = {"family": self.family, "architecture": architecture, **fields,
+                                 "weights": self._weights_id, "dim": self.dim}
+        if getattr(self, "_weights_file", None):
+            ident["weights_file"] = self._weights_file
+        if self.spec.is_random:
+            ident["seed"] = self.spec.seed
+        return ident
+
     def preprocessing(self, modality: str) -> dict[str, Any]:
         """Modality-specific preprocessing parameters, recorded in the store manifest."""
         raise NotImplementedError

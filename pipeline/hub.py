@@ -39,7 +39,6 @@ an encoder identity do not hash the file twice.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -50,6 +49,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cmcr.errors import HubFileError, HubUnreachableError
+from cmcr.stores.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +162,6 @@ def _cached(repo_ids: Sequence[str], filename: str) -> tuple[str, Path] | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _DigestMismatch(Exception):
     def __init__(self, blob: Path, got: str, expected: str):
         super().__init__(f"{blob} has sha256 {got}, the hub's hash is {expected}")
@@ -186,7 +178,7 @@ def _verify(path: Path) -> str | None:
     st = real.stat()
     key = (str(real), st.st_size, st.st_mtime_ns)
     if key not in _verified:
-        got = _sha256(real)
+        got = sha256_file(real)
         if got != expected:
             raise _DigestMismatch(real, got, expected)
         _verified[key] = got

@@ -171,11 +171,7 @@ class OpenClipEncoder(Encoder):
         self.context_length = int(getattr(self._tokenizer, "context_length", None) or model.context_length)
 
     def identity(self) -> dict[str, Any]:
-        ident: dict[str, Any] = {"family": self.family, "architecture": self._identity_arch,
-                                 "weights": self._weights_id, "dim": self.dim}
-        if self.spec.is_random:
-            ident["seed"] = self.spec.seed
-        return ident
+        return self._identity(self._identity_arch)
 
     def preprocessing(self, modality: str) -> dict[str, Any]:
         self.check_modality(modality)

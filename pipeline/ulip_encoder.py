@@ -136,13 +136,7 @@ class UlipEncoder(Encoder):
 
     # -- identity / manifest -----------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        ident: dict[str, Any] = {"family": self.family, "architecture": self.architecture,
-                                 "weights": self._weights_id, "dim": self.dim}
-        if self._weights_file:
-            ident["weights_file"] = self._weights_file
-        if self.spec.is_random:
-            ident["seed"] = self.spec.seed
-        return ident
+        return self._identity(self.architecture)
 
     def preprocessing(self, modality: str) -> dict[str, Any]:
         self.check_modality(modality)

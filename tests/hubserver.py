@@ -33,16 +33,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from cmcr.stores.files import sha256_file
+
 LFS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 CDN_PREFIX = "/__cdn__/"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _git_blob_sha1(path: Path) -> str:
@@ -77,7 +71,7 @@ class StandInHub:
 
     def _describe(self, repo: str, name: str, path: Path) -> None:
         if name.endswith(LFS_SUFFIXES):
-            sha = _sha256(path)
+            sha = sha256_file(path)
             self._meta[(repo, name)] = {"lfs": sha, "size": str(path.stat().st_size),
                                         "etag": _git_blob_sha1_of_pointer(sha, path.stat().st_size)}
             self._cdn[sha] = (repo, name)
