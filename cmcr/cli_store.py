@@ -240,7 +240,7 @@ def index_cmd(
     target_recall: float = typer.Option(0.95, "--target-recall", help="recall@10 that nprobe/efSearch tuning aims at."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training and query samples."),
     plan_only: bool = typer.Option(False, "--plan",
-                                   help="Print the plan (and, once built, the decision and its reasons); build nothing."),
+                                   help="Print the plan (once built: the decision and its reasons); build nothing."),
     keep_below_target: bool = typer.Option(False, "--keep-below-target",
                                            help="Keep (and serve) a forced --kind index below the target recall."),
     as_json: bool = typer.Option(False, "--json", help="Print the index record as JSON."),
