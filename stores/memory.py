@@ -363,7 +363,14 @@ def memory_store_index(memory_store: Store, *, progress: bool = False) -> Any:
     if not usable:
         log.info("building the FAISS index of memory store %s (%d rows) for the top-k completion",
                  memory_store.path, memory_store.num_rows)
-        build_index(memory_store, progress=progress)
+        try:
+            build_index(memory_store, progress=progress)
+        except OSError as e:
+            raise StoreValidationError(
+                f"{memory_store.path}: cannot write the memory store's FAISS index for the top-k completion "
+                f"({e}); make the store writable and run `cmcr store index {memory_store.path}`, or use the "
+                f"exact completion"
+            ) from e
     return open_index(memory_store)
 
 
