@@ -59,6 +59,9 @@ TOPK_GATHER_BYTES = 64 << 20
 MEMORY_IN_RAM_BYTES = 256 << 20
 #: Queries per completion call of :func:`complete_store` (progress is reported after each).
 COMPLETION_QUERY_BLOCK = 4096
+#: Memory rows per chunk of :func:`complete_store`'s exact completion: the logits and weights of
+#: one step are COMPLETION_QUERY_BLOCK x COMPLETION_CHUNK_ROWS float32 (64 MiB each).
+COMPLETION_CHUNK_ROWS = 4096
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -398,7 +401,7 @@ def complete_store(
     temperature: float = DEFAULT_TEMPERATURE,
     k: int = DEFAULT_TOPK,
     batch_rows: int = 65536,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int = COMPLETION_CHUNK_ROWS,
     memory_in_ram: bool | None = None,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
