@@ -59,6 +59,9 @@ TOPK_GATHER_BYTES = 64 << 20
 MEMORY_IN_RAM_BYTES = 256 << 20
 #: Queries per completion call of :func:`complete_store` (progress is reported after each).
 COMPLETION_QUERY_BLOCK = 4096
+#: Memory rows per chunk of :func:`complete_store`'s exact completion: the logits and weights of
+#: one step are COMPLETION_QUERY_BLOCK x COMPLETION_CHUNK_ROWS float32 (64 MiB each).
+COMPLETION_CHUNK_ROWS = 4096
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -354,7 +357,14 @@ def memory_store_index(memory_store: Store, *, progress: bool = False) -> Any:
     if not usable:
         log.info("building the FAISS index of memory store %s (%d rows) for the top-k completion",
                  memory_store.path, memory_store.num_rows)
-        build_index(memory_store, progress=progress)
+        try:
+            build_index(memory_store, progress=progress)
+        except OSError as e:
+            raise StoreValidationError(
+                f"{memory_store.path}: cannot write the memory store's FAISS index for the top-k completion "
+                f"({e}); make the store writable and run `cmcr store index {memory_store.path}`, or use the "
+                f"exact completion"
+            ) from e
     return open_index(memory_store)
 
 
@@ -382,7 +392,7 @@ def complete_store(
     temperature: float = DEFAULT_TEMPERATURE,
     k: int = DEFAULT_TOPK,
     batch_rows: int = 65536,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int = COMPLETION_CHUNK_ROWS,
     memory_in_ram: bool | None = None,
     device: str | torch.device = "cpu",
     overwrite: bool = False,

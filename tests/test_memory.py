@@ -147,3 +147,43 @@ def test_memory_queue_fifo_cycles_through_store(make_store):
     q = torch.from_numpy(unit_rows(rng, 3, 8))
     p = queue.complete(q)
     np.testing.assert_allclose(p.numpy(), complete_dense(q.numpy(), queue.tensor.numpy()), atol=2e-5)
+
+
+def test_topk_rows_from_the_index_and_bounded_gather():
+    import faiss
+
+    rng = np.random.default_rng(11)
+    q, m = unit_rows(rng, 40, 16), unit_rows(rng, 600, 16)
+    ref = complete_topk(q, m, k=32, temperature=0.05)
+    # sub-blocks of one query at a time (gather bound of one k x D block) give the same result
+    np.testing.assert_allclose(complete_topk(q, m, k=32, temperature=0.05, gather_bytes=1), ref, atol=1e-6)
+    # rows read back from an IVF index (direct map made on first use) instead of a memory array
+    ivf = faiss.index_factory(16, "IVF4,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(m)
+    ivf.add(m)
+    faiss.extract_index_ivf(ivf).nprobe = 4  # every list: exact top-k
+    np.testing.assert_allclose(complete_topk(q, None, k=32, temperature=0.05, index=ivf), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="memory rows or an index"):
+        complete_topk(q, None)
+
+
+def test_complete_store_topk_uses_the_memory_store_index(make_store, tmp_path):
+    from cmcr.stores.index import read_index_info
+
+    rng = np.random.default_rng(12)
+    qs = make_store("t", unit_rows(rng, 12, 8), modality="text", encoder=ENC_B)
+    ms = make_store("a", unit_rows(rng, 90, 8), modality="audio", encoder=ENC_B)
+    out = complete_store(qs, ms, tmp_path / "p", method="topk", k=16, query_block=5)
+    assert read_index_info(ms)["rows"] == 90  # built and saved beside the memory store, reused later
+    cos = np.sum(out.embeddings(np.float32) * complete_dense(qs.embeddings(np.float32), ms.embeddings(np.float32)),
+                 axis=1)
+    assert cos.min() > 0.99
+
+
+def test_queue_completion_in_chunks_matches_dense(make_store):
+    rng = np.random.default_rng(13)
+    m = unit_rows(rng, 50, 8)
+    store = make_store("m", m, modality="audio", encoder=ENC_B)
+    queue = MemoryQueue(Store.open(store.path), capacity=30, seed=0, chunk_rows=7)
+    q = torch.from_numpy(unit_rows(rng, 4, 8))
+    np.testing.assert_allclose(queue.complete(q).numpy(), complete_dense(q.numpy(), queue.tensor.numpy()), atol=2e-5)
