@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 
 from cmcr.pipeline.audio import SampleError
+from cmcr.pipeline.stageclock import timed_decode
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def load_points(data: bytes, ext: str, decoding: PointCloudDecoding | None = Non
     return decode_points(data, ext, decoding, what)[0]
 
 
+@timed_decode
 def decode_points(data: bytes, ext: str, decoding: PointCloudDecoding | None = None,
                   what: str = "point cloud") -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`load_points` plus the per-row facts recorded in the store's metadata columns.
