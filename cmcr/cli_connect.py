@@ -167,7 +167,7 @@ def search(
             raise InputDataError("--key needs --store (the store holding that key)")
         s = Store.open(store)
         row = s.rows_of([key])
-        emb = s.embeddings(np.float32)[row]
+        emb = s.embeddings_of(row, np.float32)
         if is_projected(s.encoder):
             check_same_space(s, g)
             q = emb

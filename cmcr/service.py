@@ -72,27 +72,41 @@ class Gallery:
     side: str
     media_roots: list[Path] = field(default_factory=list)
     _emb: np.ndarray | None = None
-    _keys: list[str] | None = None
-    _meta: list[dict[str, Any]] | None = None
+    _table: Any = None  # keys + metadata (pyarrow), read once; rows are taken from it per hit
 
     @property
     def modality(self) -> str:
         return self.store.modality
 
-    def keys(self) -> list[str]:
-        if self._keys is None:
-            self._keys = self.store.keys()
-        return self._keys
+    def table(self) -> Any:
+        """Keys and metadata columns of every row (a pyarrow Table, read once and kept)."""
+        if self._table is None:
+            self._table = self.store.metadata().combine_chunks()
+        return self._table
 
-    def metadata_rows(self) -> list[dict[str, Any]]:
-        if self._meta is None:
-            self._meta = [{c: v for c, v in row.items() if c != "key"} for row in self.store.metadata().to_pylist()]
-        return self._meta
+    def row_of(self, key: str) -> int | None:
+        """The row number of ``key`` (``None`` when the gallery has no such key)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        i = pc.index(self.table().column("key"), pa.scalar(key, pa.string())).as_py()
+        return None if i < 0 else int(i)
+
+    def rows(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """``{"key", "metadata"}`` of the given rows (only those rows become Python objects)."""
+        picked = self.table().take(list(rows)).to_pylist()
+        return [{"key": r.pop("key"), "metadata": r} for r in picked]
 
     def embeddings(self) -> np.ndarray:
         if self._emb is None:
             self._emb = np.ascontiguousarray(self.store.embeddings(np.float32))
         return self._emb
+
+    def embedding_of(self, row: int) -> np.ndarray:
+        """The ``(D,)`` float32 row (from memory when held, else read from its part only)."""
+        if self._emb is not None:
+            return self._emb[row]
+        return self.store.embeddings_of([row], np.float32)[0]
 
     def search(self, q: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Top-``k`` rows for one query row ``q`` (``(D,)`` float32 unit vector) as hit dicts."""
@@ -108,20 +122,20 @@ class Gallery:
             top = np.argsort(-s, kind="stable")[:k]
             rows = [int(i) for i in top]
             scores = [float(s[i]) for i in top]
-        keys, meta = self.keys(), self.metadata_rows()
-        return [{"key": keys[r], "score": sc, "row": r, "metadata": meta[r]}
-                for r, sc in zip(rows, scores, strict=True)]
+        return [{"key": h["key"], "score": sc, "row": r, "metadata": h["metadata"]}
+                for r, sc, h in zip(rows, scores, self.rows(rows), strict=True)]
 
     def media_path(self, key: str) -> Path | None:
-        """The media file of row ``key`` inside one of :attr:`media_roots`, or ``None``.
-
-        Path traversal is refused: the resolved file must lie inside the root it was joined to.
-        """
-        try:
-            row = int(self.store.rows_of([key])[0])
-        except CmcrError:
+        """The media file of row ``key`` inside one of :attr:`media_roots`, or ``None``."""
+        row = self.row_of(key)
+        if row is None:
             return None
-        source = self.metadata_rows()[row].get("source")
+        return self.resolve_media(self.rows([row])[0]["metadata"].get("source"))
+
+    def resolve_media(self, source: Any) -> Path | None:
+        """``source`` (a row's path relative to its media root) as an existing file inside one of
+        :attr:`media_roots`, or ``None``. Path traversal is refused: the resolved file must lie inside
+        the root it was joined to."""
         if not source or not isinstance(source, str):
             return None
         for root in self.media_roots:
@@ -322,15 +336,10 @@ class SearchService:
     def embed_key(self, gallery: str, key: str) -> tuple[np.ndarray, dict[str, Any]]:
         """The projected row ``key`` of a gallery (query by example)."""
         g = self.gallery(gallery)
-        try:
-            row = int(g.store.rows_of([key])[0])
-        except CmcrError as e:
-            raise InputDataError(f"gallery {gallery} has no key {key!r}") from e
-        if g._emb is not None:
-            q = g._emb[row]
-        else:
-            q = np.asarray(g.store.embeddings(np.float32)[row])
-        return q, {"key": key, "gallery": gallery, "modality": g.modality, "side": g.side}
+        row = g.row_of(key)
+        if row is None:
+            raise InputDataError(f"gallery {gallery} has no key {key!r}")
+        return g.embedding_of(row), {"key": key, "gallery": gallery, "modality": g.modality, "side": g.side}
 
     def search(self, q: np.ndarray, gallery: str, k: int = 10) -> list[dict[str, Any]]:
         """Top-``k`` hits of ``gallery`` for a connected-space query row."""

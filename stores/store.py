@@ -1151,6 +1151,33 @@ class Store:
             h.update(_bytes_view(dest))
             self._check_digest(rel, h.hexdigest(), str(part.embeddings_sha256))
 
+    def embeddings_of(self, rows: Sequence[int] | np.ndarray, dtype: str | np.dtype | None = None) -> np.ndarray:
+        """The embeddings of some rows, ``(len(rows), D)`` in ``dtype`` (store dtype by default), in the
+        order given. Only the parts holding those rows are read (block by block, verified as any read),
+        so one query row of a large store costs one part, not the store.
+
+        Raises:
+            StoreValidationError: a row number outside ``0 .. num_rows - 1``.
+            StoreFormatError, StoreValidationError: a part read was changed after it was written.
+        """
+        want = np.dtype(dtype or DTYPES[self.dtype])
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self.dim), dtype=want)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise StoreValidationError(f"{self.path}: row numbers must lie in 0..{self.num_rows - 1}, got "
+                                       f"{int(rows.min())}..{int(rows.max())}")
+        starts = np.cumsum([0] + [p.rows for p in self.parts])
+        part_of = np.searchsorted(starts, rows, side="right") - 1
+        for i in np.unique(part_of):
+            wanted = np.flatnonzero(part_of == i)
+            local = rows[wanted] - starts[i]
+            pos = 0
+            for block in self.iter_part_embeddings(int(i), dtype=want):
+                hit = (local >= pos) & (local < pos + len(block))
+                out[wanted[hit]] = block[local[hit] - pos]
+                pos += len(block)
+        return out
+
     def iter_part_embeddings(
         self, index: int, block_rows: int = _BLOCK_ROWS, dtype: str | np.dtype | None = None
     ) -> Iterator[np.ndarray]:

@@ -51,6 +51,30 @@ def test_format1_store_written_by_the_old_writer_still_reads(tmp_path):
     assert store.fingerprint() == identity_fingerprint(body)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_embeddings_of_some_rows_reads_only_their_parts(tmp_path, version, monkeypatch):
+    if version == 1:
+        store = Store.open(_v1_copy(tmp_path))
+    else:
+        store = build_test_store(tmp_path / "s", n=90, dim=8, parts=3)
+    full = store.embeddings(np.float32)
+    rows = [store.num_rows - 1, 0, 3, 3]
+    np.testing.assert_array_equal(store.embeddings_of(rows, np.float32), full[rows])
+    np.testing.assert_array_equal(store.embeddings_of([], np.float32), full[:0])
+    read = []
+    real = Store.iter_part_embeddings
+
+    def spy(self, index, *a, **k):
+        read.append(index)
+        return real(self, index, *a, **k)
+
+    monkeypatch.setattr(Store, "iter_part_embeddings", spy)
+    store.embeddings_of([1], np.float32)
+    assert read == [0]  # one row: its part only
+    with pytest.raises(StoreValidationError, match="row numbers"):
+        store.embeddings_of([store.num_rows])
+
+
 def test_format1_store_appends_in_its_own_layout(tmp_path):
     store = Store.open(_v1_copy(tmp_path))
     x = clustered_embeddings(4, 8, seed=3)
