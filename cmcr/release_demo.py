@@ -94,10 +94,15 @@ class ReleaseDemoOptions:
 
 def release_inputs(modality: str, data: Path = RELEASE_DATA) -> list[str]:
     """The three demo inputs of one modality, in the order toilet, BBQ, train: file paths (image: JPEG,
-    audio: 32 kHz WAV, 3d: ``(10000, 3)`` float32 ``.npy``) or the captions (text)."""
+    audio: 32 kHz WAV, 3d: the release clouds bundled with the sample data, ``(10000, 6)`` float32 ``.npy``
+    xyz + rgb — ULIP-2 reads the xyz) or the captions (text)."""
     if modality == "text":
         return list(TEXTS)
-    suffix = {"image": ".jpeg", "audio": ".wav", "3d": "_xyz.npy"}[modality]
+    if modality == "3d":
+        from cmcr.demo import SAMPLE_DATA
+
+        return [str(SAMPLE_DATA / "3d" / item.lower() / f"{item}_xyzrgb.npy") for item in ITEMS]
+    suffix = {"image": ".jpeg", "audio": ".wav"}[modality]
     return [str(data / "assets" / f"{item}{suffix}") for item in ITEMS]
 
 

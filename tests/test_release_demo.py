@@ -41,7 +41,7 @@ def test_the_demo_items_are_shipped_with_credits():
         assert [p.name.split(".")[0].split("_")[0] for p in paths] == ["toilet", "BBQ", "train"]
         assert all(p.is_file() for p in paths)
     assert release_inputs("text") == ["a toilet", "BBQ", "a train"]
-    assert np.load(release_inputs("3d")[0]).shape == (10000, 3)
+    assert np.load(release_inputs("3d")[0]).shape == (10000, 6)  # the one bundled copy: xyz + rgb (ULIP reads xyz)
     assert set(AUTHORS) == {(c, f"{r} x {k}") for c, r, k in [
         ("CLAP_CLIP", "Vision", "Text"), ("CLAP_CLIP", "Audio", "Text"), ("CLAP_CLIP", "Audio", "Vision"),
         ("ULIP_CLIP", "Vision", "Text"), ("ULIP_CLIP", "3D", "Vision"), ("ULIP_CLIP", "3D", "Text")]}
