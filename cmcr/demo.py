@@ -192,23 +192,29 @@ def load_demo_encoders(opts: DemoOptions, console: Console):
     return encoders[0], encoders[1], notes, random_weights
 
 
-def serve_command(out: Path, clip: Any, clap: Any, opts: DemoOptions) -> str:
-    """The one ``cmcr serve`` command line that serves the demo's output (both galleries, both encoders)."""
+def encoder_spec(enc: Any, spec: str) -> str:
+    """The spec that rebuilds ``enc``, which was loaded from ``spec``: its random-init variant (with its
+    seed) when :func:`load_or_random` fell back to random weights, else ``spec`` itself."""
+    ident = enc.identity()
+    if str(ident.get("weights", "")).startswith("random"):
+        seed = int(ident.get("seed") or 0)
+        return f"{ident['family']}:{ident['architecture']}@random" + (f":{seed}" if seed else "")
+    return spec
+
+
+def serve_command(connector: Path, galleries: list[Path], encoders: list[tuple[Any, str]],
+                  clap_tokenizer: str | None = None) -> str:
+    """The one ``cmcr serve`` command line that serves a demo's output: its connector, galleries and
+    ``(encoder, spec it was loaded from)`` pairs (see :func:`encoder_spec`)."""
     import shlex
 
-    def spec(enc: Any, given: str | None, default: str) -> str:
-        ident = enc.identity()
-        if str(ident.get("weights", "")).startswith("random"):
-            seed = int(ident.get("seed") or 0)
-            return f"{ident['family']}:{ident['architecture']}@random" + (f":{seed}" if seed else "")
-        return given or default
-
-    parts = ["cmcr", "serve", "-c", str(out / "connector"), "-g", str(out / "projected" / "clip_image"),
-             "-g", str(out / "projected" / "clap_audio"),
-             "-e", spec(clip, opts.clip, FAST_CLIP if opts.fast else DEFAULT_CLIP),
-             "-e", spec(clap, opts.clap, FAST_CLAP if opts.fast else DEFAULT_CLAP)]
-    if opts.clap_tokenizer:
-        parts += ["--clap-tokenizer", str(opts.clap_tokenizer)]
+    parts = ["cmcr", "serve", "-c", str(connector)]
+    for g in galleries:
+        parts += ["-g", str(g)]
+    for enc, spec in encoders:
+        parts += ["-e", encoder_spec(enc, spec)]
+    if clap_tokenizer:
+        parts += ["--clap-tokenizer", str(clap_tokenizer)]
     return shlex.join(parts)
 
 
@@ -399,7 +405,9 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
                                  "data": connect["data"], "device": connect["device"]},
                         retrieval=retrieval, zeroshot=zeroshot, searches=searches, synthetic=synthetic,
                         seconds={k: round(v, 2) for k, v in seconds.items()}, per_class=per_class)
-    serve = serve_command(out, clip, clap, opts)
+    serve = serve_command(out / "connector", [projected / "clip_image", projected / "clap_audio"],
+                          [(clip, opts.clip or (FAST_CLIP if opts.fast else DEFAULT_CLIP)),
+                           (clap, opts.clap or (FAST_CLAP if opts.fast else DEFAULT_CLAP))], opts.clap_tokenizer)
     write_reports(result, out, serve)
     console.print(f"\nreport: {result.report_md} and {result.report_html}")
     console.print(f"browse it: {serve}", highlight=False, soft_wrap=True)

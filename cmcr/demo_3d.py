@@ -16,8 +16,6 @@ With 4 point clouds the figures are illustrations, not measurements; the report 
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,9 @@ from cmcr.demo import (
     _first_line,
     load_or_random,
     prepare_corpus,
+    serve_command,
 )
+from cmcr.stores.files import atomic_write_json
 
 DEFAULT_ULIP = "ulip:PointBERT"
 FAST_ULIP = "ulip:cmcr-tiny-ulip-512@random"  # 512-d: the released ulip_clip.pt heads take 512-d rows
@@ -99,10 +99,10 @@ def run_demo_3d(opts: Demo3DOptions, console: Console | None = None) -> dict[str
     notes: list[str] = []
     console.rule("[bold]CLIP + ULIP-2 through images (cmcr demo --3d)")
     t = time.perf_counter()
-    clip = load_or_random("CLIP", opts.clip or (FAST_CLIP_512 if opts.fast else DEFAULT_CLIP), notes,
-                          device=opts.device)
-    ulip = load_or_random("ULIP", opts.ulip or (FAST_ULIP if opts.fast else DEFAULT_ULIP), notes,
-                          device=opts.device, no_hub_fallback=True)
+    clip_spec = opts.clip or (FAST_CLIP_512 if opts.fast else DEFAULT_CLIP)
+    ulip_spec = opts.ulip or (FAST_ULIP if opts.fast else DEFAULT_ULIP)
+    clip = load_or_random("CLIP", clip_spec, notes, device=opts.device)
+    ulip = load_or_random("ULIP", ulip_spec, notes, device=opts.device, no_hub_fallback=True)
     random_ids = random_weight_identities(clip.identity(), ulip.identity())
     if random_ids:
         console.print(Panel.fit(
@@ -185,23 +185,13 @@ def run_demo_3d(opts: Demo3DOptions, console: Console | None = None) -> dict[str
               "encoders": {"clip": clip.identity(), "ulip": ulip.identity()}, "counts": counts,
               "zeroshot": zeroshot, "searches": searches, "release_matrices": release,
               "seconds": {k: round(v, 2) for k, v in seconds.items()}}
-    tmp = out / "demo3d.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, out / "demo3d.json")
-    console.print(f"\nwritten: {out / 'demo3d.json'}; browse it: cmcr serve -c {out / 'connector'} "
-                  f"-g {proj / 'clip_image'} -g {proj / 'clip_text'} -g {proj / 'ulip_3d'} -e "
-                  f"{_spec(clip, opts.clip, FAST_CLIP_512, DEFAULT_CLIP, opts.fast)} -e "
-                  f"{_spec(ulip, opts.ulip, FAST_ULIP, DEFAULT_ULIP, opts.fast)}", highlight=False, soft_wrap=True)
+    atomic_write_json(out / "demo3d.json", result)
+    serve = serve_command(out / "connector", [proj / "clip_image", proj / "clip_text", proj / "ulip_3d"],
+                          [(clip, clip_spec), (ulip, ulip_spec)])
+    console.print(f"\nwritten: {out / 'demo3d.json'}; browse it: {serve}", highlight=False, soft_wrap=True)
     if random_ids:
         console.print(f"[bold red]{RANDOM_BANNER.upper()}[/]: the encoders were random-init; see the notes above.")
     return result
-
-
-def _spec(enc: Any, given: str | None, fast: str, default: str, is_fast: bool) -> str:
-    ident = enc.identity()
-    if str(ident.get("weights", "")).startswith("random"):
-        return f"{ident['family']}:{ident['architecture']}@random"
-    return given or (fast if is_fast else default)
 
 
 def _release_matrices(opts: Demo3DOptions, clip: Any, ulip: Any, out: Path, notes: list[str],

@@ -21,9 +21,7 @@ loaded; a note says when those are not the weights the heads were trained on.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from cmcr.errors import CmcrError
+from cmcr.stores.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +288,7 @@ def run_release_demo(opts: ReleaseDemoOptions, console: Console | None = None) -
               "connectors": {n: {"path": str(c.path), "fingerprint": c.fingerprint, "stand_in": n in standins}
                              for n, c in connectors.items()},
               "matrices": results}
-    tmp = folder / "release.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, folder / "release.json")
+    atomic_write_json(folder / "release.json", result)
     console.print(f"\nwritten: {folder / 'release.json'}", highlight=False, soft_wrap=True)
     return result
 
