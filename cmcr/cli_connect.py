@@ -264,15 +264,10 @@ def _check_readable_file(path: Path, flag: str) -> None:
 
 
 def _guess_modality(path: Path | None) -> str:
-    """The modality of a --media file from its extension (the one list of cmcr.pipeline.media)."""
-    from cmcr.pipeline.media import MEDIA_EXTENSIONS, modality_of
+    """The modality of a --media file from its extension (:func:`cmcr.service.modality_of_filename`)."""
+    from cmcr.service import modality_of_filename
 
-    mod = modality_of(path) if path is not None else None
-    if mod is None or mod == "text":
-        raise InputDataError(f"cannot tell the modality of {path} from its extension; known: "
-                             + "; ".join(f"{m}: {', '.join(e)}" for m, e in MEDIA_EXTENSIONS.items() if m != "text")
-                             + ". Pass --modality, or --text for a caption")
-    return mod
+    return modality_of_filename(str(path), hint="Pass --modality, or --text for a caption")
 
 
 def _search(gallery, q: np.ndarray, k: int) -> list[dict]:  # noqa: ANN001

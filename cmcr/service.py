@@ -31,19 +31,24 @@ log = logging.getLogger(__name__)
 QUERY_MODALITIES = ("image", "audio", "3d")
 
 
-def modality_of_filename(name: str) -> str:
+def modality_of_filename(name: str, hint: str = "") -> str:
     """The modality of a media file name by its extension (``audio``, ``image``, ``3d``), from the one list
     of media extensions (:mod:`cmcr.pipeline.media`).
 
+    Args:
+        name: the file name or path.
+        hint: appended to the error (e.g. the CLI's ``Pass --modality``).
+
     Raises:
-        InputDataError: the extension is not a known media extension.
+        InputDataError: the extension is not a known media extension (names the file and lists them).
     """
     from cmcr.pipeline.media import MEDIA_EXTENSIONS, modality_of
 
     modality = modality_of(name)
     if modality not in QUERY_MODALITIES:
-        known = ", ".join(f".{e}" for m in QUERY_MODALITIES for e in MEDIA_EXTENSIONS[m])
-        raise InputDataError(f"cannot tell the modality of {name!r} from its extension; use one of {known}")
+        known = "; ".join(f"{m}: {', '.join(MEDIA_EXTENSIONS[m])}" for m in QUERY_MODALITIES)
+        raise InputDataError(f"cannot tell the modality of {name!r} from its extension; known: {known}"
+                             + (f". {hint}" if hint else ""))
     return modality
 
 
