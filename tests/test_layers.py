@@ -53,3 +53,26 @@ def test_ruff_is_clean():
     ruff = str(Path(sys.executable).parent / "ruff") if (Path(sys.executable).parent / "ruff").exists() else "ruff"
     r = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
+
+
+def test_import_names_resolve_inside_the_checkout_they_were_imported_from(tmp_path):
+    """A copy of the tree imports its own rooms, never the installed checkout's (issue 13, design step).
+
+    With setuptools' package-dir mapping, ``cmcr`` came from the working directory and ``cmcr.stores``
+    from whatever checkout was installed; the symlinks ``cmcr/{pipeline,trainer,stores}`` make the rooms
+    plain subpackages of the ``cmcr`` that was imported.
+    """
+    for room in ALLOWED:
+        link = ROOT / "cmcr" / room
+        assert link.is_symlink() and link.resolve() == (ROOT / room).resolve(), f"cmcr/{room} must link to ../{room}"
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("cmcr", *ALLOWED):
+        shutil.copytree(ROOT / name, copy / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "data"))
+    code = ("import cmcr, cmcr.stores.store, cmcr.pipeline.encode, cmcr.trainer.loop, sys; "
+            "print('\\n'.join(m.__file__ for m in (cmcr, cmcr.stores.store, cmcr.pipeline.encode, cmcr.trainer.loop)))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = [Path(f).resolve() for f in r.stdout.split()]
+    assert len(files) == 4 and all(f.is_relative_to(copy.resolve()) for f in files), files
