@@ -59,20 +59,41 @@ _FALSE = {"0", "false", "no", "mismatched", "mismatch", "negative"}
 
 
 @dataclass
-class LabelledPairs:
-    """Labelled (audio, image) pairs, before scoring.
+class PairsFile:
+    """The labelled pairs of a pairs file, by key (:func:`read_pairs_file`).
 
     Attributes:
         audio_keys, image_keys: N keys each.
         labels: ``(N,)`` bool, True = matched.
-        classes: N class names, or ``None`` when the protocol has no classes.
-        info: protocol details for the report (counts of dropped pairs, seed, ...).
+        classes: N class names (``None`` where a row names none), or ``None`` when no row names a class.
+        info: ``{"protocol": "pairs", "pairs_file", "pairs_in_file"}``.
     """
 
     audio_keys: list[str]
     image_keys: list[str]
     labels: np.ndarray
     classes: list[str | None] | None
+    info: dict[str, Any]
+
+
+@dataclass
+class LabelledPairs:
+    """Labelled (audio, image) pairs as store rows, ready to score.
+
+    Attributes:
+        audio_rows, image_rows: ``(N,)`` int64 row numbers in the audio and the image store.
+        labels: ``(N,)`` bool, True = matched.
+        class_codes: ``(N,)`` int64 index into ``class_names`` (-1: no class), or ``None`` when the
+            protocol has no classes.
+        class_names: the class vocabulary.
+        info: protocol details for the report (counts of dropped pairs, seed, ...).
+    """
+
+    audio_rows: np.ndarray
+    image_rows: np.ndarray
+    labels: np.ndarray
+    class_codes: np.ndarray | None
+    class_names: list[str]
     info: dict[str, Any]
 
 
@@ -92,7 +113,7 @@ def _pick(fields: Sequence[str], names: Sequence[str]) -> str | None:
     return next((n for n in names if n in fields), None)
 
 
-def read_pairs_file(path: str | os.PathLike) -> LabelledPairs:
+def read_pairs_file(path: str | os.PathLike) -> PairsFile:
     """Read labelled pairs from a CSV (header row) or JSONL file (one object per line).
 
     Columns / fields: ``audio`` (or ``audio_key``), ``image`` (or ``image_key``), ``label`` (or
@@ -100,7 +121,7 @@ def read_pairs_file(path: str | os.PathLike) -> LabelledPairs:
     ``.json`` file holding a list of such objects is read too.
 
     Returns:
-        :class:`LabelledPairs` (``classes`` is ``None`` when no row names a class).
+        :class:`PairsFile` (``classes`` is ``None`` when no row names a class).
 
     Raises:
         InputDataError: unreadable file, missing columns, or a malformed row (named with its number).
@@ -156,8 +177,8 @@ def read_pairs_file(path: str | os.PathLike) -> LabelledPairs:
         cv = row.get(c) if c else None
         classes.append(str(cv).strip() if cv not in (None, "") else None)
     has_class = any(c is not None for c in classes)
-    return LabelledPairs(audio, image, np.array(labels, dtype=bool), classes if has_class else None,
-                         {"protocol": "pairs", "pairs_file": str(p), "pairs_in_file": len(rows)})
+    return PairsFile(audio, image, np.array(labels, dtype=bool), classes if has_class else None,
+                     {"protocol": "pairs", "pairs_file": str(p), "pairs_in_file": len(rows)})
 
 
 # ------------------------------------------------------------------------------- generated protocols
@@ -205,7 +226,19 @@ def _codes(a: Sequence[Any], b: Sequence[Any]) -> tuple[list[int], list[int]]:
 def _labels_of(store: Store, column: str) -> list[Any] | None:
     if column not in store.metadata_columns:
         return None
-    return [None if x is None else str(x) for x in store.metadata([column]).column(column).to_pylist()]
+    return [None if x in (None, "") else str(x) for x in store.metadata([column]).column(column).to_pylist()]
+
+
+def _class_codes(*label_lists: list[Any] | None) -> tuple[list[np.ndarray | None], list[str]]:
+    """Integer codes (-1 for ``None``) of several label lists over one vocabulary, and the vocabulary."""
+    vocab: dict[str, int] = {}
+    out: list[np.ndarray | None] = []
+    for labels in label_lists:
+        if labels is None:
+            out.append(None)
+            continue
+        out.append(np.array([-1 if x is None else vocab.setdefault(x, len(vocab)) for x in labels], dtype=np.int64))
+    return out, list(vocab)
 
 
 def shuffled_pairs(audio: Store, image: Store, *, negatives: int = 1, seed: int = 0, different_class: bool = False,
@@ -213,7 +246,7 @@ def shuffled_pairs(audio: Store, image: Store, *, negatives: int = 1, seed: int 
     """The shuffled-pair protocol: shared keys are the matched pairs; ``negatives`` seeded
     derangements of the images give the mismatched ones (duplicates across rounds dropped).
 
-    Pair classes (when both stores have ``label_column``): the audio's label.
+    Pair classes (when the audio store has ``label_column``): the audio's label.
 
     Raises:
         InputDataError: the stores share fewer than 2 keys.
@@ -222,34 +255,31 @@ def shuffled_pairs(audio: Store, image: Store, *, negatives: int = 1, seed: int 
     if negatives < 1:
         raise ConfigError(f"--negatives must be >= 1, got {negatives}")
     akeys = audio.keys()
-    ikeys = set(image.keys())
-    keys = [k for k in akeys if k in ikeys]
-    if len(keys) < 2:
-        raise InputDataError(f"{audio.path} and {image.path} share {len(keys)} key(s): the shuffled-pair protocol "
-                             f"needs true pairs with one key per (audio, image) pair. For stores of different samples "
-                             f"use --protocol label (matched = same label), or give --pairs FILE")
+    ikeys = image.keys()
+    image_row = {k: r for r, k in enumerate(ikeys)}
+    shared = [(r, image_row[k]) for r, k in enumerate(akeys) if k in image_row]
+    n = len(shared)
+    if n < 2:
+        raise InputDataError(f"{audio.path} and {image.path} share {n} key(s): the shuffled-pair protocol needs true "
+                             f"pairs with one key per (audio, image) pair. For stores of different samples use "
+                             f"--protocol label (matched = same label), or give --pairs FILE")
+    a_rows = np.array([a for a, _ in shared], dtype=np.int64)
+    i_rows = np.array([i for _, i in shared], dtype=np.int64)
     a_lab, i_lab = _labels_of(audio, label_column), _labels_of(image, label_column)
-    classes = None
-    if a_lab is not None:
-        a_map = dict(zip(akeys, a_lab, strict=True))
-        classes = [a_map[k] for k in keys]
-    img_classes = None
-    if i_lab is not None:
-        i_map = dict(zip(image.keys(), i_lab, strict=True))
-        img_classes = [i_map[k] for k in keys]
-    if different_class and (classes is None or img_classes is None):
+    if different_class and (a_lab is None or i_lab is None):
         raise ConfigError(f"--different-class needs a `{label_column}` column in both stores "
                           f"({audio.path}: {'yes' if a_lab is not None else 'no'}, "
                           f"{image.path}: {'yes' if i_lab is not None else 'no'})")
+    (a_codes, i_codes), names = _class_codes(a_lab, i_lab)
+    pair_a_cls = a_codes[a_rows] if a_codes is not None else None
     rng = np.random.default_rng(seed)
-    n = len(keys)
     seen: set[tuple[int, int]] = set()
     neg_a: list[int] = []
     neg_i: list[int] = []
     unmatched = duplicates = 0
     for _ in range(negatives):
-        perm = derangement(n, rng, classes if different_class else None,
-                           img_classes if different_class else None)
+        perm = derangement(n, rng, pair_a_cls.tolist() if different_class else None,
+                           i_codes[i_rows].tolist() if different_class else None)
         for i, j in enumerate(perm.tolist()):
             if j < 0:
                 unmatched += 1
@@ -262,11 +292,11 @@ def shuffled_pairs(audio: Store, image: Store, *, negatives: int = 1, seed: int 
     if unmatched:
         log.warning("shuffled protocol: %d of %d audio rows found no valid mismatched image%s", unmatched,
                     n * negatives, " of another class" if different_class else "")
-    a_idx = list(range(n)) + neg_a
-    i_idx = list(range(n)) + neg_i
+    a_idx = np.r_[np.arange(n), np.array(neg_a, dtype=np.int64)]
+    i_idx = np.r_[np.arange(n), np.array(neg_i, dtype=np.int64)]
     labels = np.r_[np.ones(n, bool), np.zeros(len(neg_a), bool)]
-    return LabelledPairs([keys[i] for i in a_idx], [keys[j] for j in i_idx], labels,
-                         [classes[i] for i in a_idx] if classes is not None else None,
+    return LabelledPairs(a_rows[a_idx], i_rows[i_idx], labels,
+                         pair_a_cls[a_idx] if pair_a_cls is not None else None, names,
                          {"protocol": "shuffled", "seed": seed, "negatives_per_positive": negatives,
                           "negatives_of": "another class" if different_class else "any other pair",
                           "shared_keys": n, "keys_only_in_audio": len(akeys) - n,
@@ -288,21 +318,49 @@ def label_pairs(audio: Store, image: Store, *, label_column: str = "label",
     if missing:
         raise ConfigError(f"--protocol label needs a `{label_column}` metadata column; missing in {', '.join(missing)} "
                           f"(choose the column with --label-column)")
-    a_rows = [r for r, x in enumerate(a_lab) if x not in (None, "")]
-    i_rows = [r for r, x in enumerate(i_lab) if x not in (None, "")]
+    (a_codes, i_codes), names = _class_codes(a_lab, i_lab)
+    a_rows = np.flatnonzero(a_codes >= 0)
+    i_rows = np.flatnonzero(i_codes >= 0)
     if len(a_rows) * len(i_rows) > max_pairs:
         raise ConfigError(f"--protocol label would score {len(a_rows)} x {len(i_rows)} = {len(a_rows) * len(i_rows)} "
                           f"pairs (limit {max_pairs}); use --protocol shuffled (stores with shared keys) or "
                           f"--pairs FILE")
-    akeys, ikeys = audio.keys(), image.keys()
     aa = np.repeat(a_rows, len(i_rows))
     ii = np.tile(i_rows, len(a_rows))
-    labels = np.array([a_lab[a] == i_lab[i] for a, i in zip(aa.tolist(), ii.tolist(), strict=True)], dtype=bool)
-    return LabelledPairs([akeys[a] for a in aa.tolist()], [ikeys[i] for i in ii.tolist()], labels,
-                         [a_lab[a] for a in aa.tolist()],
+    return LabelledPairs(aa, ii, a_codes[aa] == i_codes[ii], a_codes[aa], names,
                          {"protocol": "label", "label_column": label_column, "audio_rows": len(a_rows),
                           "image_rows": len(i_rows), "audio_rows_without_label": len(a_lab) - len(a_rows),
                           "image_rows_without_label": len(i_lab) - len(i_rows)})
+
+
+def file_pairs(audio: Store, image: Store, pairs: PairsFile) -> tuple[LabelledPairs, dict[str, Any]]:
+    """The pairs of a pairs file as store rows; pairs whose key is not in its store are left out.
+
+    Returns:
+        ``(pairs, skipped)``; ``skipped`` is ``{}`` or ``{"pairs_with_missing_key", "audio_keys_missing",
+        "image_keys_missing", "examples"}``.
+    """
+    ua, ui = sorted(set(pairs.audio_keys)), sorted(set(pairs.image_keys))
+    have_a, have_i = audio.keys_present(ua), image.keys_present(ui)
+    a_row = dict(zip(have_a, audio.rows_of(have_a).tolist(), strict=True)) if have_a else {}
+    i_row = dict(zip(have_i, image.rows_of(have_i).tolist(), strict=True)) if have_i else {}
+    keep = np.array([a in a_row and i in i_row for a, i in zip(pairs.audio_keys, pairs.image_keys, strict=True)],
+                    dtype=bool)
+    skipped: dict[str, Any] = {}
+    if not keep.all():
+        miss_a = [k for k in ua if k not in a_row]
+        miss_i = [k for k in ui if k not in i_row]
+        skipped = {"pairs_with_missing_key": int((~keep).sum()), "audio_keys_missing": len(miss_a),
+                   "image_keys_missing": len(miss_i), "examples": miss_a[:3] + miss_i[:3]}
+        log.warning("%s: %d pair(s) skipped, their key is not in the store (audio e.g. %s; image e.g. %s)",
+                    pairs.info.get("pairs_file"), int((~keep).sum()), miss_a[:3], miss_i[:3])
+    idx = np.flatnonzero(keep)
+    aa = np.array([a_row[pairs.audio_keys[k]] for k in idx], dtype=np.int64)
+    ii = np.array([i_row[pairs.image_keys[k]] for k in idx], dtype=np.int64)
+    codes, names = None, []
+    if pairs.classes is not None:
+        (codes,), names = _class_codes([pairs.classes[k] for k in idx])
+    return LabelledPairs(aa, ii, pairs.labels[idx], codes, names, pairs.info), skipped
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -347,20 +405,22 @@ def _check_space(audio: Store, image: Store, connector: Connector | None) -> Non
                                  f"({canonical_json(image.encoder)}) live in different embedding spaces; {hint}")
 
 
-def score_pairs(audio: Store, image: Store, audio_keys: Sequence[str], image_keys: Sequence[str],
+def score_pairs(audio: Store, image: Store, audio_rows: np.ndarray, image_rows: np.ndarray,
                 connector: Connector | None = None) -> np.ndarray:
-    """Cosine of each (audio, image) pair in the connected space: ``(N,)`` float64.
+    """Cosine of each (audio row, image row) pair in the connected space: ``(N,)`` float64.
 
-    Only the rows named are read (each once) and projected.
-
-    Raises:
-        StoreValidationError: a key is missing from its store.
+    Each distinct row is read (and projected) once, whatever the number of pairs it is in.
     """
-    ua, inv_a = np.unique(np.asarray(audio_keys, dtype=object).astype(str), return_inverse=True)
-    ui, inv_i = np.unique(np.asarray(image_keys, dtype=object).astype(str), return_inverse=True)
-    za = connected_embeddings(audio, audio.rows_of(ua.tolist()), connector)
-    zi = connected_embeddings(image, image.rows_of(ui.tolist()), connector)
-    return np.einsum("nd,nd->n", za[inv_a], zi[inv_i]).astype(np.float64)
+    ua, inv_a = np.unique(np.asarray(audio_rows, dtype=np.int64), return_inverse=True)
+    ui, inv_i = np.unique(np.asarray(image_rows, dtype=np.int64), return_inverse=True)
+    za = connected_embeddings(audio, ua, connector)
+    zi = connected_embeddings(image, ui, connector)
+    out = np.empty(len(inv_a), dtype=np.float64)
+    block = 1 << 20
+    for start in range(0, len(out), block):  # bounded memory for millions of pairs
+        sl = slice(start, start + block)
+        out[sl] = np.einsum("nd,nd->n", za[inv_a[sl]], zi[inv_i[sl]])
+    return out
 
 
 def binary_report(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -441,21 +501,7 @@ def evaluate_counterfactual(
     _check_space(a, i, conn)
     skipped: dict[str, Any] = {}
     if protocol == "pairs":
-        lp = read_pairs_file(pairs_file)
-        have_a, have_i = set(a.keys_present(sorted(set(lp.audio_keys)))), set(i.keys_present(
-            sorted(set(lp.image_keys))))
-        keep = np.array([ak in have_a and ik in have_i for ak, ik in zip(lp.audio_keys, lp.image_keys, strict=True)],
-                        dtype=bool)
-        if not keep.all():
-            miss_a = sorted({k for k in lp.audio_keys if k not in have_a})
-            miss_i = sorted({k for k in lp.image_keys if k not in have_i})
-            skipped = {"pairs_with_missing_key": int((~keep).sum()), "audio_keys_missing": len(miss_a),
-                       "image_keys_missing": len(miss_i), "examples": (miss_a[:3] + miss_i[:3])}
-            log.warning("%s: %d pair(s) skipped, their key is not in the store (audio e.g. %s; image e.g. %s)",
-                        pairs_file, int((~keep).sum()), miss_a[:3], miss_i[:3])
-            idx = np.flatnonzero(keep)
-            lp = LabelledPairs([lp.audio_keys[k] for k in idx], [lp.image_keys[k] for k in idx], lp.labels[idx],
-                               [lp.classes[k] for k in idx] if lp.classes is not None else None, lp.info)
+        lp, skipped = file_pairs(a, i, read_pairs_file(pairs_file))
         if not len(lp.labels):
             raise InputDataError(f"{pairs_file}: none of the pairs has both keys in {a.path} and {i.path} (are these "
                                  f"the right stores? pair keys are the stores' row keys)")
@@ -468,16 +514,19 @@ def evaluate_counterfactual(
         kind = "matched" if lp.labels.all() else "mismatched"
         raise InputDataError(f"all {len(lp.labels)} pairs are {kind}: AP and F1 need both matched and mismatched "
                              f"pairs ({lp.info.get('pairs_file') or 'protocol ' + protocol})")
-    scores = score_pairs(a, i, lp.audio_keys, lp.image_keys, conn)
+    scores = score_pairs(a, i, lp.audio_rows, lp.image_rows, conn)
     report = binary_report(scores, lp.labels)
     report["protocol"] = lp.info
-    if lp.classes is not None:
+    if lp.class_codes is not None:
         per_class: dict[str, Any] = {}
-        cls = np.array(["" if c is None else c for c in lp.classes], dtype=object)
-        for c in sorted(set(cls.tolist())):
-            m = cls == c
-            per_class[c or "(none)"] = binary_report(scores[m], lp.labels[m])
-        report["per_class"] = per_class
+        order = np.argsort(lp.class_codes, kind="stable")
+        codes = lp.class_codes[order]
+        bounds = np.flatnonzero(np.diff(codes)) + 1
+        for group in np.split(order, bounds):
+            code = int(lp.class_codes[group[0]])
+            name = lp.class_names[code] if code >= 0 else "(none)"
+            per_class[name] = binary_report(scores[group], lp.labels[group])
+        report["per_class"] = dict(sorted(per_class.items()))
         report["classes_scored"] = sum(1 for r in per_class.values() if r["AP"] is not None)
     report.update({"skipped": skipped, "audio_store": str(a.path), "image_store": str(i.path),
                    "connector": str(conn.path) if conn is not None else None,
