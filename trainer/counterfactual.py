@@ -1,4 +1,4 @@
-"""Counterfactual audio-image recognition (C-MCR paper, section 4.2; issue 15 item 3; docs/tasks.md).
+"""Counterfactual audio-image recognition (one of the C-MCR paper's audio-visual tasks; docs/tasks.md).
 
 Does a sound belong to an image at all? Every (audio, image) pair is scored by the cosine of its two
 embeddings in the connected space, and the scores are judged against matched / mismatched labels:
