@@ -315,7 +315,9 @@ def test_read_cmcr_csv_errors_name_the_row(tmp_path):
     p.write_text("key,x0,y0,x1,y1\na,1,2,3,4\nb,1,2,x,4\nb,1,2,3,4\nc,5,5,6,6\n")
     with pytest.raises(InputDataError, match=r"boxes.csv row 3: coordinate 2 is 'x'"):
         read_box_annotations(p)
-    assert set(read_box_annotations(p, strict=False)) == {"a", "c"}  # key b dropped whole
+    errors: list[str] = []
+    assert set(read_box_annotations(p, strict=False, errors=errors)) == {"a", "c"}  # key b dropped whole
+    assert len(errors) == 1 and "row 3" in errors[0]
     p.write_text("name,left,top\na,1,2\n")
     with pytest.raises(InputDataError, match="header with key,x0,y0,x1,y1"):
         read_box_annotations(p)

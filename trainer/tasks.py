@@ -516,8 +516,9 @@ def _check_box(box: Sequence[float], where: str) -> list[float]:
 class _Collector:
     """Adds entries to the result; in non-strict mode logs and skips a malformed one."""
 
-    def __init__(self, strict: bool) -> None:
+    def __init__(self, strict: bool, errors: list[str] | None = None) -> None:
         self.strict = strict
+        self.errors = errors
         self.out: dict[str, BoxAnnotation] = {}
         self.skipped = 0
 
@@ -530,6 +531,8 @@ class _Collector:
         if self.strict:
             raise err
         self.skipped += 1
+        if self.errors is not None:
+            self.errors.append(str(err))
         log.warning("skipped an annotation: %s", err)
 
 
@@ -676,7 +679,8 @@ def _read_csv(path: Path, col: _Collector) -> None:
                                    next((e[2] for e in entries if e[2]), label), where))
 
 
-def read_box_annotations(path: str | os.PathLike, *, strict: bool = True) -> dict[str, BoxAnnotation]:
+def read_box_annotations(path: str | os.PathLike, *, strict: bool = True,
+                         errors: list[str] | None = None) -> dict[str, BoxAnnotation]:
     """Read source-box annotations, keyed by sample key / image file stem.
 
     Accepted layouts (docs/tasks.md, "Annotation formats"):
@@ -699,6 +703,8 @@ def read_box_annotations(path: str | os.PathLike, *, strict: bool = True) -> dic
         path: a ``.json``/``.jsonl`` file, a ``.csv`` file, an ``.xml`` file or a folder of ``.xml`` files.
         strict: raise on the first malformed entry (default); if False, log a warning per malformed entry
             and skip it (a CSV key with one bad row is dropped whole).
+        errors: with ``strict=False``, a list that receives one message per skipped entry (to report
+            how many were skipped and why).
 
     Returns:
         ``{key: BoxAnnotation}``; convert to an image's pixels with :meth:`BoxAnnotation.pixel_boxes` and
@@ -709,7 +715,7 @@ def read_box_annotations(path: str | os.PathLike, *, strict: bool = True) -> dic
             the message names the file and the entry / row / box, and what was expected.
     """
     p = Path(path)
-    col = _Collector(strict)
+    col = _Collector(strict, errors)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".xml")
         if not files:
