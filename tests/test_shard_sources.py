@@ -205,3 +205,42 @@ def test_unknown_scheme_is_a_clear_error(tmp_path: Path) -> None:
     rep_error = pytest.raises(RemoteReadError, match=r"no opener for nosuch://")
     with rep_error:
         open_url("nosuch://host/a.tar")
+
+
+# ----------------------------------------------------------------------------------- encode from URLs
+def test_encode_reads_url_shards_once_each_and_resumes(tmp_path: Path, shard_server: StandInShardServer,
+                                                       tiny_clip) -> None:  # noqa: ANN001
+    from cmcr.pipeline.encode import encode_shards
+    from cmcr.stores.store import Store
+
+    enc = tiny_clip
+    write_shards(sorted((tmp_path / "www").glob("0000*.tar")), tmp_path / "www" / "resharded", samples_per_shard=2)
+    urls = f"{shard_server.url}/resharded/text/shard-{{000000..000002}}.tar"
+    rep = encode_shards(urls, enc, "text", tmp_path / "remote", batch_size=1, num_workers=2, progress=False)
+    assert rep.rows == 6 and rep.failures == 0 and rep.shards_done == 3
+    assert {k: v for k, v in shard_server.counts.items() if k.startswith("resharded")} == {
+        f"resharded/text/shard-00000{i}.tar": 1 for i in range(3)}  # one download per shard with 2 workers
+    local = encode_shards(tmp_path / "www" / "resharded" / "text", enc, "text", tmp_path / "local", batch_size=1,
+                          num_workers=0, progress=False)
+    assert local.rows == 6
+    remote, here = Store.open(tmp_path / "remote"), Store.open(tmp_path / "local")
+    assert list(remote.keys()) == list(here.keys())
+    assert (remote.embeddings() == here.embeddings()).all()
+    again = encode_shards(urls, enc, "text", tmp_path / "remote", num_workers=0, progress=False)
+    assert again.shards_skipped == 3 and again.rows == 0  # a URL already encoded is skipped
+
+
+def test_encode_records_a_failing_url_as_one_read_failure(tmp_path: Path, shard_server: StandInShardServer,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from cmcr.stores.store import Store
+
+    write_shards(tmp_path / "www" / "00000.tar", tmp_path / "www" / "sh")
+    ok, missing = f"{shard_server.url}/sh/text/shard-000000.tar", f"{shard_server.url}/sh/text/shard-000009.tar"
+    code = main(["encode", ok, missing, "-e", "open_clip:cmcr-tiny-clip@random", "-m", "text",
+                 "-s", str(tmp_path / "store"), "-j", "0", "--no-progress", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 3 and report["shards_failed"] == 1
+    (failure,) = Store.open(tmp_path / "store").failures().to_pylist()
+    assert failure["stage"] == "read" and failure["source"] == missing
+    assert "curl exited with status 22" in failure["error"] and missing in failure["error"]
