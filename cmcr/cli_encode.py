@@ -96,7 +96,8 @@ def _raise_failed_inputs(report, out: Path, error: type[Exception]) -> None:  # 
 
 def encode(
     shards: list[str] = typer.Argument(..., help="Shard folder(s), .tar files, globs or brace patterns "
-                                                 "(e.g. shards/image or 'shards/image/shard-{000000..000009}.tar')."),
+                                                 "(e.g. shards/image or 'shards/image/shard-{000000..000009}.tar'), "
+                                                 "or shard URLs ('pipe:CMD', http(s)://, s3://)."),
     encoder: str = typer.Option(..., "--encoder", "-e", help=SPEC_HELP),
     modality: str = typer.Option(..., "--modality", "-m",
                                  help="image or text (open_clip); audio or text (clap); 3d, image or text (ulip)."),
