@@ -144,3 +144,60 @@ def test_method_sections_named_in_code_exist() -> None:
             if number not in headings:
                 bad.append(f"{path.relative_to(ROOT)}: method.md section {number}")
     assert not bad, "sections of docs/method.md named in the code but missing:\n" + "\n".join(sorted(set(bad)))
+
+
+# ----------------------------------------------------------------------------------- generated output blocks
+def _blocks_module():
+    import sys
+
+    spec = importlib.util.spec_from_file_location("make_readme_blocks", DOCS / "make_readme_blocks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_readme_blocks"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_generated_block_has_its_markers_and_a_command() -> None:
+    m = _blocks_module()
+    assert "demo" in m.BLOCKS and m.BLOCKS["demo"].command[:2] == ("cmcr", "demo")
+    for name, block in m.BLOCKS.items():
+        text = (ROOT / block.doc).read_text()
+        assert text.count(f"<!-- BEGIN cmcr-output:{name} -->") == 1, f"{block.doc}: BEGIN marker of {name}"
+        assert text.count(f"<!-- END cmcr-output:{name} -->") == 1, f"{block.doc}: END marker of {name}"
+        assert name in m.blocks_in(text), f"{block.doc}: block {name} is not BEGIN, code fence, END"
+    for doc in MARKDOWN:  # no marker without a command that writes it
+        for name in re.findall(r"<!-- BEGIN cmcr-output:([\w.-]+) -->", doc.read_text()):
+            assert name in m.BLOCKS and m.BLOCKS[name].doc == str(doc.relative_to(ROOT)), f"{doc.name}: {name}"
+
+
+def test_rewriting_a_block_is_idempotent_and_touches_nothing_else() -> None:
+    m = _blocks_module()
+    readme = (ROOT / "README.md").read_text()
+    current = m.blocks_in(readme)["demo"]
+    assert m.rewrite(readme, "demo", current) == readme  # the README holds exactly what the script writes
+    raw = (ROOT / "tests" / "fixtures" / "demo_fast_output.txt").read_text()
+    once = m.rewrite(readme, "demo", m.clean_output(raw))
+    assert m.rewrite(once, "demo", m.clean_output(raw)) == once
+    assert m.clean_output(m.blocks_in(once)["demo"]) == m.blocks_in(once)["demo"]  # cleaning is a fixed point
+    before, after = readme.split("<!-- BEGIN cmcr-output:demo -->"), once.split("<!-- BEGIN cmcr-output:demo -->")
+    assert before[0] == after[0] and before[1].split("<!-- END cmcr-output:demo -->")[1] == \
+        after[1].split("<!-- END cmcr-output:demo -->")[1]
+
+
+def test_cleaning_the_demo_output() -> None:
+    m = _blocks_module()
+    out = m.clean_output((ROOT / "tests" / "fixtures" / "demo_fast_output.txt").read_text())
+    lines = out.splitlines()
+    assert lines[0].startswith("╭") and "RANDOM WEIGHTS" in lines[0]  # the panel stays
+    assert not any("━" in line or line.startswith(("WARNING", "─")) for line in lines)  # bars, logs, rules go
+    assert "  audio->image   56        2             56     0.018" in out  # table rows without their boxes
+    search = [line for line in lines if line.startswith("audio dog/sounds_dog_bark")]
+    assert search == ["audio dog/sounds_dog_bark (label dog) → images → elephant/coco_000000519208 (elephant, "
+                      "0.012), ..."]  # a wrapped search line joined, cut to its first hit
+    assert lines[-1] == "RANDOM WEIGHTS: NOT MEANINGFUL: the encoders were random-init; see the notes above."
+    try:
+        m.rewrite("no markers here", "demo", out)
+    except KeyError as e:
+        assert "cmcr-output:demo" in str(e)
+    else:
+        raise AssertionError("rewrite of a text without markers must fail")
