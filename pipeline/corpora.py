@@ -137,12 +137,24 @@ def _media_entries(files: list[tuple[Path, str]], label_of: Any) -> Iterator[Cor
 
 
 def read_folder(root: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
-    """Every media file under ``root`` (recursive, sorted); unknown extensions go to ``skipped``."""
+    """Every media file under ``root`` (recursive, sorted); unknown extensions go to ``skipped``.
+
+    Webdataset tars in the folder (``.tar``, ``.tar.gz``, ``.tgz``; e.g. img2dataset's output folder)
+    are read as tar inputs (:func:`read_tar`: their samples keep their own keys) after the media
+    files; img2dataset's sidecar files beside them (``NNNNN.parquet``, ``NNNNN_stats.json``) are
+    skipped silently.
+    """
     files = []
+    tars = []
     for p in sorted(root.rglob("*")):
         if p.is_dir() or any(part.startswith(".") for part in p.relative_to(root).parts):
             continue
         rel = p.relative_to(root).as_posix()
+        if p.name.endswith((".tar", ".tar.gz", ".tgz")):
+            tars.append(p)
+            continue
+        if _is_tar_sidecar(p):
+            continue
         if _ext(p) not in MODALITY_OF_EXTENSION:
             skipped.append(Skipped(rel, f"unknown extension {p.suffix or '(none)'}"))
             continue
@@ -156,6 +168,19 @@ def read_folder(root: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
         return parts[-2] if len(parts) > 1 else None
 
     yield from _media_entries(files, label)
+    for tar in tars:
+        yield from read_tar(tar, skipped)
+
+
+def _is_tar_sidecar(p: Path) -> bool:
+    """img2dataset's per-tar ``NNNNN.parquet`` / ``NNNNN_stats.json`` beside ``NNNNN.tar``."""
+    if p.name.endswith("_stats.json"):
+        stem = p.name[: -len("_stats.json")]
+    elif p.suffix == ".parquet":
+        stem = p.stem
+    else:
+        return False
+    return (p.parent / f"{stem}.tar").is_file()
 
 
 def _looks_like_path(line: str) -> bool:

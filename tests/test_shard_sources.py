@@ -244,3 +244,18 @@ def test_encode_records_a_failing_url_as_one_read_failure(tmp_path: Path, shard_
     (failure,) = Store.open(tmp_path / "store").failures().to_pylist()
     assert failure["stage"] == "read" and failure["source"] == missing
     assert "curl exited with status 22" in failure["error"] and missing in failure["error"]
+
+
+def test_an_img2dataset_output_folder_is_read_whole(tmp_path: Path) -> None:
+    folder = tmp_path / "cc3m"
+    folder.mkdir()
+    img2dataset_tar(folder / "00000.tar", dict(list(CAPTIONS.items())[:2]))
+    img2dataset_tar(folder / "00001.tar", dict(list(CAPTIONS.items())[2:]))
+    for stem in ("00000", "00001"):  # img2dataset's sidecars: not inputs, not reported
+        (folder / f"{stem}.parquet").write_bytes(b"PAR1")
+        (folder / f"{stem}_stats.json").write_text("{}")
+    (folder / "notes.md").write_text("x")
+    rep = write_shards(folder, tmp_path / "out")
+    assert rep.counts == {"image": 3, "text": 3}
+    assert [s.source for s in rep.skipped] == ["notes.md"]
+    assert [s["__key__"] for s in _samples(rep.shards["text"])] == list(CAPTIONS)
