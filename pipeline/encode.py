@@ -74,7 +74,7 @@ COMPUTE_PRECISION = "compute_precision"
 
 
 # ----------------------------------------------------------------------------------- reading
-def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path | str]:
     """Expand shard arguments: folders (their ``*.tar``, sorted), tar files, globs, brace ranges, and shard
     URLs (``pipe:CMD``, ``http(s)://``, ``s3://`` ...: :mod:`cmcr.pipeline.openers`), which stay strings
     (brace ranges expanded; not checked here: a URL that cannot be read is one recorded ``read`` failure).
@@ -88,10 +88,10 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
     from braceexpand import braceexpand
 
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    out: list[Path] = []
+    out: list[Path | str] = []
     for item in items:
         if is_url(item):
-            out.extend(expand_url(str(item)))  # type: ignore[arg-type]  # URLs stay strings
+            out.extend(expand_url(str(item)))  # URLs stay strings
             continue
         for s in braceexpand(str(item)):
             p = Path(s)
