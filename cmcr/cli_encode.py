@@ -25,8 +25,10 @@ SPEC_HELP = (
 
 
 def shard(
-    inputs: list[Path] = typer.Argument(..., help="Folders, .txt lists (paths or captions), .csv/.tsv/.jsonl tables, "
-                                                  "or existing .tar shards (resharded)."),
+    inputs: list[str] = typer.Argument(..., help="Folders, .txt lists (paths or captions), .csv/.tsv/.jsonl tables, "
+                                                 "existing .tar shards (resharded; image+caption tars give paired "
+                                                 "image and text shards), or shard URLs: 'pipe:CMD', http(s)://, "
+                                                 "s3:// (brace ranges expanded)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards go to OUT/<modality>/shard-NNNNNN.tar."),
     samples_per_shard: int = typer.Option(1000, "--samples-per-shard", "-n", min=1, help="Samples per shard."),
     modality: str | None = typer.Option(None, help="Keep only this modality (image, audio, text, 3d)."),
@@ -48,7 +50,11 @@ def shard(
     .obj, .off, .stl, .glb); README/LICENSE-named text files in media folders are skipped, not captions.
 
     Example: cmcr shard cmcr/data/sample/images cmcr/data/sample/audio --out shards -n 1000
+
+    Remote img2dataset shards: cmcr shard 'https://host/cc3m/{00000..00099}.tar' --out shards
+    (-> shards/image + shards/text, paired by key; an input that cannot be read is reported and exits 1).
     """
+    from cmcr.errors import InputDataError
     from cmcr.pipeline.shards import write_shards
 
     _set_limits(CMCR_MAX_MEMBER_BYTES=max_member_bytes, CMCR_MAX_SAMPLE_BYTES=max_sample_bytes)
@@ -56,6 +62,7 @@ def shard(
                           path_column=path_column, key_column=key_column, label_column=label_column)
     if as_json:
         _print_json(report.to_json())
+        _raise_failed_inputs(report, out, InputDataError)
         return
     table = Table(title=f"shards in {out}")
     for col in ("modality", "samples", "shards", "folder"):
@@ -74,11 +81,23 @@ def shard(
             console.print(f"  {s.source}: {s.reason}", highlight=False, markup=False)
         if len(skipped) > 20:
             console.print(f"  ... and {len(skipped) - 20} more (run with -v to log all)")
+    _raise_failed_inputs(report, out, InputDataError)
+
+
+def _raise_failed_inputs(report, out: Path, error: type[Exception]) -> None:  # noqa: ANN001
+    """Exit 1 naming every input that could not be read (the others were sharded)."""
+    if report.failed:
+        lines = "; ".join(s.reason for s in report.failed[:5])
+        more = f" (and {len(report.failed) - 5} more)" if len(report.failed) > 5 else ""
+        raise error(f"{len(report.failed)} input(s) could not be read to their end: {lines}{more}. The other inputs "
+                    f"were sharded into {out} (the failures are listed in its shards.json, failed_inputs); fix them "
+                    f"and rerun the same command (the same inputs give the same shards)")
 
 
 def encode(
     shards: list[str] = typer.Argument(..., help="Shard folder(s), .tar files, globs or brace patterns "
-                                                 "(e.g. shards/image or 'shards/image/shard-{000000..000009}.tar')."),
+                                                 "(e.g. shards/image or 'shards/image/shard-{000000..000009}.tar'), "
+                                                 "or shard URLs ('pipe:CMD', http(s)://, s3://)."),
     encoder: str = typer.Option(..., "--encoder", "-e", help=SPEC_HELP),
     modality: str = typer.Option(..., "--modality", "-m",
                                  help="image or text (open_clip); audio or text (clap); 3d, image or text (ulip)."),

@@ -77,3 +77,9 @@ class HubUnreachableError(EncoderError):
 class HubFileError(EncoderError):
     """The model hub was reached but does not have the file (missing repo, file or revision), served a
     broken one, or the locally cached copy is corrupt."""
+
+
+class RemoteReadError(InputDataError, OSError):
+    """A shard URL (``pipe:``, ``http(s)://``, ``s3://`` ...) could not be opened or read to its end
+    (the message names the URL, the opener's exit status explained, and the fix). Also an
+    :class:`OSError`, so the readers that record an unreadable shard as one failure record it too."""

@@ -3,7 +3,7 @@
 :class:`SearchService` is what ``cmcr serve`` (HTTP) wraps: it loads the connector, opens every
 gallery (a store projected by that connector, with its FAISS index when there is one) and the
 query encoders **once**, then answers queries by text, uploaded media or the key of a stored row in
-milliseconds. The same class answers ``cmcr search`` queries (design.md, Serving).
+milliseconds. The same class answers ``cmcr search`` queries (docs/serve.md).
 
 A query is embedded by a query encoder, projected by the connector side that accepts that encoder's
 identity and modality (paper §3.2: both projectors map into one connected space) and compared by

@@ -1,6 +1,6 @@
 """laion_clap adapter: audio and text embeddings (HTSAT-tiny / HTSAT-base; fusion or not).
 
-Offline safety (dependencies.md §4):
+Offline safety (docs/encode.md, "CLAP specifics"):
 
 * ``laion_clap`` is imported lazily, only when a CLAP encoder is built, and with the tokenizer
   ``from_pretrained`` calls it makes at import time (``training/data.py``) stubbed, so the import
@@ -142,7 +142,7 @@ def _load_tokenizer_dir(d: Path, min_vocab: int) -> Any:
         raise EncoderError(f"CLAP tokenizer folder {d} lacks {missing}; it needs roberta-base's vocab.json and "
                            f"merges.txt (pass --clap-tokenizer DIR or set {TOKENIZER_ENV})")
     # from_pretrained(<dir>) reads the files; RobertaTokenizer(vocab_file=...) silently ignores
-    # them in transformers 5 (dependencies.md pitfall 6).
+    # them in transformers 5 (a silent 5-token tokenizer otherwise; see the vocabulary check below).
     tok = RobertaTokenizer.from_pretrained(str(d), local_files_only=True)
     if len(tok) < min_vocab:
         raise EncoderError(f"CLAP tokenizer in {d} has only {len(tok)} tokens, expected roberta-base's 50265 "

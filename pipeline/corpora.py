@@ -41,8 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmcr.errors import InputDataError
-from cmcr.pipeline.media import MODALITY_OF_EXTENSION, is_documentation, modality_of_extension
+from cmcr.errors import InputDataError, RemoteReadError
+from cmcr.pipeline.media import (
+    MEDIA_EXTENSIONS,
+    MODALITY_OF_EXTENSION,
+    is_documentation,
+    media_member,
+)
+from cmcr.pipeline.openers import close_url, describe_read_error, is_url, open_url
 from cmcr.pipeline.text import TEXT_EXTENSIONS
 
 TEXT_COLUMNS = ("text", "caption", "sentence")
@@ -99,10 +105,16 @@ class CorpusEntry:
 
 @dataclass
 class Skipped:
-    """An input entry that did not become a sample, and why."""
+    """An input entry that did not become a sample, and why.
+
+    Attributes:
+        failed: the whole input (a tar or a URL) could not be read to its end: a failure, reported
+            apart from the entries skipped on purpose (``ShardReport.failed``).
+    """
 
     source: str
     reason: str
+    failed: bool = False
 
 
 def _ext(p: Path | str) -> str:
@@ -125,12 +137,24 @@ def _media_entries(files: list[tuple[Path, str]], label_of: Any) -> Iterator[Cor
 
 
 def read_folder(root: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
-    """Every media file under ``root`` (recursive, sorted); unknown extensions go to ``skipped``."""
+    """Every media file under ``root`` (recursive, sorted); unknown extensions go to ``skipped``.
+
+    Webdataset tars in the folder (``.tar``, ``.tar.gz``, ``.tgz``; e.g. img2dataset's output folder)
+    are read as tar inputs (:func:`read_tar`: their samples keep their own keys) after the media
+    files; img2dataset's sidecar files beside them (``NNNNN.parquet``, ``NNNNN_stats.json``) are
+    skipped silently.
+    """
     files = []
+    tars = []
     for p in sorted(root.rglob("*")):
         if p.is_dir() or any(part.startswith(".") for part in p.relative_to(root).parts):
             continue
         rel = p.relative_to(root).as_posix()
+        if p.name.endswith((".tar", ".tar.gz", ".tgz")):
+            tars.append(p)
+            continue
+        if _is_tar_sidecar(p):
+            continue
         if _ext(p) not in MODALITY_OF_EXTENSION:
             skipped.append(Skipped(rel, f"unknown extension {p.suffix or '(none)'}"))
             continue
@@ -144,6 +168,19 @@ def read_folder(root: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
         return parts[-2] if len(parts) > 1 else None
 
     yield from _media_entries(files, label)
+    for tar in tars:
+        yield from read_tar(tar, skipped)
+
+
+def _is_tar_sidecar(p: Path) -> bool:
+    """img2dataset's per-tar ``NNNNN.parquet`` / ``NNNNN_stats.json`` beside ``NNNNN.tar``."""
+    if p.name.endswith("_stats.json"):
+        stem = p.name[: -len("_stats.json")]
+    elif p.suffix == ".parquet":
+        stem = p.stem
+    else:
+        return False
+    return (p.parent / f"{stem}.tar").is_file()
 
 
 def _looks_like_path(line: str) -> bool:
@@ -301,8 +338,11 @@ class TarLimits:
         return cls(**values)
 
 
-def iter_tar_samples(path: Path, limits: TarLimits | None = None) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(path: str | os.PathLike, limits: TarLimits | None = None) -> Iterator[dict[str, Any]]:
     """Stream a webdataset tar: one dict per sample, ``{"__key__": key, ext: bytes, ...}``.
+
+    ``path`` is a local file or a URL (``pipe:``, ``http(s)://``, ``s3://`` ...; opened by
+    :func:`cmcr.pipeline.openers.open_url` and read as a stream, never downloaded whole first).
 
     Members are grouped by key as webdataset does (consecutive members sharing the key; extensions
     lower-cased). A sample that cannot be trusted comes back as ``{"__key__": key, "__error__": why}``
@@ -321,64 +361,108 @@ def iter_tar_samples(path: Path, limits: TarLimits | None = None) -> Iterator[di
 
     Raises:
         tarfile.TarError, OSError, EOFError: a corrupt or truncated tar (the samples before it were yielded).
+        RemoteReadError: (an ``OSError``) a URL that cannot be opened or read to its end, or whose opener
+            (curl, the pipe's command) failed; the message names the URL, the cause and the fix.
     """
     limits = limits or TarLimits.from_env()
-    name = Path(path).name
+    if is_url(path):
+        yield from _iter_url_samples(str(path), limits)
+        return
+    with tarfile.open(path, mode="r|*") as tf:
+        yield from _iter_tarfile(tf, Path(path).name, limits)
+
+
+def _iter_url_samples(url: str, limits: TarLimits) -> Iterator[dict[str, Any]]:
+    """:func:`iter_tar_samples` of a URL: stream it, then check that its opener ended well."""
+    stream = open_url(url)
+    finished = False
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tf:
+            yield from _iter_tarfile(tf, url, limits)
+        finished = True
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise RemoteReadError(describe_read_error(url, stream, e)) from e
+    finally:
+        if not finished:  # an error (described above) or the consumer stopped early: nothing more to check
+            close_url(url, stream, drain=False)
+    error = close_url(url, stream, drain=True)
+    if error is not None:
+        raise RemoteReadError(error)
+
+
+def _iter_tarfile(tf: tarfile.TarFile, name: str, limits: TarLimits) -> Iterator[dict[str, Any]]:
+    """The samples of an open streaming tar (see :func:`iter_tar_samples`); ``name`` names it in errors."""
     current: dict[str, Any] | None = None
     size = 0
-    with tarfile.open(path, mode="r|*") as tf:
-        for member in tf:
-            tf.members = []  # streaming: do not keep every header of a large tar
-            if member.isdir():
-                continue
-            m = WDS_NAME.match(member.name)
-            if not m:
-                continue
-            key, ext = m.group(1), m.group(2).lower()
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-                size = 0
-            if "__error__" in current:
-                continue
-            error = None
-            if not member.isfile():
-                kind = ("a symlink" if member.issym() else "a hard link" if member.islnk() else "not a regular file")
-                target = f" (to {member.linkname})" if member.linkname else ""
-                error = (f"{name}: member {member.name} is {kind}{target}; shards hold regular files only "
-                         f"(re-shard the data with `cmcr shard`)")
-            elif ext in current:
-                error = (f"{name}: duplicate member {member.name} in sample {key!r} (a sample holds one member "
-                         f"per extension; merging them would mix two samples); re-shard the data with `cmcr shard`")
-            elif member.size > limits.max_member_bytes:
-                error = (f"{name}: member {member.name} is {member.size} bytes, above the limit of "
-                         f"{limits.max_member_bytes} bytes per member (raise it with --max-member-bytes or "
-                         f"{MAX_MEMBER_BYTES_ENV})")
-            elif size + member.size > limits.max_sample_bytes:
-                error = (f"{name}: sample {key!r} is over {size + member.size} bytes at member {member.name}, "
-                         f"above the limit of {limits.max_sample_bytes} bytes per sample (raise it with "
-                         f"--max-sample-bytes or {MAX_SAMPLE_BYTES_ENV})")
-            if error is not None:
-                current = {"__key__": key, "__error__": error}
-                continue
-            f = tf.extractfile(member)
-            data = f.read(member.size) if f is not None else b""
-            size += len(data)
-            current[ext] = data
+    for member in tf:
+        tf.members = []  # streaming: do not keep every header of a large tar
+        if member.isdir():
+            continue
+        m = WDS_NAME.match(member.name)
+        if not m:
+            continue
+        key, ext = m.group(1), m.group(2).lower()
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key}
+            size = 0
+        if "__error__" in current:
+            continue
+        error = None
+        if not member.isfile():
+            kind = ("a symlink" if member.issym() else "a hard link" if member.islnk() else "not a regular file")
+            target = f" (to {member.linkname})" if member.linkname else ""
+            error = (f"{name}: member {member.name} is {kind}{target}; shards hold regular files only "
+                     f"(re-shard the data with `cmcr shard`)")
+        elif ext in current:
+            error = (f"{name}: duplicate member {member.name} in sample {key!r} (a sample holds one member "
+                     f"per extension; merging them would mix two samples); re-shard the data with `cmcr shard`")
+        elif member.size > limits.max_member_bytes:
+            error = (f"{name}: member {member.name} is {member.size} bytes, above the limit of "
+                     f"{limits.max_member_bytes} bytes per member (raise it with --max-member-bytes or "
+                     f"{MAX_MEMBER_BYTES_ENV})")
+        elif size + member.size > limits.max_sample_bytes:
+            error = (f"{name}: sample {key!r} is over {size + member.size} bytes at member {member.name}, "
+                     f"above the limit of {limits.max_sample_bytes} bytes per sample (raise it with "
+                     f"--max-sample-bytes or {MAX_SAMPLE_BYTES_ENV})")
+        if error is not None:
+            current = {"__key__": key, "__error__": error}
+            continue
+        f = tf.extractfile(member)
+        data = f.read(member.size) if f is not None else b""
+        size += len(data)
+        current[ext] = data
     if current is not None:
         yield current
 
 
-def read_tar(path: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
-    """Samples of an existing webdataset tar, for resharding (keys made safe, ``json`` kept)."""
+def read_tar(path: str | os.PathLike, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
+    """Samples of an existing webdataset tar (a local file or a URL), for resharding.
+
+    Every modality present in a sample becomes one entry of that modality under the sample's key
+    (made safe), so the shard folders it lands in pair by key. This is how image+caption tars in
+    img2dataset's layout (``KEY.jpg`` + ``KEY.txt`` [+ ``KEY.json``]) keep their captions: the image
+    goes to the image shards, the caption to the text shards (same key), and ``cmcr encode`` of the
+    two folders gives two stores paired by key. The caption is also kept as ``caption`` in the
+    image's metadata when its ``json`` has none. A sample with two members of one modality (``jpg``
+    and ``png``) uses the first in :data:`~cmcr.pipeline.media.MEDIA_EXTENSIONS` order. Blank
+    captions and captions that are not UTF-8 are skipped and reported (the image is kept).
+
+    ``json`` metadata is kept (every entry of the sample gets it; ``key`` and ``modality`` are
+    set by the shard writer). An unreadable tar or URL (corrupt, truncated, 404, a failing
+    ``pipe:`` command) is recorded as a failed input (``Skipped(..., failed=True)``): the samples
+    read before the error are kept.
+    """
+    url = is_url(path)
+    name = str(path) if url else Path(path).name
     try:
         empty = True
         for sample in iter_tar_samples(path):
             empty = False
             key = sample["__key__"]
             if "__error__" in sample:
-                skipped.append(Skipped(f"{path.name}:{key}", sample["__error__"]))
+                skipped.append(Skipped(f"{name}:{key}", sample["__error__"]))
                 continue
             meta: dict[str, Any] = {}
             if "json" in sample:
@@ -386,27 +470,51 @@ def read_tar(path: Path, skipped: list[Skipped]) -> Iterator[CorpusEntry]:
                     meta = json.loads(sample["json"])
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     meta = {}
-            payload = [e for e in sample if e != "__key__" and modality_of_extension(e) is not None]
-            if not payload:
-                skipped.append(Skipped(f"{path.name}:{key}", f"no media member (found {sorted(sample)[1:]})"))
+                if not isinstance(meta, dict):
+                    meta = {}
+            members = {m: media_member(sample, m) for m in MEDIA_EXTENSIONS}
+            members = {m: e for m, e in members.items() if e is not None}
+            if not members:
+                skipped.append(Skipped(f"{name}:{key}", f"no media member (found {sorted(sample)[1:]})"))
                 continue
-            ext = payload[0]
-            meta.setdefault("source", meta.get("source") or f"{path.name}:{key}")
+            meta.setdefault("source", meta.get("source") or f"{name}:{key}")
             meta.setdefault("label", None)
-            yield CorpusEntry(key=safe_key(key), modality=str(modality_of_extension(ext)), ext=ext,
-                              data=sample[ext], meta=meta)
+            caption = None
+            if "text" in members:
+                try:
+                    caption = sample[members["text"]].decode("utf-8-sig")
+                except UnicodeDecodeError as e:
+                    skipped.append(Skipped(f"{name}:{key}", f"caption {key}.{members['text']} is not UTF-8 ({e})"))
+                    del members["text"]
+                else:
+                    if not caption.strip():
+                        skipped.append(Skipped(f"{name}:{key}", f"empty or whitespace-only caption "
+                                                                f"{key}.{members['text']}"))
+                        del members["text"]
+                        caption = None
+            for modality, ext in members.items():
+                entry_meta = dict(meta)
+                if modality != "text" and caption is not None and "text" in members:
+                    entry_meta.setdefault("caption", caption)
+                yield CorpusEntry(key=safe_key(key), modality=modality, ext=ext,
+                                  data=sample[ext], meta=entry_meta)
         if empty:
             skipped.append(Skipped(str(path), "empty tar: no samples"))
     except (tarfile.TarError, OSError, EOFError) as e:
-        skipped.append(Skipped(str(path), f"unreadable tar ({type(e).__name__}: {e}); samples after the error lost"))
+        why = str(e) if isinstance(e, RemoteReadError) else (
+            f"{path}: unreadable tar ({type(e).__name__}: {e})")
+        skipped.append(Skipped(str(path), f"{why}; samples after the error lost", failed=True))
 
 
-def read_corpus(source: Path, skipped: list[Skipped], **table_kwargs: Any) -> Iterator[CorpusEntry]:
-    """Dispatch on what ``source`` is: folder, list file, table, or tar.
+def read_corpus(source: str | os.PathLike, skipped: list[Skipped], **table_kwargs: Any) -> Iterator[CorpusEntry]:
+    """Dispatch on what ``source`` is: folder, list file, table, tar, or a tar's URL (``pipe:``,
+    ``http(s)://``, ``s3://`` ...: :mod:`cmcr.pipeline.openers`; brace ranges are expanded by the caller).
 
     Raises:
         InputDataError: ``source`` does not exist or is of an unknown kind.
     """
+    if is_url(source):
+        return read_tar(str(source), skipped)
     source = Path(source)
     if source.is_dir():
         return read_folder(source, skipped)
@@ -420,7 +528,8 @@ def read_corpus(source: Path, skipped: list[Skipped], **table_kwargs: Any) -> It
     if suffix == ".tar" or source.name.endswith((".tar.gz", ".tgz")):
         return read_tar(source, skipped)
     raise InputDataError(
-        f"input {source}: unknown kind {suffix!r}; expected a folder, {LIST_SUFFIXES}, {TABLE_SUFFIXES} or .tar"
+        f"input {source}: unknown kind {suffix!r}; expected a folder, {LIST_SUFFIXES}, {TABLE_SUFFIXES}, .tar or "
+        f"a shard URL (pipe:, http(s)://, s3://)"
     )
 
 

@@ -45,6 +45,7 @@ from cmcr.pipeline.audio import SampleError
 from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
 from cmcr.pipeline.media import MEDIA_EXTENSIONS, media_member
+from cmcr.pipeline.openers import expand_url, is_url, url_name
 from cmcr.pipeline.pointcloud import PointCloudDecoding, decode_points
 from cmcr.pipeline.stageclock import decode_seconds
 from cmcr.stores.files import progress_options, sha256_file
@@ -73,8 +74,10 @@ COMPUTE_PRECISION = "compute_precision"
 
 
 # ----------------------------------------------------------------------------------- reading
-def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand shard arguments: folders (their ``*.tar``, sorted), tar files, globs, brace ranges.
+def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path | str]:
+    """Expand shard arguments: folders (their ``*.tar``, sorted), tar files, globs, brace ranges, and shard
+    URLs (``pipe:CMD``, ``http(s)://``, ``s3://`` ...: :mod:`cmcr.pipeline.openers`), which stay strings
+    (brace ranges expanded; not checked here: a URL that cannot be read is one recorded ``read`` failure).
 
     Raises:
         InputDataError: nothing found (names what was looked at), or a folder whose ``shards.json``
@@ -85,8 +88,11 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
     from braceexpand import braceexpand
 
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    out: list[Path] = []
+    out: list[Path | str] = []
     for item in items:
+        if is_url(item):
+            out.extend(expand_url(str(item)))  # URLs stay strings
+            continue
         for s in braceexpand(str(item)):
             p = Path(s)
             if p.is_dir():
@@ -102,8 +108,17 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
                 out.extend(Path(h) for h in hits)
     if not out:
         raise InputDataError(f"no .tar shards found in {items}; make them with `cmcr shard`")
-    seen: set[Path] = set()
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+    seen: set[Path | str] = set()
+    return [p for p in out if not (_resolved(p) in seen or seen.add(_resolved(p)))]
+
+
+def _resolved(p: Path | str) -> Path | str:
+    return p if is_url(p) else Path(p).resolve()
+
+
+def shard_name(path: str | os.PathLike) -> str:
+    """A shard's file name (a URL's last path part) for progress bars and messages."""
+    return url_name(str(path)) if is_url(path) else Path(path).name
 
 
 def _check_index_complete(folder: Path) -> None:
@@ -138,7 +153,7 @@ def check_shards_modality(paths: Sequence[Path], modality: str) -> None:
     Raises:
         InputDataError: names the folder, the recorded and the requested modality, and the fix.
     """
-    for folder in sorted({Path(p).parent for p in paths}):
+    for folder in sorted({Path(p).parent for p in paths if not is_url(p)}):
         try:
             recorded = json.loads((folder / "shards.json").read_text()).get("modality")
         except (OSError, ValueError, AttributeError):
@@ -160,9 +175,9 @@ def check_shards_modality(paths: Sequence[Path], modality: str) -> None:
 
 
 def shard_source(path: str | os.PathLike) -> str:
-    """A shard's absolute path: the ``source`` of its failure records (for humans; see
+    """A shard's absolute path (a URL as it is): the ``source`` of its failure records (for humans; see
     :func:`shard_identity` for the part's ``source``)."""
-    return str(Path(path).resolve())
+    return str(path) if is_url(path) else str(Path(path).resolve())
 
 
 _IDENTITY_CACHE: dict[tuple[str, int, int, int], str] = {}
@@ -177,9 +192,14 @@ def shard_identity(path: str | os.PathLike) -> str:
     index lists this file with the same size and was written after the shard (a shard changed
     later is hashed instead); otherwise the file is hashed (~1 s per GB), once per process.
 
+    A shard URL's identity is the URL itself: its content is not read twice to hash it, so a rerun
+    skips URLs already encoded (content changed behind a URL is not noticed: encode into a new store).
+
     Raises:
         OSError: the shard cannot be read.
     """
+    if is_url(path):
+        return str(path)
     p = Path(path)
     st = p.stat()
     ck = (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
@@ -283,7 +303,7 @@ def check_changed_shards(todo: Sequence[Path], idents: Sequence[str], store: Sto
         name, sep, digest = src.rpartition("#")
         if sep:
             by_name.setdefault(name, []).append(digest)
-    suspects = [(p, ident) for p, ident in zip(todo, idents, strict=True) if "#" in ident
+    suspects = [(p, ident) for p, ident in zip(todo, idents, strict=True) if "#" in ident and not is_url(p)
                 and ident.rpartition("#")[0] in by_name]
     if not suspects:
         return
@@ -308,8 +328,9 @@ def check_changed_shards(todo: Sequence[Path], idents: Sequence[str], store: Sto
 
 
 def iter_shard_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """The samples of one webdataset shard, in tar order (see :func:`cmcr.pipeline.corpora.iter_tar_samples`)."""
-    return iter_tar_samples(Path(path))
+    """The samples of one webdataset shard (a file or a URL), in tar order (see
+    :func:`cmcr.pipeline.corpora.iter_tar_samples`)."""
+    return iter_tar_samples(str(path) if is_url(path) else Path(path))
 
 
 # ----------------------------------------------------------------------------------- preprocessing
@@ -511,7 +532,7 @@ def media_roots_of_shards(paths: Sequence[str | os.PathLike]) -> list[str]:
     them, written by ``cmcr shard``): their rows' ``source`` paths are relative to one of these.
     ``[]`` when no index records any (tars made elsewhere)."""
     roots: set[str] = set()
-    for folder in {Path(p).parent for p in paths}:
+    for folder in {Path(p).parent for p in paths if not is_url(p)}:
         try:
             index = json.loads((folder / "shards.json").read_text())
         except (OSError, ValueError):
@@ -676,12 +697,14 @@ class ShardBatches(IterableDataset):
 
     Yields dicts: ``{"kind": "batch", "shard": i, "batch": b, "prepared": Prepared, "collated": ...}``
     for the batches of this worker (``b % num_workers == worker_id``), and for every shard one
-    ``{"kind": "end", "shard": i, "batches": n, "error": str | None}`` per worker.
+    ``{"kind": "end", "shard": i, "batches": n, "error": str | None}`` per worker. A shard URL is read
+    once, by worker ``i % num_workers`` (every batch of it); the other workers end it with ``batches:
+    None``, so a remote shard is downloaded once while several URLs download in parallel.
     """
 
     def __init__(self, shards: Sequence[Path], preprocess: Callable[[Any], tuple[Any, dict]], modality: str,
                  batch_size: int, pointcloud: PointCloudDecoding | None = None):
-        self.shards = [Path(s) for s in shards]
+        self.shards = [s if is_url(s) else Path(s) for s in shards]
         self.preprocess = preprocess
         self.modality = modality
         self.batch_size = batch_size
@@ -692,20 +715,26 @@ class ShardBatches(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for i, shard in enumerate(self.shards):
             source = shard_source(shard)
+            stride, slot = nw, wid
+            if is_url(shard):
+                if i % nw != wid:
+                    yield {"kind": "end", "shard": i, "batches": None, "error": None}
+                    continue
+                stride, slot = 1, 0
             b, chunk, error = 0, [], None
             tr = time.perf_counter()
             try:
                 for sample in iter_shard_samples(shard):
                     chunk.append(sample)
                     if len(chunk) == self.batch_size:
-                        if b % nw == wid:
+                        if b % stride == slot:
                             yield self._batch(i, b, chunk, source, time.perf_counter() - tr)
                         b, chunk = b + 1, []
                         tr = time.perf_counter()
             except (tarfile.TarError, OSError, EOFError) as e:
                 error = f"unreadable shard ({type(e).__name__}: {e})"
             if chunk:
-                if b % nw == wid:
+                if b % stride == slot:
                     yield self._batch(i, b, chunk, source, time.perf_counter() - tr)
                 b += 1
             yield {"kind": "end", "shard": i, "batches": b, "error": error}
@@ -980,10 +1009,11 @@ def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: 
                 live_failures += len(prepared.failures) + len(fails)
                 elapsed = time.perf_counter() - t0
                 bar.update(task, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),
-                           failures=live_failures, shard=todo[i].name)
+                           failures=live_failures, shard=shard_name(todo[i]))
             else:
                 st["ends"] += 1
-                st["n"] = msg["batches"]
+                if msg["batches"] is not None:  # None: a worker that did not read this (URL) shard
+                    st["n"] = msg["batches"]
                 st["error"] = st["error"] or msg["error"]
             if st["ends"] == n_workers and len(st["batches"]) >= (st["n"] or 0):
                 batches = [st["batches"][b] for b in range(st["n"])]
@@ -991,6 +1021,6 @@ def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: 
                 del pending[i]
                 elapsed = time.perf_counter() - t0
                 bar.update(task, advance=1, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),
-                           failures=report.failures, shard=todo[i].name)
+                           failures=report.failures, shard=shard_name(todo[i]))
     if pending:  # a worker died: those shards have no part; a rerun retries them
-        log.error("%d shard(s) did not complete: %s", len(pending), [todo[i].name for i in pending])
+        log.error("%d shard(s) did not complete: %s", len(pending), [shard_name(todo[i]) for i in pending])

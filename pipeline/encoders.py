@@ -16,7 +16,7 @@ Spec syntax (``FAMILY:ARCHITECTURE[@WEIGHTS]``)::
     ulip:PointBERT@random                   full-size ULIP-2 PointBERT, random init
     ulip:cmcr-tiny-ulip@random              the tiny ULIP test configuration
 
-An :class:`Encoder` splits its work the way the encode loop needs it (design.md, Encoders):
+An :class:`Encoder` splits its work the way the encode loop needs it (docs/encode.md):
 :meth:`Encoder.preprocessor` returns a small picklable CPU-side callable used inside DataLoader
 workers, :meth:`Encoder.collate` stacks preprocessed items, :meth:`Encoder.embed` runs the model on
 the device and returns L2-normalised float32 rows. :meth:`Encoder.encode` chains them for small

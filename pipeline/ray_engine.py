@@ -56,6 +56,7 @@ from cmcr.pipeline.encode import (
     media_roots_of_shards,
     open_store,
     progress_bar,
+    shard_name,
     shard_source,
     shards_to_do,
 )
@@ -135,7 +136,7 @@ def _read_and_preprocess(row: dict[str, Any], *, preprocess: Any, modality: str,
     torch.set_num_threads(1)
     i = int(row["shard"])
     source = shard_source(row["path"])
-    for msg in ShardBatches([Path(row["path"])], preprocess, modality, batch_size, pointcloud):
+    for msg in ShardBatches([row["path"]], preprocess, modality, batch_size, pointcloud):
         if msg["kind"] == "batch":
             payload = pickle.dumps((source, msg["prepared"], msg["collated"]), protocol=_PICKLE_PROTOCOL)
             yield {"shard": i, "batch": int(msg["batch"]), "kind": "batch", "payload": payload}
@@ -409,7 +410,7 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
                     live_failures += len(prepared.failures) + len(fails)
                     elapsed = time.perf_counter() - t_start
                     bar.update(task, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),
-                               failures=live_failures, shard=todo[i].name)
+                               failures=live_failures, shard=shard_name(todo[i]))
                 else:
                     st["n"] = int(row["batch"])
                     st["error"] = pickle.loads(row["payload"])
@@ -420,7 +421,7 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
                     written.add(i)
                     elapsed = time.perf_counter() - t_start
                     bar.update(task, advance=1, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),
-                               failures=report.failures, shard=todo[i].name)
+                               failures=report.failures, shard=shard_name(todo[i]))
         finally:
             close = getattr(rows, "close", None)
             if close is not None:
@@ -429,7 +430,7 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
     gc.collect()
     if error is not None:
         report.shards_incomplete = [str(todo[i]) for i in range(len(todo)) if i not in written]
-        names = ", ".join(Path(p).name for p in report.shards_incomplete[:5])
+        names = ", ".join(shard_name(p) for p in report.shards_incomplete[:5])
         more = f" and {len(report.shards_incomplete) - 5} more" if len(report.shards_incomplete) > 5 else ""
         raise RayEngineError(
             f"the Ray run ended early ({error}); {len(written)} shard part(s) were written, "

@@ -27,6 +27,7 @@ from typing import Any
 
 from cmcr.errors import InputDataError
 from cmcr.pipeline.corpora import CorpusEntry, Skipped, read_corpus
+from cmcr.pipeline.openers import expand_url, is_url
 from cmcr.stores.files import atomic_replace, atomic_write_json, locks_output, sha256_file
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class ShardReport:
         duplicates: samples dropped because their key was already taken in the same modality.
         replaced: modalities whose folder held shards of different content before (its old
             ``shards.json`` listed other files or digests): stores encoded from them are stale.
+        failed: inputs (tars, URLs) that could not be read to their end, with the error (naming
+            the URL/file and the fix); the samples read before the error were written. Also listed
+            in every ``shards.json`` written (``failed_inputs``).
     """
 
     out_dir: Path
@@ -55,6 +59,7 @@ class ShardReport:
     skipped: list[Skipped] = field(default_factory=list)
     duplicates: list[Skipped] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
+    failed: list[Skipped] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"out_dir": str(self.out_dir),
@@ -62,7 +67,8 @@ class ShardReport:
                 "counts": dict(self.counts),
                 "skipped": [{"source": s.source, "reason": s.reason} for s in self.skipped],
                 "duplicates": [{"source": s.source, "reason": s.reason} for s in self.duplicates],
-                "replaced": list(self.replaced)}
+                "replaced": list(self.replaced),
+                "failed": [{"input": s.source, "error": s.reason} for s in self.failed]}
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -126,7 +132,7 @@ class _ShardSink:
         self.total += 1
         self.keys.add(key)
 
-    def finish(self, inputs: Sequence[str], modality: str) -> bool:
+    def finish(self, inputs: Sequence[str], modality: str, failed: Sequence[Skipped] = ()) -> bool:
         """Close the last shard, remove leftovers, write the index; True when the folder's previous
         index described other shard contents (stores encoded from those shards are now stale)."""
         self._close()
@@ -135,10 +141,12 @@ class _ShardSink:
         for old in self.folder.glob("shard-*.tar"):
             if old.name not in keep:
                 old.unlink()
-        roots = sorted({str(Path(p).resolve()) for p in inputs if Path(p).is_dir()})
+        roots = sorted({str(Path(p).resolve()) for p in inputs if not is_url(p) and Path(p).is_dir()})
         index = {"modality": modality, "samples": self.total, "inputs": list(inputs), "media_roots": roots,
                  "shards": [{"file": p.name, "samples": n, "bytes": b, "sha256": h}
                             for p, n, b, h in zip(self.paths, self.counts, self.sizes, self.digests, strict=True)]}
+        if failed:
+            index["failed_inputs"] = [{"input": f.source, "error": f.reason} for f in failed]
         atomic_write_json(self.folder / INDEX_NAME, index)
         return previous is not None and previous != _index_contents(self.folder / INDEX_NAME)
 
@@ -167,14 +175,18 @@ def write_shards(
     """Read corpora and write webdataset shards (see the module docstring and :mod:`.corpora`).
 
     Args:
-        inputs: folders, ``.txt`` lists, ``.csv``/``.tsv``/``.jsonl`` tables, ``.tar`` shards (any mix).
+        inputs: folders, ``.txt`` lists, ``.csv``/``.tsv``/``.jsonl`` tables, ``.tar`` shards, shard URLs
+            (``pipe:CMD``, ``http(s)://``, ``s3://``...; a brace range stands for every expansion, see
+            :mod:`cmcr.pipeline.openers`), any mix. Image+caption tars (img2dataset's layout) give image
+            and text shards paired by key (:func:`cmcr.pipeline.corpora.read_tar`).
         out_dir: output folder; shards go to ``<out_dir>/<modality>/shard-NNNNNN.tar``.
         samples_per_shard: N samples per shard (the last shard may hold fewer).
         modality: keep only samples of this modality (others are reported as skipped).
         text_column, path_column, key_column, label_column: column choices for tables.
 
     Returns:
-        A :class:`ShardReport` (shard paths per modality, counts, skipped entries with reasons).
+        A :class:`ShardReport` (shard paths per modality, counts, skipped entries with reasons, failed
+        inputs: a tar or URL that could not be read to its end is recorded there, never skipped silently).
 
     Raises:
         InputDataError: an input does not exist, is of an unknown kind, a table lacks the columns,
@@ -189,7 +201,8 @@ def write_shards(
     sinks: dict[str, _ShardSink] = {}
     table_kwargs = {"text_column": text_column, "path_column": path_column, "key_column": key_column,
                     "label_column": label_column}
-    entries: list[Iterable[CorpusEntry]] = [read_corpus(Path(p), report.skipped, **table_kwargs) for p in inputs]
+    inputs = [u for p in inputs for u in (expand_url(str(p)) if is_url(p) else [p])]
+    entries: list[Iterable[CorpusEntry]] = [read_corpus(p, report.skipped, **table_kwargs) for p in inputs]
     for stream in entries:
         for entry in stream:
             if modality is not None and entry.modality != modality:
@@ -208,9 +221,14 @@ def write_shards(
             except OSError as e:
                 report.skipped.append(Skipped(str(entry.meta.get("source")), f"cannot read ({e})"))
                 continue
-            meta = {"key": entry.key, "modality": entry.modality, **entry.meta}
+            meta = {**entry.meta, "key": entry.key, "modality": entry.modality}
             sink.add(entry.key, entry.ext, payload, meta)
+    report.failed = [s for s in report.skipped if s.failed]
+    report.skipped = [s for s in report.skipped if not s.failed]
+    for s in report.failed:
+        log.error("input failed: %s", s.reason)
     if not sinks:
+        report.skipped += report.failed
         reasons = "; ".join(f"{s.source}: {s.reason}" for s in report.skipped[:5])
         raise InputDataError(
             f"no samples found in {', '.join(str(p) for p in inputs)}"
@@ -220,7 +238,7 @@ def write_shards(
             + "; pass a folder of media files, a .txt list, a .csv/.jsonl table with rows, or .tar shards"
         )
     for mod, sink in sorted(sinks.items()):
-        if sink.finish([str(p) for p in inputs], mod):
+        if sink.finish([str(p) for p in inputs], mod, report.failed):
             report.replaced.append(mod)
             log.warning("%s: replaced shards of different content; stores encoded from the old shards no "
                         "longer match them (encode into a new store, or with --overwrite)", out / mod)

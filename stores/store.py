@@ -83,6 +83,18 @@ FAILURE_SCHEMA = pa.schema(
     [("key", pa.string()), ("source", pa.string()), ("stage", pa.string()),
      ("error", pa.string()), ("time", pa.string())]
 )
+#: The ``stage`` of a failure record: where an input was rejected (docs/store-format.md lists these;
+#: tests/test_docs.py checks that the code records no other and that the docs name exactly these).
+FAILURE_STAGES: dict[str, str] = {
+    "read": "`cmcr encode`: the shard (or URL) could not be read to its end, or the tar reader refused a sample "
+            "(duplicate or link member, size limit)",
+    "decode": "`cmcr encode`: the payload could not be decoded or preprocessed (bad image/audio/3d file, "
+              "blank caption, missing member)",
+    "embed": "`cmcr encode`: the model failed on the sample alone, or returned a non-finite or all-zero row",
+    "write": "`cmcr encode`: a key repeated inside one shard (the first sample keeps it)",
+    "import": "`cmcr store import --skip-bad-rows`: a row with NaN/Inf, all zeros (with --normalize), not of "
+              "unit norm for a cosine store, or overflowing float16",
+}
 #: Largest allowed | ||row|| - 1 | for rows of a normalised store, by storage dtype.
 NORM_TOLERANCE = {"float16": 2e-3, "float32": 1e-4}
 #: Tolerance applied to rows handed to :meth:`Store.append_part` (before the cast to the store dtype).

@@ -185,3 +185,19 @@ def test_cli_engine_ray_equals_local_with_a_dying_actor_and_resumes(ray_local, t
     assert (reports[1].shards_skipped, reports[1].rows, reports[1].first_result_s) == (4, 0, 0.0)
     assert main([*common, "-s", str(tmp_path / "x"), "--engine", "spark"]) == 2
     assert "--engine must be local or ray" in capsys.readouterr().err
+
+
+def test_ray_engine_reads_shard_urls_like_the_local_engine(ray_local, tiny_clip, messy_images, tmp_path):
+    """Remote shards (issue 13): ``pipe:`` URLs through Ray tasks give the local engine's store, and a
+    failing URL is one ``read`` failure naming it."""
+    shards = _shards(messy_images, tmp_path, n=5, corrupt=False)
+    urls = [f"pipe:cat {s}" for s in shards] + [f"pipe:cat {tmp_path}/missing.tar"]
+    encode_shards(urls, tiny_clip, "image", tmp_path / "local", batch_size=2, num_workers=2, progress=False)
+    report = encode_shards_ray(urls, TINY_CLIP, "image", tmp_path / "ray", driver_encoder=tiny_clip, batch_size=2,
+                               replicas=1, progress=False)
+    assert report.shards_done == len(shards) and report.shards_failed == 1
+    assert_same_store(tmp_path / "local", tmp_path / "ray")
+    store = Store.open(tmp_path / "ray")
+    assert store.done_sources() == set(urls[:-1])  # a URL's identity is the URL
+    (read,) = [f for f in store.failures().to_pylist() if f["stage"] == "read"]
+    assert read["source"] == urls[-1] and "exited with status 1" in read["error"]
