@@ -79,7 +79,8 @@ class Localizer:
             connected-space rows only).
         size: dense input size in pixels (a multiple of the patch size; ``None``: the model's own, e.g. 224;
             larger gives a finer grid).
-        path: ``"value"`` or ``"value+residual"`` (see :func:`~cmcr.pipeline.openclip_encoder.maskclip_patch_embeddings`).
+        path: ``"value"`` or ``"value+residual"``
+            (:func:`~cmcr.pipeline.openclip_encoder.maskclip_patch_embeddings`).
 
     Raises:
         EncoderError: the image encoder is not an open_clip ViT.
@@ -209,7 +210,7 @@ class Localizer:
             z = project_patches(self.connector, self.image_side, dense, identity=ident)
             glob = self.connector.project(self.image_side, enc.embed("image", collate_items(pooled)),
                                           identity=ident, modality="image")
-            for p, info, zp, g in zip(chunk, infos, z, glob):
+            for p, info, zp, g in zip(chunk, infos, z, glob, strict=True):
                 grid = patch_scores(zp, query)
                 heat = upsample_heatmap(grid, info["height"], info["width"])
                 out.append(LocalizationMap(image=p, grid=grid, heatmap=heat, image_score=float(g @ query)))
