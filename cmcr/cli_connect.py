@@ -379,6 +379,82 @@ def eval_zeroshot(
                             f"column)", markup=False, highlight=False)
 
 
+@eval_app.command("counterfactual")
+def eval_counterfactual(
+    audio: Path = typer.Argument(..., help="Audio store (projected by `cmcr project`, or raw with --connector)."),
+    image: Path = typer.Argument(..., help="Image store (projected, or raw with --connector)."),
+    connector: Path | None = typer.Option(None, "--connector", "-c", help="Connector folder (projects raw stores)."),
+    pairs: Path | None = typer.Option(None, "--pairs", help="CSV/JSONL of labelled pairs: audio,image,label[,class] "
+                                                            "(label 1 = matched, 0 = mismatched)."),
+    protocol: str | None = typer.Option(None, "--protocol",
+                                        help="pairs (with --pairs), shuffled (shared keys = matched, seeded "
+                                             "derangements = mismatched; the default) or label (every audio x image "
+                                             "combination, matched = same label)."),
+    negatives: int = typer.Option(1, "--negatives", min=1, help="shuffled: mismatched pairs per matched pair."),
+    different_class: bool = typer.Option(False, "--different-class",
+                                         help="shuffled: mismatched pairs only between different labels."),
+    seed: int = typer.Option(0, "--seed", help="shuffled: derangement seed (recorded)."),
+    label_column: str = typer.Option("label", "--label-column", help="Metadata column with class labels."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Counterfactual audio-image recognition: does a sound belong to an image? AP and max-F1 with chance.
+
+    Each (audio, image) pair is scored by its cosine in the connected space; the report gives average
+    precision and the best F1 over the decision threshold, their chance levels (positive rate), and
+    per-class numbers when the pairs have classes (docs/tasks.md).
+
+    Example: cmcr eval counterfactual st/vggss_audio.cmcr st/vggss_image.cmcr --protocol shuffled --negatives 3
+    --different-class --json
+    """
+    from cmcr.trainer.counterfactual import evaluate_counterfactual
+
+    proto = protocol or ("pairs" if pairs is not None else "shuffled")
+    r = evaluate_counterfactual(audio, image, connector=connector, protocol=proto, pairs_file=pairs,
+                                negatives=negatives, different_class=different_class, seed=seed,
+                                label_column=label_column)
+    if as_json:
+        _print_json(r)
+        return
+    if r["random_weights"]:
+        from cmcr.trainer.evaluate import RANDOM_WEIGHTS_NOTE
+
+        console.print(f"[bold red]note: {RANDOM_WEIGHTS_NOTE}[/] (an encoder behind these stores has random-init "
+                      f"weights)", highlight=False)
+    p = r["protocol"]
+    how = {"pairs": f"pairs from {p.get('pairs_file')}",
+           "shuffled": f"shuffled pairs (seed {p.get('seed')}, {p.get('negatives_per_positive')} negative(s) per "
+                       f"pair, negatives of {p.get('negatives_of')})",
+           "label": f"every audio x image combination, matched = same `{p.get('label_column')}`"}[p["protocol"]]
+    console.print(f"counterfactual {r['audio_store']} x {r['image_store']}: {how}; {r['pairs']} pairs "
+                  f"({r['matched']} matched, {r['mismatched']} mismatched)", markup=False, highlight=False,
+                  soft_wrap=True)
+    if r["skipped"]:
+        err_console().print(f"warning: {r['skipped']['pairs_with_missing_key']} pair(s) of {pairs} skipped: a key is "
+                            f"not in its store (e.g. {r['skipped']['examples']})", markup=False, highlight=False)
+    table = Table()
+    for col in ("metric", "value", "chance"):
+        table.add_column(col)
+    table.add_row("AP", f"{r['AP']:.4f}", f"{r['chance']['AP']:.4f}")
+    table.add_row("max-F1", f"{r['max_F1']:.4f} (cos >= {r['threshold']:.4f})", f"{r['chance']['max_F1']:.4f}")
+    table.add_row("mean cos matched / mismatched", f"{r['mean_score']['matched']:.4f} / "
+                  f"{r['mean_score']['mismatched']:.4f}", "")
+    console.print(table)
+    per_class = r.get("per_class") or {}
+    if per_class:
+        shown = sorted(per_class.items())[:40]
+        t = Table(title=f"per class ({r['classes_scored']} of {len(per_class)} with both kinds of pair)")
+        for col in ("class", "pairs", "matched", "AP", "chance AP", "max-F1", "chance F1"):
+            t.add_column(col)
+        for name, c in shown:
+            def fmt(x: object) -> str:
+                return "-" if x is None else f"{x:.4f}"
+            t.add_row(name, str(c["pairs"]), str(c["matched"]), fmt(c["AP"]), fmt(c["chance"]["AP"]),
+                      fmt(c["max_F1"]), fmt(c["chance"]["max_F1"]))
+        console.print(t)
+        if len(per_class) > len(shown):
+            console.print(f"{len(per_class) - len(shown)} more classes: see --json", style="dim")
+
+
 def _class_names(classes: str) -> list[str]:
     p = Path(classes)
     from cmcr.trainer.evaluate import bundled_class_lists

@@ -47,7 +47,7 @@ CONVENTIONS = """
   (`cmcr encode ... -v`). `--version`; `python -m cmcr` works like `cmcr`; shell completion:
   `cmcr --install-completion` (bash, zsh, fish, PowerShell).
 - **`--json`** on every command that produces a result: shard, encode, connect, project, search,
-  eval retrieval/zeroshot, store import/info/validate/index, demo, bench synthetic.
+  eval retrieval/zeroshot/counterfactual, store import/info/validate/index, demo, bench synthetic.
 - **Output folders are locked:** a command writing an output folder (shard `--out`, connect `--out`,
   project, store import/index, bench synthetic, demo) holds an advisory lock on it
   (`<folder>/.cmcr-output.lock`, removed at the end; for `store import`,

@@ -405,3 +405,30 @@ def test_search_media_modality_comes_from_the_one_extension_list(tiny_encoded, s
     assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(doc),
                  "--encoder", TINY_CLIP]) == 1
     assert "cannot tell the modality" in capsys.readouterr().err
+
+
+def test_cli_on_bundled_media_random_weights(tiny_encoded, capsys, monkeypatch):
+    from rich.console import Console
+
+    from cmcr import cli_connect
+
+    monkeypatch.setattr(cli_connect, "console", Console(width=200, force_terminal=False))
+    conn, st = tiny_encoded
+    capsys.readouterr()
+    args = ["eval", "counterfactual", str(st["clap_audio.cmcr"]), str(st["clip_image.cmcr"]), "--protocol", "label"]
+    assert main([*args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["random_weights"] is True and r["protocol"]["protocol"] == "label"
+    assert 0 < r["matched"] < r["pairs"] and 0 <= r["AP"] <= 1 and r["per_class"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "random weights: not meaningful" in out and "AP" in out and "max-F1" in out and "per class" in out
+    # raw stores through the connector give the same numbers as the projected ones
+    assert main(["eval", "counterfactual", str(st["clap_audio"]), str(st["clip_image"]), "-c", str(conn),
+                 "--protocol", "label", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["AP"] == pytest.approx(r["AP"], abs=1e-5)
+    # usage errors exit 2 with one message; the bundled stores share no key (shuffled needs true pairs)
+    assert main([*args, "--different-class"]) == 2
+    assert "--protocol shuffled" in capsys.readouterr().err
+    assert main(["eval", "counterfactual", str(st["clap_audio.cmcr"]), str(st["clip_image.cmcr"])]) == 1
+    assert "--protocol label" in capsys.readouterr().err

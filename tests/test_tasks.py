@@ -334,3 +334,49 @@ def test_box_annotation_gt_map_drives_ciou():
     g = a.gt_map(32, 48)
     assert g.sum() == 16 * 24
     assert ciou(g, g) == 1.0 and ciou(1 - g, g) == 0.0
+
+
+# ------------------------------------------------------------ localisation-aware detection (SLAVC)
+
+
+def _slavc_pr(has, cious, conf, thr, ciou_thr=0.5):
+    """SLAVC utils.EvaluatorFull.calc_precision_recall, transcribed."""
+    tp = fp = fn = 0
+    for h, c, s in zip(has, cious, conf, strict=True):
+        if not h:
+            fp += s >= thr
+        elif s >= thr:
+            tp += c >= ciou_thr
+            fp += c < ciou_thr
+        else:
+            fn += 1
+    return (1.0 if tp + fp == 0 else tp / (tp + fp)), (1.0 if tp + fn == 0 else tp / (tp + fn))
+
+
+def test_source_detection_metrics_match_slavc_counting():
+    from cmcr.trainer.tasks import heatmap_confidence, source_detection_metrics
+
+    # hand example: confidences .9 (good), .8 (no source), .7 (mislocalised), .6 (good), .5 (no source)
+    conf = [0.9, 0.8, 0.7, 0.6, 0.5]
+    cious = [0.8, 0.0, 0.2, 0.6, 0.0]
+    has = [1, 0, 1, 1, 0]
+    m = source_detection_metrics(conf, cious, has)
+    # t=.9: P 1 R 1/3 | t=.8: P 1/2 R 1/3 | t=.7: P 1/3 R 1/2 | t=.6: P 1/2 R 1 | t=.5: P 2/5 R 1
+    # interpolated P: 1, 1/2, 1/2, 1/2, 2/5 -> AP = 1/3*1 + 0 + (1/2-1/3)*1/2 + (1-1/2)*1/2
+    assert m["AP"] == pytest.approx(1 / 3 + 1 / 12 + 1 / 4)
+    assert m["max_F1"] == pytest.approx(2 / 3) and m["threshold"] == 0.6  # P 1/2 R 1
+    assert m["pairs"] == 5 and m["with_source"] == 3
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        n = 30
+        has = rng.random(n) < 0.6
+        has[0] = True
+        conf = rng.integers(0, 8, n) / 8.0
+        cious = rng.random(n)
+        m = source_detection_metrics(conf, cious, has)
+        pts = [_slavc_pr(has, cious, conf, t) for t in sorted(set(conf.tolist()), reverse=True)]
+        f1 = max(2 * p * r / (p + r) if p + r else 0.0 for p, r in pts)
+        assert m["max_F1"] == pytest.approx(f1)
+    assert heatmap_confidence(np.arange(8.0).reshape(2, 4)) == pytest.approx(6.5)  # mean of the top 2 of 8
+    with pytest.raises(ValueError, match="no pair has a visible source"):
+        source_detection_metrics([0.5], [0.0], [0])

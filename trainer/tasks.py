@@ -364,6 +364,87 @@ def max_f1_floor(positive_rate: float) -> float:
     return 2 * p / (1 + p) if p > 0 else 0.0
 
 
+def heatmap_confidence(heatmap: Any, top_fraction: float = 0.25) -> float:
+    """How sure a heatmap is that the sound's source is in the image: the mean of its top
+    ``top_fraction`` of pixel scores (SLAVC ``test.py``: the top quarter).
+
+    The scores are taken as they are (e.g. patch cosines), *not* min-max normalised per image: SLAVC
+    normalises by one fixed range for every image (``[-1/tau, 1/tau]``), which keeps the absolute level
+    that tells a mismatched pair from a matched one.
+
+    Args:
+        heatmap: ``(H, W)`` float scores.
+        top_fraction: share of the pixels averaged, in (0, 1].
+
+    Raises:
+        ValueError: empty or non-finite heatmap, or ``top_fraction`` outside (0, 1].
+    """
+    h = np.asarray(heatmap, dtype=np.float64).ravel()
+    if h.size == 0 or not np.isfinite(h).all():
+        raise ValueError("heatmap must be non-empty and finite")
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    k = max(1, int(h.size * top_fraction))
+    return float(np.sort(h)[-k:].mean())
+
+
+def source_detection_metrics(confidences: Any, cious: Any, has_source: Any, *,
+                             ciou_threshold: float = 0.5) -> dict[str, float]:
+    """Localisation-aware AP and max-F1 of the *extended* benchmarks (Mo & Morgado, "A Closer Look at
+    Weakly-Supervised Audio-Visual Source Localization", NeurIPS 2022 -- SLAVC, ``stoneMo/SLAVC``
+    ``utils.EvaluatorFull``): Extended Flickr-SoundNet / Extended VGG-SS add pairs whose sound has no
+    visible source (silent or off-screen objects, mismatched audio), and the C-MCR paper reports its
+    counterfactual AP / max-F1 on them.
+
+    At a confidence threshold t, a pair is a true positive when ``confidence >= t``, it has a visible
+    source and its cIoU >= ``ciou_threshold``; a false positive when ``confidence >= t`` and it has no
+    source or is mislocalised; a false negative when it has a source and ``confidence < t`` (SLAVC's
+    counting: a mislocalised detection is a false positive, not also a false negative). Precision is 1
+    where nothing is detected, recall 1 where nothing is to be found.
+
+    Differences from SLAVC's code, all towards the exact curve: every distinct confidence is a
+    threshold (SLAVC subsamples to about 200 for AP and 10 for F1), and AP is the all-point
+    interpolated area ``sum_k (r_k - r_{k-1}) max_{j >= k} p_j`` from recall 0 (SLAVC starts at its
+    second-highest confidence).
+
+    Args:
+        confidences: ``(N,)`` float, e.g. :func:`heatmap_confidence` of each pair's heatmap.
+        cious: ``(N,)`` float cIoU of each pair (ignored where ``has_source`` is False).
+        has_source: ``(N,)`` bool/0-1, False for pairs with no visible source (no boxes).
+
+    Returns:
+        ``{"AP", "max_F1", "threshold", "pairs", "with_source"}``.
+
+    Raises:
+        ValueError: lengths differ, empty or non-finite input, or no pair with a source.
+    """
+    conf = np.asarray(confidences, dtype=np.float64).ravel()
+    c = np.asarray(cious, dtype=np.float64).ravel()
+    has = np.asarray(has_source).ravel().astype(bool)
+    if not (conf.shape == c.shape == has.shape) or conf.size == 0:
+        raise ValueError(f"need equally long non-empty inputs, got {conf.size}, {c.size}, {has.size}")
+    if not np.isfinite(conf).all() or not np.isfinite(c[has]).all():
+        raise ValueError("confidences / cIoUs hold NaN or infinite values")
+    if not has.any():
+        raise ValueError("no pair has a visible source: AP and F1 are undefined")
+    good = has & (np.where(has, c, 0.0) >= ciou_threshold)
+    order = np.argsort(-conf, kind="mergesort")
+    conf_s, good_s, has_s = conf[order], good[order], has[order]
+    last = np.r_[np.flatnonzero(np.diff(conf_s)), conf_s.size - 1]
+    detected = (last + 1).astype(np.float64)
+    tp = np.cumsum(good_s)[last].astype(np.float64)
+    fp = detected - tp
+    fn = float(has.sum()) - np.cumsum(has_s)[last]
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
+    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 1.0)
+    interp = np.maximum.accumulate(precision[::-1])[::-1]
+    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * interp))
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0.0)
+    best = int(np.argmax(f1))
+    return {"AP": ap, "max_F1": float(f1[best]), "threshold": float(conf_s[last][best]), "pairs": int(conf.size),
+            "with_source": int(has.sum())}
+
+
 # --------------------------------------------------------------------------------- annotations
 
 
