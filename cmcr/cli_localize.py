@@ -147,6 +147,7 @@ def eval_localization(
         if connector or images or audio:
             raise InputDataError("give --heatmaps, or --connector with --images and --audio, not both")
         maps = _read_heatmaps(heatmaps)
+        random = _heatmaps_were_random(heatmaps)
     else:
         if not (connector and images and audio):
             raise InputDataError("give --heatmaps FOLDER, or --connector with --images FOLDER and --audio FOLDER")
@@ -197,6 +198,15 @@ def _read_heatmaps(folder: Path) -> dict:
     if not maps:
         raise InputDataError(f"--heatmaps {folder}: no .npy file")
     return maps
+
+
+def _heatmaps_were_random(folder: Path) -> bool:
+    """``random_weights`` of the ``localize.json`` that `cmcr localize` wrote beside saved heatmaps (False when
+    the folder has none: the heatmaps' provenance is then unknown)."""
+    try:
+        return bool(json.loads((folder / "localize.json").read_text()).get("random_weights"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _compute_heatmaps(connector: Path, images: Path, audio: Path, keys: set, *, image_encoder: str | None,

@@ -240,6 +240,7 @@ def test_cli_localize_and_eval_localization_on_bundled_images_random_weights(tmp
     r = json.loads(capsys.readouterr().out)
     assert r["pairs"] == 2 and len(r["not_annotated"]) == 2 and 0 <= r["cIoU@0.5"] <= 1
     assert set(r["chance"]) == {"cIoU@0.5", "mean_cIoU", "AUC"} and 0 <= r["AUC"] <= 1
+    assert r["random_weights"] is True  # read from the localize.json beside the heatmaps
 
     # computed from folders: image and clip paired by file stem
     imgs, auds = tmp_path / "frames", tmp_path / "audio"
