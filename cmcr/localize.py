@@ -96,6 +96,10 @@ class Localizer:
                 f"{getattr(image_encoder, 'family', type(image_encoder).__name__)}:"
                 f"{image_encoder.identity().get('architecture') if hasattr(image_encoder, 'identity') else '?'}")
         image_encoder.check_dense()
+        from cmcr.pipeline.openclip_encoder import DENSE_PATHS
+
+        if path not in DENSE_PATHS:
+            raise EncoderError(f"unknown dense path {path!r}; use one of {', '.join(DENSE_PATHS)}")
         self.image_encoder = image_encoder
         self.image_side = connector.side_for(image_encoder.identity(), "image")
         self.pre = image_encoder.dense_preprocessor(size)

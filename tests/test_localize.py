@@ -197,6 +197,8 @@ def test_connector_without_a_clip_side_and_wrong_encoders_are_refused(tmp_path, 
         Localizer(conn, clap, clip)
     with pytest.raises(ConnectorError, match="other side"):
         Localizer(conn, clip, clip)
+    with pytest.raises(EncoderError, match="unknown dense path"):
+        Localizer(conn, clip, clap, path="keys")
     linear_connector(tmp_path / "c2", clap.identity(), clap.identity())  # no open_clip side at all
     with pytest.raises(ConnectorError, match="no open_clip image side"):
         Localizer.load(tmp_path / "c2", device="cpu")
@@ -261,3 +263,13 @@ def test_cli_localize_and_eval_localization_on_bundled_images_random_weights(tmp
     assert main(["eval", "localization", "--heatmaps", str(out), "--annotations", str(boxes),
                  "--threshold", "2"]) == 1
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_encoder_specs_are_rebuilt_from_identities_that_name_their_weights():
+    from cmcr.localize import spec_of_identity
+
+    assert spec_of_identity({"family": "open_clip", "architecture": "ViT-B-32", "weights": "openai"}) == \
+        "open_clip:ViT-B-32@openai"
+    assert spec_of_identity({"family": "clap", "architecture": "cmcr-tiny-clap", "weights": "random", "seed": 3}) == \
+        "clap:cmcr-tiny-clap@random:3"
+    assert spec_of_identity({"family": "open_clip", "architecture": "ViT-B-16", "weights": "sha256:ab"}) is None
