@@ -272,15 +272,18 @@ def overlay_png(image: str | os.PathLike, heatmap: np.ndarray, *, title: str = "
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         img = img.resize(size, Image.BICUBIC)
         h = np.asarray(Image.fromarray(h, mode="F").resize(size, Image.BILINEAR), np.float32)
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
     dpi = 100
-    fig = Figure(figsize=(img.width / dpi + 1.6, img.height / dpi + 0.8), dpi=dpi)
-    ax = fig.add_axes((0.02, 0.02, 0.78 * img.width / (img.width + 160), 0.9))
+    fig = Figure(figsize=(img.width / dpi + 1.4, img.height / dpi + 0.5), dpi=dpi)
+    ax = fig.add_subplot()
     ax.imshow(np.asarray(img))
     im = ax.imshow(h, cmap=COLORMAP, alpha=alpha, vmin=float(h.min()), vmax=float(h.max()) + 1e-6)
     ax.set_axis_off()
     y, x = np.unravel_index(int(np.argmax(h)), h.shape)
     ax.plot([x], [y], marker="+", color="white", markersize=14, markeredgewidth=2)
-    cbar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.08)  # as tall as the image
+    cbar = fig.colorbar(im, cax=cax)
     cbar.set_label("cosine similarity to the query (connected space)", fontsize=8)
     cbar.ax.tick_params(labelsize=7)
     if title:
