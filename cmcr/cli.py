@@ -76,9 +76,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from cmcr import cli_connect, cli_connector, cli_demo, cli_encode, cli_serve, cli_store
+    from cmcr import cli_connect, cli_connector, cli_demo, cli_encode, cli_localize, cli_serve, cli_store
 
-    for module in (cli_store, cli_encode, cli_connect, cli_demo, cli_connector, cli_serve):
+    for module in (cli_store, cli_encode, cli_connect, cli_demo, cli_connector, cli_serve, cli_localize):
         module.register(app)
 
 

@@ -52,6 +52,10 @@ RANDOM_BANNER = "random weights: not meaningful"
 DEFAULT_CAPTIONS = 1000
 AUDIO_QUERY_LABEL = "dog"  # label of the example audio query
 TEXT_QUERY = "a dog barking loudly"
+#: Labels of the localisation pictures (a bundled clip and a bundled image of each; photos preferred).
+LOCALIZATION_LABELS = ("dog", "cat", "cow", "horse")
+#: Dense input size of the localisation pictures: 448 px gives ViT-B-32 a 14 x 14 patch grid (224: 7 x 7).
+LOCALIZATION_SIZE = 448
 PROMPT_TEMPLATE = "a photo or a sound of a {}."
 #: Short headers for the terminal tables (the reports keep the full column names).
 DISPLAY_NAMES = {"queries_without_positive": "no positive", "median_rank": "median rank",
@@ -119,6 +123,7 @@ class DemoResult:
     synthetic: list[dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
     per_class: list[dict[str, Any]] = field(default_factory=list)
+    localization: list[dict[str, Any]] = field(default_factory=list)
     report_md: str = ""
     report_html: str = ""
 
@@ -244,7 +249,7 @@ def prepare_corpus(out: Path, n_captions: int | None) -> dict[str, Path]:
 
 
 DEMO_MARKER = "demo-settings.json"
-DEMO_OUTPUTS = ("corpus", "shards", "stores", "connector", "projected", "synthetic", "report_files",
+DEMO_OUTPUTS = ("corpus", "shards", "stores", "connector", "projected", "synthetic", "report_files", "localization",
                 "report.md", "report.html", "demo.json", DEMO_MARKER)
 
 
@@ -389,6 +394,10 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     for s in searches:
         console.print(f"[bold]{s['query']}[/] → " + ", ".join(f"{h['key']} ({h['label']}, {h['score']:.3f})"
                                                              for h in s["hits"][:5]))
+    localization = _localization(clip, clap, connector, out, random_weights)
+    for row in localization:
+        console.print(f"[bold]where is the {row['label']} sound?[/] {row['audio']} in {row['image']}: peak at "
+                      f"(x={row['peak_xy'][0]}, y={row['peak_xy'][1]}) -> {row['png']}", highlight=False)
     seconds["search"] = time.perf_counter() - t
 
     synthetic: list[dict[str, Any]] = []
@@ -404,7 +413,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
                         connect={"connector": str(connect["connector"]), "metrics": connect["metrics"],
                                  "data": connect["data"], "device": connect["device"]},
                         retrieval=retrieval, zeroshot=zeroshot, searches=searches, synthetic=synthetic,
-                        seconds={k: round(v, 2) for k, v in seconds.items()}, per_class=per_class)
+                        seconds={k: round(v, 2) for k, v in seconds.items()}, per_class=per_class,
+                        localization=localization)
     serve = serve_command(out / "connector", [projected / "clip_image", projected / "clap_audio"],
                           [(clip, opts.clip or (FAST_CLIP if opts.fast else DEFAULT_CLIP)),
                            (clap, opts.clap or (FAST_CLAP if opts.fast else DEFAULT_CLAP))], opts.clap_tokenizer)
@@ -458,6 +468,37 @@ def _example_searches(clip, connector, z_img_store, z_aud_store, z_aud) -> list[
         {"query": f"caption {TEXT_QUERY!r} (CLIP text) → audio clips", "kind": "text->audio",
          "hits": hits(z_aud_store, z_txt[0]), "query_text": TEXT_QUERY},
     ]
+
+
+def _localization(clip, clap, connector, out: Path, random_weights: bool) -> list[dict[str, Any]]:  # noqa: ANN001
+    """Localisation pictures (``cmcr localize``) for a bundled clip and image of each of
+    :data:`LOCALIZATION_LABELS`: ``<out>/localization/<label>.png`` (overlay) and ``.npy`` (heatmap). Returns one
+    row per picture; ``[]`` (with a log line) when the CLIP side is not an open_clip ViT."""
+    from cmcr.errors import CmcrError
+    from cmcr.localize import Localizer, write_outputs
+
+    try:
+        loc = Localizer(connector, clip, clap, size=LOCALIZATION_SIZE)
+    except CmcrError as e:
+        log.warning("no localisation pictures: %s", e)
+        return []
+    with open(SAMPLE_DATA / "labels.csv", newline="", encoding="utf-8") as f:
+        files = list(csv.DictReader(f))
+    rows = []
+    for label in LOCALIZATION_LABELS:
+        audio = sorted(r["path"] for r in files if r["label"] == label and r["modality"] == "audio")
+        images = sorted((not Path(r["path"]).name.startswith("coco_"), r["path"])
+                        for r in files if r["label"] == label and r["modality"] == "image")
+        if not audio or not images:
+            continue
+        a, i = SAMPLE_DATA / audio[0], SAMPLE_DATA / images[0][1]
+        m = loc.localize(i, loc.embed_query(a))
+        write_outputs(m, out / "localization", label, title=f"{a.name} in {i.name}", random_weights=random_weights)
+        rows.append({"label": label, "audio": audio[0], "image": images[0][1],
+                     "png": f"localization/{label}.png", "npy": f"localization/{label}.npy",
+                     "grid": list(m.grid.shape), **{k: v for k, v in m.summary().items()
+                                                     if k in ("peak_xy", "min", "max", "image_score")}})
+    return rows
 
 
 def _per_class(z_aud: np.ndarray, aud_labels: list[Any], z_img: np.ndarray, img_labels: list[Any]

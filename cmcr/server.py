@@ -8,6 +8,9 @@ Routes (JSON unless noted; OpenAPI at ``/docs`` and ``/openapi.json``):
                             ``random_weights``
 ``POST /api/search``        JSON ``{"gallery", "k", "text" | "key" (+ "key_gallery"), "side"}``
 ``POST /api/search/media``  multipart: ``file`` (image/audio/point cloud), form ``gallery``, ``k``
+``POST /api/localize``      multipart: ``file`` (a sound), form ``gallery`` (of images), ``key``: PNG
+                            overlay of where the sound is in that image (``cmcr localize``);
+                            ``X-Cmcr-Localization`` header: the heatmap's summary as JSON
 ``GET  /media/{g}/{key}``   the media file of a gallery row (from the store's recorded media root)
 ``GET  /``                  the web page (text box, drop zone, result grid with players)
 =========================  ======================================================================
@@ -131,6 +134,34 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
         except InputDataError as e:
             raise HTTPException(422, str(e)) from e
         return _answer(q, info, gallery, k, started)
+
+    @app.post("/api/localize")
+    async def localize(file: UploadFile = File(..., description="the sound (audio file)"),
+                       gallery: str = Form(..., description="a gallery of images"),
+                       key: str = Form(..., description="the image row to localise the sound in")) -> Any:
+        """Where the uploaded sound comes from in one gallery image: a PNG (image + colour map + colour bar)."""
+        if gallery not in service.galleries:
+            raise HTTPException(404, f"no gallery {gallery!r}; known: {', '.join(service.galleries)}")
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"{file.filename}: larger than the {max_upload_bytes} bytes this server accepts")
+        if not data:
+            raise HTTPException(422, f"{file.filename}: empty file")
+        name = file.filename or "upload"
+        try:
+            from cmcr.service import modality_of_filename
+
+            if modality_of_filename(name) == "audio":
+                _check_audio_duration(data, name, max_audio_seconds)
+            import anyio
+
+            png, info = await anyio.to_thread.run_sync(lambda: service.localize(data, name, gallery, key))
+        except InputDataError as e:
+            raise HTTPException(422, str(e)) from e
+        import json
+
+        summary = {k: info[k] for k in ("peak_xy", "min", "max", "image_score", "grid") if k in info}
+        return Response(png, media_type="image/png", headers={"X-Cmcr-Localization": json.dumps(summary)})
 
     def media_file(gallery: str, key: str) -> Path:
         if gallery not in service.galleries:

@@ -277,6 +277,7 @@ class SearchService:
                            "index": g.index is not None, "media": bool(g.media_roots)}
                           for g in self.galleries.values()],
             "query_modalities": self.query_modalities(),
+            "localize": self.localizer() is not None,
             "encoders": [{"identity": enc.identity(), "sides": sides} for enc, sides in self.encoders],
             "random_weights": bool(self.random_weights()),
         }
@@ -349,6 +350,51 @@ class SearchService:
     def search(self, q: np.ndarray, gallery: str, k: int = 10) -> list[dict[str, Any]]:
         """Top-``k`` hits of ``gallery`` for a connected-space query row."""
         return self.gallery(gallery).search(q, k)
+
+    # -------------------------------------------------------------------------- localisation
+    def localizer(self) -> Any | None:
+        """A :class:`cmcr.localize.Localizer` over this service's open_clip ViT image encoder (built once), or
+        ``None`` when no query encoder is an open_clip ViT of a connector side's images."""
+        if not hasattr(self, "_localizer"):
+            from cmcr.localize import Localizer
+
+            self._localizer = None
+            for enc, sides in self.encoders:
+                if "image" in sides and getattr(enc, "family", None) == "open_clip":
+                    try:
+                        self._localizer = Localizer(self.connector, enc, None)
+                    except CmcrError as e:  # a ResNet tower: search works, localisation does not
+                        log.info("no localisation: %s", e)
+                    break
+        return self._localizer
+
+    def localize(self, data: bytes, filename: str, gallery: str, key: str) -> tuple[bytes, dict[str, Any]]:
+        """Where the uploaded sound's source is in the image ``key`` of ``gallery``: a PNG overlay (image +
+        colour map + colour bar, :func:`cmcr.localize.overlay_png`) and the heatmap's summary.
+
+        Raises:
+            InputDataError: no localiser (no open_clip ViT image encoder), a gallery that is not of images,
+                an unknown key or a row without a media file, or a query the other side cannot embed.
+        """
+        from cmcr.localize import overlay_png
+
+        loc = self.localizer()
+        if loc is None:
+            raise InputDataError("localisation needs an open_clip ViT image encoder of a connector side "
+                                 "(start cmcr serve with -e open_clip:ViT-...)")
+        g = self.gallery(gallery)
+        if g.modality != "image":
+            raise InputDataError(f"gallery {gallery} holds {g.modality}, not images: nothing to localise in")
+        path = g.media_path(key)
+        if path is None:
+            raise InputDataError(f"no media file for key {key!r} in gallery {gallery!r}")
+        q, info = self.embed_media(data, filename, side="B" if loc.image_side == "A" else "A")
+        if info["side"] == loc.image_side:
+            raise InputDataError(f"{filename}: a query of the image side; localise a sound (the other side's media)")
+        with self._lock:
+            m = loc.localize(path, q)
+            png = overlay_png(path, m.heatmap, title=f"{filename} in {key}", random_weights=bool(self.random_weights()))
+        return png, {**m.summary(), "query": info, "key": key, "gallery": gallery}
 
 
 def _safe_name(name: str) -> str:

@@ -234,6 +234,38 @@ class OpenClipEncoder(Encoder):
     def num_parameters(self) -> int:
         return int(sum(p.numel() for p in self.model.parameters()))
 
+    # -- dense patches (localisation) -------------------------------------------------------
+    def check_dense(self) -> None:
+        """Raise :class:`EncoderError` unless this model's image tower gives dense patch embeddings (a ViT)."""
+        _vision_transformer(self.model.visual, f"open_clip:{self.architecture}")
+
+    @property
+    def patch_size(self) -> int:
+        """Patch side in pixels of the ViT image tower."""
+        self.check_dense()
+        return int(self.model.visual.patch_size[0])
+
+    def dense_preprocessor(self, size: int | None = None) -> DenseImagePreprocessor:
+        """The CPU-side transform for :meth:`dense_embed`: whole image resized to ``size x size`` (default:
+        the model's input size; a multiple of the patch size), model mean/std.
+
+        Raises:
+            EncoderError: not a ViT tower, or ``size`` not a positive multiple of the patch size.
+        """
+        self.check_dense()
+        native = self._pp_cfg["size"]
+        size = int(size or (native[0] if isinstance(native, list) else native))
+        p = self.patch_size
+        if size <= 0 or size % p:
+            raise EncoderError(f"dense input size {size} must be a positive multiple of the patch size {p} "
+                               f"(e.g. {max(p, size // p * p)})")
+        return DenseImagePreprocessor(size, self._pp_cfg["mean"], self._pp_cfg["std"])
+
+    def dense_embed(self, batch: Any, *, path: str = "value") -> np.ndarray:
+        """Dense patch embeddings of a collated batch from :meth:`dense_preprocessor`:
+        ``(B, h, w, D)`` float32, unit rows in CLIP's joint space (:func:`dense_patch_embeddings`)."""
+        return dense_patch_embeddings(self, batch, path=path)
+
 
 def fetch_pretrained(arch: str, tag: str) -> tuple[Any, dict[str, Any]]:
     """Get the weights of an open_clip pretrained tag through :mod:`cmcr.pipeline.hub`.
@@ -294,3 +326,174 @@ def save_random_checkpoint(architecture: str, path: str, seed: int = 0) -> np.nd
         model = open_clip.create_model(architecture, pretrained=None)
     torch.save({"state_dict": model.state_dict()}, path)
     return None
+
+
+# ------------------------------------------------------------------------------ dense patches
+#: How the last block's tokens reach the joint space (see :func:`maskclip_patch_embeddings`).
+DENSE_PATHS = ("value", "value+residual")
+
+
+class DenseImagePreprocessor:
+    """Picklable ``bytes -> ((3, S, S) float32 tensor, {"width", "height"})`` for dense patch embeddings.
+
+    Unlike the embedding transform (resize the shortest side, then centre crop), the whole image is resized
+    to ``S x S`` (bicubic, aspect not kept), so every patch maps back to a known rectangle of the original
+    image and a heatmap upsampled to ``(height, width)`` covers all of it; then the model's mean/std.
+    """
+
+    def __init__(self, size: int, mean: Any, std: Any):
+        self.size = int(size)
+        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+
+    def __call__(self, raw: bytes) -> tuple[Any, dict[str, Any]]:
+        import torch
+        from PIL import Image
+
+        img = decode_image(raw)
+        x = np.asarray(img.resize((self.size, self.size), Image.BICUBIC), np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((x - self.mean) / self.std), {"width": img.width, "height": img.height}
+
+
+def _vision_transformer(visual: Any, what: str = "") -> Any:
+    """``visual`` if it is an open_clip ViT whose patch tokens can be projected one by one, else EncoderError."""
+    from open_clip.transformer import VisionTransformer
+
+    name = what or type(visual).__name__
+    if not isinstance(visual, VisionTransformer):
+        raise EncoderError(
+            f"dense patch embeddings need an open_clip ViT image tower (VisionTransformer); {name} has a "
+            f"{type(visual).__name__} tower (ResNet / timm towers are not supported). Use a ViT architecture, "
+            f"e.g. open_clip:ViT-B-16 or ViT-B-32")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise EncoderError(
+            f"{name}: the image tower pools its tokens with an attentional pooler (CoCa-style); its patch tokens "
+            f"are not in the joint space one by one, so dense patch embeddings are not defined. Use a CLIP ViT")
+    if getattr(visual, "proj", None) is None:
+        raise EncoderError(f"{name}: the image tower has no visual projection (proj is None); dense patch embeddings "
+                           f"need it to reach the joint space")
+    return visual
+
+
+def _token_embeddings(visual: Any, images: Any) -> Any:
+    """``VisionTransformer._embeds`` for any input size that is a multiple of the patch size: the learnt
+    positional embedding of the patches is resized bicubically to the input's grid (the class token's is
+    kept), as MaskCLIP does for inputs larger than the training resolution. Returns ``(B, 1 + h*w, width)``."""
+    import torch
+    import torch.nn.functional as F
+
+    ph, pw = visual.patch_size
+    H, W = images.shape[-2:]
+    if H % ph or W % pw:
+        raise EncoderError(f"image size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+    gh, gw = H // ph, W // pw
+    x = visual.conv1(images)  # (B, width, gh, gw)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+    x = torch.cat([cls, x], dim=1)
+    pos = visual.positional_embedding.to(x.dtype)
+    g0h, g0w = visual.grid_size
+    if (gh, gw) != (g0h, g0w):
+        grid = pos[1:].reshape(1, g0h, g0w, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(x.dtype)
+        pos = torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)], dim=0)
+    x = x + pos
+    return visual.ln_pre(x)  # patch dropout: identity in eval mode
+
+
+def _value_path(block: Any, x: Any) -> Any:
+    """The last block's attention branch with the query-key mixing taken out (MaskCLIP): each token goes
+    through ``ln_1``, the value projection and the output projection on its own (the attention output a token
+    would get if it attended only to itself). ``x``: ``(B, L, width)`` -> ``(B, L, width)``."""
+    import torch.nn.functional as F
+    from open_clip.transformer import Attention
+
+    y = block.ln_1(x)
+    attn = block.attn
+    if isinstance(attn, Attention):  # CustomResidualAttentionBlock
+        d = attn.in_proj_weight.shape[1]
+        bias = attn.in_proj_bias[2 * d:] if attn.in_proj_bias is not None else None
+        v = F.linear(y, attn.in_proj_weight[2 * d:], bias)
+        if attn.head_scale is not None:  # (heads, 1, 1) per-head scale, applied per head of the values
+            B, L, _ = v.shape
+            v = (v.reshape(B, L, attn.num_heads, -1) * attn.head_scale.view(1, 1, attn.num_heads, 1)).reshape(B, L, d)
+        v = attn.out_proj(attn.ln_inner(v))
+        v = block.ln_attn(v) if hasattr(block, "ln_attn") else v
+    else:  # torch.nn.MultiheadAttention (ResidualAttentionBlock)
+        d = attn.embed_dim
+        weight = attn.in_proj_weight[2 * d:] if attn._qkv_same_embed_dim else attn.v_proj_weight
+        bias = attn.in_proj_bias[2 * d:] if attn.in_proj_bias is not None else None
+        v = attn.out_proj(F.linear(y, weight, bias))
+    return block.ls_1(v)
+
+
+def maskclip_patch_embeddings(visual: Any, images: Any, *, path: str = "value") -> Any:
+    """Dense patch embeddings of an open_clip ViT in CLIP's joint space (MaskCLIP, Zhou et al., ECCV 2022).
+
+    All blocks but the last run as usual. In the last block the query-key attention is skipped: each token
+    takes the value path alone (``ln_1`` -> value projection -> ``out_proj``, see :func:`_value_path`);
+    ``path="value"`` keeps only that branch (no residual, no MLP; the form ClearCLIP, Lan et al. 2024, found
+    cleanest), ``path="value+residual"`` adds the residual and the block's MLP as MaskCLIP's code does. Then
+    ``ln_post`` and the visual projection ``proj`` — the two steps the pooled class token takes — map every
+    patch token into the joint space. ``final_ln_after_pool`` towers get ``ln_post`` per patch too;
+    ``pool_type="avg"`` towers keep their class token, which is dropped here like in every other tower.
+
+    Args:
+        visual: ``model.visual`` of an open_clip CLIP with a ViT tower (eval mode).
+        images: ``(B, 3, H, W)`` normalised float tensor; ``H``, ``W`` multiples of the patch size (the
+            positional embedding is resized when the grid differs from the training grid).
+        path: ``"value"`` or ``"value+residual"``.
+
+    Returns:
+        ``(B, h, w, D)`` float32 tensor (``h = H / patch``, row-major from the top-left patch), not normalised.
+
+    Raises:
+        EncoderError: not a ViT tower (ResNet, timm), an attentional-pooler tower (CoCa), no projection,
+            an input size not a multiple of the patch size, or an unknown ``path``.
+    """
+    import torch
+
+    if path not in DENSE_PATHS:
+        raise EncoderError(f"unknown dense path {path!r}; use one of {DENSE_PATHS}")
+    visual = _vision_transformer(visual)
+    B, _, H, W = images.shape
+    ph, pw = visual.patch_size
+    x = _token_embeddings(visual, images)
+    tr = visual.transformer
+    batch_first = getattr(tr, "batch_first", True)
+    blocks = list(tr.resblocks)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for blk in blocks[:-1]:
+        x = blk(x)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    last = blocks[-1]
+    v = _value_path(last, x)
+    if path == "value+residual":
+        v = x + v
+        v = v + last.ls_2(last.mlp(last.ln_2(v)))
+    v = visual.ln_post(v[:, 1:])
+    proj = visual.proj
+    v = proj(v) if isinstance(proj, torch.nn.Module) else v @ proj
+    return v.reshape(B, H // ph, W // pw, -1).float()
+
+
+def dense_patch_embeddings(encoder: OpenClipEncoder, images: Any, *, path: str = "value") -> np.ndarray:
+    """Dense patch embeddings of ``encoder``'s image tower: ``(B, h, w, D)`` float32 numpy, each patch
+    L2-normalised in CLIP's joint space (the space of ``encoder.embed("image", ...)``).
+
+    Args:
+        encoder: an :class:`OpenClipEncoder` with a ViT image tower.
+        images: ``(B, 3, S, S)`` tensor from :meth:`OpenClipEncoder.dense_preprocessor`.
+        path: see :func:`maskclip_patch_embeddings`.
+
+    Raises:
+        EncoderError: see :func:`maskclip_patch_embeddings`.
+    """
+    import torch
+
+    with torch.inference_mode(), encoder._autocast():
+        x = maskclip_patch_embeddings(encoder.model.visual, encoder.to_device(images), path=path)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x.cpu().numpy().astype(np.float32, copy=False)

@@ -92,3 +92,22 @@ def test_demo_report_shows_queries_players_per_class_and_the_loss_chance_line(de
     assert f"ln B = {math.log(118):.2f}" in svg  # 120 captions - 2 held out, batch 256 -> B = 118
     md = (demo_run / "report.md").read_text()
     assert "report_files/loss.svg" in md and "| same label |" in md
+
+
+def test_demo_report_shows_localisation_pictures_of_same_label_pairs(demo_run):
+    import numpy as np
+    from PIL import Image
+
+    result = json.loads((demo_run / "demo.json").read_text())
+    pics = result["localization"]
+    assert [p["label"] for p in pics] == ["dog", "cat", "cow", "horse"]
+    md, page = (demo_run / "report.md").read_text(), (demo_run / "report.html").read_text()
+    for p in pics:
+        assert p["audio"].startswith(f"audio/{p['label']}/") and p["image"].startswith(f"images/{p['label']}/")
+        assert p["grid"] == [56, 56]  # tiny CLIP: 8 px patches at the 448 px dense input
+        assert (demo_run / p["png"]).read_bytes()[:4] == b"\x89PNG"
+        with Image.open(demo_run / p["png"]) as im:
+            assert im.width > 100
+        assert np.load(demo_run / p["npy"]).ndim == 2
+        assert f"]({p['png']})" in md and f'src="{p["png"]}"' in page
+    assert "Where is the sound?" in md and "Random weights: not meaningful" in page

@@ -103,6 +103,31 @@ def test_media_upload_and_media_urls(client, sample_data):
     assert m.content == src.read_bytes()
 
 
+def test_localize_route_draws_where_the_sound_is_in_a_gallery_image(client, sample_data):
+    import io as _io
+    import json as _json
+
+    from PIL import Image
+
+    wav = _audio_file(sample_data, "dog")
+    key = client.post("/api/search/media", files={"file": (wav.name, wav.read_bytes())},
+                      data={"gallery": "clip_image", "k": "1"}).json()["hits"][0]["key"]
+    r = client.post("/api/localize", files={"file": (wav.name, wav.read_bytes())},
+                    data={"gallery": "clip_image", "key": key})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    Image.open(_io.BytesIO(r.content)).verify()
+    info = _json.loads(r.headers["X-Cmcr-Localization"])
+    assert info["min"] <= info["max"] and len(info["peak_xy"]) == 2 and info["grid"] == [4, 4]
+    assert "LOCALIZE = true" in client.get("/").text and client.get("/api/galleries").json()["localize"] is True
+    bad = client.post("/api/localize", files={"file": (wav.name, wav.read_bytes())},
+                      data={"gallery": "clap_audio", "key": key})
+    assert bad.status_code == 422 and "not images" in bad.json()["detail"]
+    missing = client.post("/api/localize", files={"file": (wav.name, wav.read_bytes())},
+                          data={"gallery": "clip_image", "key": "no-such-key"})
+    assert missing.status_code == 422 and "no-such-key" in missing.json()["detail"]
+
+
 def test_query_by_key_across_galleries(client):
     r = client.post("/api/search", json={"key": "dog/sounds_dog_bark", "key_gallery": "clap_audio",
                                          "gallery": "clip_image", "k": 4})
