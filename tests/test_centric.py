@@ -147,3 +147,26 @@ def test_memory_centric_only_and_queue_mode(tiny_synthetic, tmp_path):
     # queue mode precomputes only the first hop (captions in RAM); the second is done per batch
     assert (tmp_path / "q" / "completions" / "centric-memory_b" / "shared_a").exists()
     assert not (tmp_path / "q" / "completions" / "centric-memory_b" / "memory_a").exists()
+
+
+def test_source_names_follow_the_stores_3d_layout(make_store):
+    """CLIP+ULIP: images are shared, the memories hold CLIP text and ULIP 3D (nothing audio/image-specific)."""
+    from tests.fixtures_connect import ENC_A, ENC_B
+
+    rng = np.random.default_rng(0)
+    keys = [f"img{i}" for i in range(20)]
+    stores = open_connect_stores(
+        make_store("clip_image", unit_rows(rng, 20, 16), modality="image", encoder=ENC_A, keys=keys),
+        make_store("ulip_image", unit_rows(rng, 20, 16), modality="image", encoder=ENC_B, keys=keys),
+        make_store("clip_text", unit_rows(rng, 30, 16), modality="text", encoder=ENC_A),
+        make_store("ulip_3d", unit_rows(rng, 25, 16), modality="3d", encoder=ENC_B))
+    got = resolve_centric(stores, tiny_config(centric="3d,image,text", centric_weights={"3d": 0.25}))
+    assert [(s.name, s.role, s.weight) for s in got] == [("image", "shared", 1.0), ("text", "memory_a", 1.0),
+                                                         ("3d", "memory_b", 0.25)]
+    assert [s.name for s in resolve_centric(stores, tiny_config())] == ["image"]  # default: shared = image here
+    with pytest.raises(ConfigError, match="'audio' is not a source"):
+        resolve_centric(stores, tiny_config(centric="image,audio"))
+    res = train_connector(stores.shared_a, stores.shared_b, stores.memory_a, stores.memory_b,
+                          stores.shared_a.path.parent / "run3d", tiny_config(epochs=1, centric="image,text,3d"),
+                          plot=False)
+    assert res["config"]["centric"] == "image,text,3d" and res["metrics"]["loss_3d"] > 0
