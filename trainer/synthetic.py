@@ -57,13 +57,13 @@ log = logging.getLogger(__name__)
 
 #: The ablations of method.md section 5 (and the paper's Table 5), and the sources of pseudo pairs
 #: (method.md "Memory-centric pseudo pairs"), as config changes. ``full`` is C-MCR as published
-#: (text-centric pairs only); ``plus_audio`` / ``plus_image`` add the audio- / image-centric pairs,
-#: ``all_centric`` both.
+#: (text-centric pairs only, whatever the base config's ``centric``; so are the three ablations);
+#: ``plus_audio`` / ``plus_image`` add the audio- / image-centric pairs, ``all_centric`` both.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "no_completion": {"use_completion": False},
-    "no_noise": {"noise_std": 0.0},
-    "no_intra": {"intra_weight": 0.0},
+    "full": {"centric": "shared"},
+    "no_completion": {"use_completion": False, "centric": "shared"},
+    "no_noise": {"noise_std": 0.0, "centric": "shared"},
+    "no_intra": {"intra_weight": 0.0, "centric": "shared"},
     "plus_audio": {"centric": "text,audio"},
     "plus_image": {"centric": "text,image"},
     "all_centric": {"centric": "text,audio,image"},
