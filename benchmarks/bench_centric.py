@@ -9,6 +9,10 @@ how many seeds each variant beat ``full`` on.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_centric.py --out /tmp/centric --seeds 0-7
     python benchmarks/bench_centric.py --out /tmp/centric --report
+    # control: text-centric with 3x the epochs (as many batch gradients as all_centric)
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_centric.py --out /tmp/full18 --seeds 0-7 \
+        --epochs 18 --variants full
+    python benchmarks/bench_centric.py --out /tmp/centric --report --control /tmp/full18
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def report(args: argparse.Namespace) -> None:
                 for m, _ in METRICS:
                     by[r["variant"]][m].append(r[m])
     seeds = [r["seed"] for r in recs]
-    print(f"seeds {seeds}; settings {recs[0]['spec']}; seconds per seed "
+    spec = {k: v for k, v in recs[0]["spec"].items() if k not in ("out", "seeds", "report", "control")}
+    print(f"seeds {seeds}; settings {spec}; seconds per seed "
           f"{[r['seconds'] for r in recs]}")
     print("| variant | " + " | ".join(label for _, label in METRICS) + " | seeds > full (a->i mAP / i->a mAP) |")
     print("|---|" + "---|" * (len(METRICS) + 1))
@@ -91,6 +96,33 @@ def report(args: argparse.Namespace) -> None:
     for rec in recs:
         print(f"seed {rec['seed']}: " + ", ".join(f"{r['variant']} {r['mAP']:.3f}/{r['image_to_audio_mAP']:.3f}"
                                                   for r in rec["rows"]))
+    if args.control:
+        compare_control(recs, Path(args.control))
+
+
+def compare_control(recs: list[dict], control: Path) -> None:
+    """``all_centric`` against a control run's ``full`` (e.g. text-centric trained for 3x the epochs:
+    the same number of batch gradients), seed by seed."""
+    ctrl = {json.loads(p.read_text())["seed"]: json.loads(p.read_text()) for p in control.glob("seed-*.json")}
+    wins = {m: 0 for m, _ in METRICS}
+    n = 0
+    print(f"\nall_centric vs control {control} (full, {next(iter(ctrl.values()))['spec']['epochs']} epochs):"
+          if ctrl else f"\nno control seeds in {control}")
+    for rec in recs:
+        if rec["seed"] not in ctrl:
+            continue
+        a = next(r for r in rec["rows"] if r["variant"] == "all_centric")
+        c = next(r for r in ctrl[rec["seed"]]["rows"] if r["variant"] == "full")
+        n += 1
+        for m, _ in METRICS:
+            wins[m] += a[m] > c[m]
+        print(f"seed {rec['seed']}: " + ", ".join(f"{label} {a[m]:.3f} vs {c[m]:.3f}" for m, label in METRICS))
+    if n:
+        print("all_centric wins: " + ", ".join(f"{label} {wins[m]}/{n}" for m, label in METRICS))
+        for m, label in METRICS:
+            cv = np.asarray([next(r for r in ctrl[s]["rows"] if r["variant"] == "full")[m] for s in sorted(ctrl)])
+            print(f"control {label}: {cv.mean():.3f} ± {cv.std(ddof=1) if len(cv) > 1 else 0:.3f} "
+                  f"[{cv.min():.3f}, {cv.max():.3f}]")
 
 
 def main() -> None:
@@ -104,6 +136,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--report", action="store_true", help="Only print the table of the seeds done in --out.")
+    ap.add_argument("--control", help="A second --out folder (e.g. --variants full --epochs 18) to compare "
+                                      "all_centric against, seed by seed.")
     args = ap.parse_args()
     if not args.report:
         run(args)

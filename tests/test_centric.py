@@ -170,3 +170,22 @@ def test_source_names_follow_the_stores_3d_layout(make_store):
                           stores.shared_a.path.parent / "run3d", tiny_config(epochs=1, centric="image,text,3d"),
                           plot=False)
     assert res["config"]["centric"] == "image,text,3d" and res["metrics"]["loss_3d"] > 0
+
+
+def test_schedule_epoch_is_a_pass_over_the_shared_pairs_memories_cycle():
+    from cmcr.trainer.data import CentricSource, PairData, SourceData
+    from cmcr.trainer.loop import _Schedule
+
+    shared, audio = CentricSource("text", "shared", 1.0), CentricSource("audio", "memory_b", 1.0)
+    z = np.zeros((1, 1))
+    data = PairData(keys=[f"c{i}" for i in range(100)], s_a=z, s_b=z, centric=[shared, audio],
+                    sources=[SourceData(audio, [f"a{i}" for i in range(250)], z, z, None, z)])
+    sched = _Schedule(data, np.arange(90), tiny_config(batch_size=30))
+    assert sched.steps_per_epoch == 3  # 90 training pairs / 30, not 250 memory rows / 30
+    seen = np.concatenate([dict((s.name, r) for s, r in sched.batches(t))["audio"] for t in range(9)])
+    assert len(seen) == 250 and sorted(seen) == list(range(250))  # one full pass of the memory in 9 steps
+    text = [dict((s.name, r) for s, r in sched.batches(t))["text"] for t in range(3)]
+    assert sorted(np.concatenate(text)) == list(range(90))
+    only = _Schedule(PairData(keys=data.keys, s_a=z, s_b=z, centric=[audio], sources=data.sources), np.arange(90),
+                     tiny_config(batch_size=30))
+    assert only.steps_per_epoch == 9 and only.largest == 250

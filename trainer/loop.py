@@ -444,9 +444,12 @@ class _Schedule:
     sees the same batches).
 
     Every step takes one batch from every source in ``data.centric`` (the loss is the weighted sum
-    of the per-source C-MCR losses). An epoch is one pass over the largest source; a smaller
-    source cycles, reshuffled on each of its passes. The shared source's batches are exactly those
-    of a run with the shared pairs only (:func:`batch_rows` seeded by ``(seed, pass)``).
+    of the per-source C-MCR losses). An epoch is one pass over the shared pairs when they are a
+    source (so ``epochs`` means what it means for C-MCR, and a memory much larger than the caption
+    set does not lengthen the epoch), else over the largest memory source; every other source
+    cycles through its rows at its own pace, reshuffled on each of its passes. The shared source's
+    batches are exactly those of a run with the shared pairs only (:func:`batch_rows` seeded by
+    ``(seed, pass)``).
     """
 
     def __init__(self, data: PairData, train_rows: np.ndarray, cfg: TrainConfig):
@@ -461,8 +464,10 @@ class _Schedule:
                 extra += 1
                 rows, seed = np.arange(len(memory[src.role]), dtype=np.int64), cfg.seed + 1_000_003 * extra
             self.entries.append((src, rows, seed, steps_per_epoch(len(rows), cfg.batch_size)))
-        self.largest = max(len(r) for _, r, _, _ in self.entries)
-        self.steps_per_epoch = max(n for _, _, _, n in self.entries)
+        lead = next((e for e in self.entries if e[0].role == "shared"), None) or max(self.entries,
+                                                                                   key=lambda e: len(e[1]))
+        self.largest = len(lead[1])  # rows of the source that defines an epoch
+        self.steps_per_epoch = lead[3]
         self.multi = len(self.entries) > 1 or self.entries[0][0].role != "shared"
         self._cache: dict[tuple[int, int], list[np.ndarray]] = {}
 
