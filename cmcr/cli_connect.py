@@ -58,6 +58,10 @@ def connect(
     memory_temperature: float | None = typer.Option(None, help="Completion temperature tau_m."),
     completion: str | None = typer.Option(None, help="exact | topk | queue."),
     no_completion: bool = typer.Option(False, "--no-completion", help="Ablation: train on shared pairs only."),
+    centric: str | None = typer.Option(
+        None, "--centric", help="Sources of training pairs, comma-separated modality names: the shared one (text: "
+                                "C-MCR's caption-centric pairs, the default) and/or a memory's (audio, image; 3D: "
+                                "text, 3d) for memory-centric pairs. Weights: centric_weights in --config."),
     seed: int | None = typer.Option(None, help="Random seed (recorded)."),
     device: str | None = typer.Option(None, help="auto | cpu | cuda[:N]."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
@@ -75,7 +79,7 @@ def connect(
     cfg = load_config(config, name_a=name_a, name_b=name_b, epochs=epochs, batch_size=batch_size, lr=lr,
                       noise_std=noise_std, intra_weight=intra_weight, temperature=temperature,
                       memory_temperature=memory_temperature, completion=completion, seed=seed, device=device,
-                      use_completion=False if no_completion else None)
+                      use_completion=False if no_completion else None, centric=centric)
     result = train_connector(shared_a, shared_b, memory_a, memory_b, out, cfg, resume=resume, overwrite=overwrite,
                              progress=not as_json)
     if as_json:
@@ -489,8 +493,9 @@ def bench_synthetic(
     n_memory: int = typer.Option(3000, min=1, help="Memory size of each MCR."),
     n_eval: int = typer.Option(500, min=2, help="Held-out true (audio, image) pairs (the retrieval pool)."),
     epochs: int = typer.Option(10, min=1, help="Training epochs per variant."),
-    variants: str = typer.Option("full,no_completion,no_noise,no_intra",
-                                 help="Comma-separated variants (full, no_completion, no_noise, no_intra)."),
+    variants: str = typer.Option("full,no_completion,no_noise,no_intra,plus_audio,plus_image,all_centric",
+                                 help="Comma-separated variants (full = text-centric C-MCR, no_completion, no_noise, "
+                                      "no_intra; plus_audio, plus_image, all_centric add memory-centric pairs)."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Start --out over (its stores and variant folders) when an earlier run "
                                         "used other settings."),
@@ -512,11 +517,13 @@ def bench_synthetic(
         _print_json(table)
         return
     t = Table(title=f"synthetic check: audio->image retrieval, pool {n_eval} (chance R@1 {1 / n_eval:.4f})")
-    for col in ("variant", "R@1", "R@5", "mAP", "chance R@1", "image->audio R@1", "zero-shot top-1", "s"):
+    for col in ("variant", "sources", "R@1", "R@5", "mAP", "chance R@1", "image->audio R@1", "image->audio mAP",
+                "zero-shot top-1", "s"):
         t.add_column(col)
     for r in table:
-        t.add_row(r["variant"], f"{r['R@1']:.3f}", f"{r['R@5']:.3f}", f"{r['mAP']:.3f}", f"{r['chance_R@1']:.4f}",
-                  f"{r['image_to_audio_R@1']:.3f}", f"{r['zeroshot_top1']:.3f}", f"{r['seconds']:.1f}")
+        t.add_row(r["variant"], str(r["centric"]), f"{r['R@1']:.3f}", f"{r['R@5']:.3f}", f"{r['mAP']:.3f}",
+                  f"{r['chance_R@1']:.4f}", f"{r['image_to_audio_R@1']:.3f}", f"{r['image_to_audio_mAP']:.3f}",
+                  f"{r['zeroshot_top1']:.3f}", f"{r['seconds']:.1f}")
     console.print(t)
 
 

@@ -15,6 +15,8 @@ Three ways to compute it:
 * :func:`complete_topk` — approximate: FAISS retrieves the top-k memory rows of each query and
   the softmax runs over those k only. With tau = 0.01 the weights of far rows are negligible, so
   the two agree closely (see ``benchmarks/bench_connect.py``).
+* :func:`complete_paired_store` — completion from a *paired memory* (weights from one MCR's
+  rows, averaging the same items' rows of both MCRs): the memory-centric pseudo pairs.
 * :class:`MemoryQueue` — a fixed-capacity FIFO of memory rows refilled from the memory store,
   for memories larger than device memory during training.
 
@@ -118,9 +120,14 @@ def _memory_len_dim(memory: np.ndarray | Store | Memory) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------ exact completion
 def online_softmax_completion(
-    queries: torch.Tensor, chunks: Iterator[torch.Tensor], temperature: float
+    queries: torch.Tensor, chunks: Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]], temperature: float
 ) -> torch.Tensor:
     """Exact ``softmax(q Mᵀ / tau) M`` over a memory given as a stream of chunks.
+
+    A chunk may also be a pair ``(keys, values)`` (``(m_i, D)`` and ``(m_i, D_v)``): the weights
+    come from the keys and average the values, ``softmax(q Kᵀ / tau) V`` — a *paired memory*, e.g.
+    CLAP-text keys with the same captions' CLIP-text values (the memory-centric pseudo pairs of
+    docs/method.md).
 
     Keeps, per query, the running maximum logit ``m``, the running denominator ``l = sum exp(s - m)``
     and the running numerator ``acc = sum exp(s - m) * row``; when a chunk raises the maximum the
@@ -129,24 +136,30 @@ def online_softmax_completion(
 
     Args:
         queries: ``(Q, D)`` float32 tensor.
-        chunks: iterator of ``(m_i, D)`` float32 tensors on the queries' device.
+        chunks: iterator of ``(m_i, D)`` float32 tensors on the queries' device, or of
+            ``(keys, values)`` pairs of them.
         temperature: tau > 0.
 
     Returns:
-        ``(Q, D)`` float32, not normalised.
+        ``(Q, D)`` (``(Q, D_v)`` for paired chunks) float32, not normalised.
     """
     q = queries / temperature
     run_max = torch.full((q.shape[0], 1), -math.inf, device=q.device, dtype=torch.float32)
     denom = torch.zeros((q.shape[0], 1), device=q.device, dtype=torch.float32)
-    acc = torch.zeros((q.shape[0], queries.shape[1]), device=q.device, dtype=torch.float32)
-    for chunk in chunks:
+    acc: torch.Tensor | None = None
+    for item in chunks:
+        chunk, vals = item if isinstance(item, tuple) else (item, item)
+        if acc is None:
+            acc = torch.zeros((q.shape[0], vals.shape[1]), device=q.device, dtype=torch.float32)
         logits = q @ chunk.T  # (Q, m)
         new_max = torch.maximum(run_max, logits.max(dim=1, keepdim=True).values)
         scale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first chunk
         weights = torch.exp(logits - new_max)
         denom = denom * scale + weights.sum(dim=1, keepdim=True)
-        acc = acc * scale + weights @ chunk
+        acc = acc * scale + weights @ vals
         run_max = new_max
+    if acc is None:
+        raise StoreValidationError("the memory is empty; completion needs at least one memory row")
     return acc / denom
 
 
@@ -159,6 +172,7 @@ def complete_exact(
     query_rows: int = DEFAULT_QUERY_ROWS,
     normalize: bool = True,
     device: str | torch.device = "cpu",
+    values: np.ndarray | None = None,
 ) -> np.ndarray:
     """Exact semantic completion of ``queries`` from ``memory`` (C-MCR Eq. 1), bounded RAM.
 
@@ -172,13 +186,16 @@ def complete_exact(
         normalize: L2-normalise the pseudo embeddings (they are stored in cosine stores and the
             trainer normalises them anyway after adding noise).
         device: torch device for the arithmetic (``"auto"``: CUDA when present).
+        values: optional ``(M, D_v)`` array row-aligned with an in-RAM ``memory`` (a *paired
+            memory*): the softmax weights of the memory rows average these rows instead
+            (``softmax(q Mᵀ/tau) V``); chunked like the memory.
 
     Returns:
-        ``(Q, D)`` float32 pseudo embeddings (``(D,)`` for a single query).
+        ``(Q, D)`` (``(Q, D_v)`` with ``values``) float32 pseudo embeddings (``(D,)`` for a single query).
 
     Raises:
-        StoreMismatchError: query and memory dims differ.
-        ValueError: ``temperature <= 0``.
+        StoreMismatchError: query and memory dims differ, or ``values`` has another row count.
+        ValueError: ``temperature <= 0``, or ``values`` with a :class:`Store` memory.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -189,19 +206,31 @@ def complete_exact(
         raise StoreMismatchError(f"queries have dim {q_all.shape[1]}, the memory has dim {m_dim}")
     if m_len == 0:
         raise StoreValidationError("the memory is empty; completion needs at least one memory row")
+    if values is not None:
+        if isinstance(memory, Store):
+            raise ValueError("values (a paired memory) need the memory rows as an array, not a store")
+        if len(values) != m_len:
+            raise StoreMismatchError(f"values have {len(values)} rows, the memory has {m_len}")
     dev = resolve_device(device)
-    out = np.empty_like(q_all)
-    cached: list[torch.Tensor] | None = None
+    out = np.empty((len(q_all), m_dim if values is None else int(values.shape[1])), dtype=np.float32)
+
+    def tensors() -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        if values is None:
+            for c in _memory_chunks(memory, chunk_rows):
+                yield torch.from_numpy(np.require(c, np.float32, ["C", "W"])).to(dev)
+            return
+        for c, v in zip(_memory_chunks(memory, chunk_rows), _memory_chunks(values, chunk_rows), strict=True):
+            yield (torch.from_numpy(np.require(c, np.float32, ["C", "W"])).to(dev),
+                   torch.from_numpy(np.require(v, np.float32, ["C", "W"])).to(dev))
+
+    cached: list[Any] | None = None
     # An in-RAM memory that fits in one chunk is moved to the device once for all query blocks.
     if not isinstance(memory, Store) and m_len <= chunk_rows:
-        cached = [torch.from_numpy(np.require(c, np.float32, ["C", "W"])).to(dev)
-                  for c in _memory_chunks(memory, chunk_rows)]
+        cached = list(tensors())
     with torch.no_grad():
         for start in range(0, len(q_all), query_rows):
             q = torch.from_numpy(q_all[start:start + query_rows]).to(dev)
-            chunks = iter(cached) if cached is not None else (
-                torch.from_numpy(np.require(c, np.float32, ["C", "W"])).to(dev)
-                for c in _memory_chunks(memory, chunk_rows))
+            chunks = iter(cached) if cached is not None else tensors()
             p = online_softmax_completion(q, chunks, temperature)
             if normalize:
                 p = torch.nn.functional.normalize(p, dim=1)
@@ -273,6 +302,7 @@ def complete_topk(
     query_rows: int = 8192,
     normalize: bool = True,
     gather_bytes: int = TOPK_GATHER_BYTES,
+    values: np.ndarray | None = None,
 ) -> np.ndarray:
     """Approximate completion: softmax over the top-``k`` memory rows of each query only.
 
@@ -293,9 +323,11 @@ def complete_topk(
         query_rows: queries per FAISS search call.
         normalize: L2-normalise the result.
         gather_bytes: RAM bound of the gathered rows, bytes.
+        values: optional ``(M, D_v)`` rows aligned with the memory rows (a paired memory): the
+            top-k weights average these rows instead of the memory rows.
 
     Returns:
-        ``(Q, D)`` float32.
+        ``(Q, D)`` (``(Q, D_v)`` with ``values``) float32.
 
     Raises:
         ValueError: ``temperature <= 0``, or neither ``memory`` nor ``index``.
@@ -314,10 +346,13 @@ def complete_topk(
     if q_all.shape[1] != m_dim:
         raise StoreMismatchError(f"queries have dim {q_all.shape[1]}, the memory has dim {m_dim}")
     k = max(1, min(int(k), m_len))
+    if values is not None and len(values) != m_len:
+        raise StoreMismatchError(f"values have {len(values)} rows, the memory has {m_len}")
     if index is None:
         index = build_memory_index(mem)
-    sub = max(1, int(gather_bytes) // (k * m_dim * 4))
-    out = np.empty_like(q_all)
+    v_dim = m_dim if values is None else int(values.shape[1])
+    sub = max(1, int(gather_bytes) // (k * v_dim * 4))
+    out = np.empty((len(q_all), v_dim), dtype=np.float32)
     for start in range(0, len(q_all), query_rows):
         q = q_all[start:start + query_rows]
         if hasattr(index, "search_arrays"):
@@ -336,7 +371,10 @@ def complete_topk(
         for s in range(0, len(q), sub):
             e = min(s + sub, len(q))
             flat_ids = safe[s:e].reshape(-1)
-            got = _index_rows(index, flat_ids) if mem is None else np.asarray(mem[flat_ids], dtype=np.float32)
+            if values is not None:
+                got = np.asarray(values[flat_ids], dtype=np.float32)
+            else:
+                got = _index_rows(index, flat_ids) if mem is None else np.asarray(mem[flat_ids], dtype=np.float32)
             p = np.einsum("qk,qkd->qd", w[s:e], got.reshape(e - s, k, -1))
             if normalize:
                 p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
@@ -495,6 +533,124 @@ def complete_store(
         if progress is not None:
             progress(finished, total)
     return out
+
+
+def complete_paired_store(
+    query_store: Store | str | os.PathLike,
+    keys: np.ndarray,
+    values: dict[str, tuple[np.ndarray, Store]],
+    out_dir: str | os.PathLike,
+    *,
+    memory: dict[str, Any],
+    method: str = "exact",
+    temperature: float = DEFAULT_TEMPERATURE,
+    k: int = DEFAULT_TOPK,
+    batch_rows: int = 65536,
+    chunk_rows: int = COMPLETION_CHUNK_ROWS,
+    device: str | torch.device = "cpu",
+    progress: Any = None,
+    query_block: int = COMPLETION_QUERY_BLOCK,
+) -> dict[str, Store]:
+    """Complete every row of ``query_store`` from a *paired memory* and write one store per value.
+
+    The weights of query ``q`` are ``w = softmax(q Kᵀ / tau)`` over the key rows ``K``; output
+    ``name`` is ``norm(w V_name)`` for each value array ``V_name`` row-aligned with ``K``. This is
+    the first hop of a memory-centric pseudo pair (docs/method.md, "Memory-centric pseudo pairs"):
+    a CLAP audio clip weighs the captions by their CLAP text (``K``) and the same weights average
+    the captions' CLAP text and CLIP text (two values), giving its pseudo caption in both MCRs.
+
+    The queries are streamed from the store in blocks of ``batch_rows`` (one part per block in
+    every output, resumed after the last block all outputs hold); the key and value rows are in
+    RAM and consumed in chunks of ``chunk_rows`` (``exact``: the online softmax of
+    :func:`online_softmax_completion`) or searched with a FAISS index over the keys (``topk``:
+    :func:`complete_topk`, flat up to 200 000 rows, HNSW above).
+
+    Args:
+        query_store: the queries, e.g. MCR B's memory store (CLAP audio).
+        keys: ``(N, D)`` float array of unit rows from the query store's encoder (e.g. CLAP text).
+        values: ``name -> ((N, D_v) array, like)``; output ``out_dir/name`` is a store with
+            ``like``'s modality, encoder identity, preprocessing and dim (``D_v`` must equal it).
+        out_dir: folder of the output stores.
+        memory: a JSON-able description of the paired memory (paths, fingerprints, the rows used);
+            recorded in each output's ``extra.completion.paired``, and an existing output made
+            with another description, method, temperature or query store is recomputed.
+        method: ``"exact"`` or ``"topk"``; temperature: tau_m; k: neighbours of ``"topk"``.
+        batch_rows, chunk_rows, device, progress, query_block: as :func:`complete_store`.
+
+    Returns:
+        ``name -> Store`` of the outputs, keyed like ``query_store``.
+
+    Raises:
+        StoreMismatchError: the keys' dim differs from the query store's, or a value array has
+            another row count than the keys or another dim than its ``like`` store.
+        ValueError: an unknown ``method``, no values, or ``temperature <= 0``.
+    """
+    qs = query_store if isinstance(query_store, Store) else Store.open(query_store)
+    if method not in ("exact", "topk"):
+        raise ValueError(f"paired completion method must be 'exact' or 'topk', got {method!r}")
+    if not values:
+        raise ValueError("complete_paired_store needs at least one value array")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    if keys.ndim != 2 or keys.shape[1] != qs.dim:
+        raise StoreMismatchError(f"the paired memory's keys have shape {keys.shape}, the query store {qs.path} has "
+                                 f"dim {qs.dim}")
+    names = list(values)
+    for name in names:
+        arr, like = values[name]
+        if len(arr) != len(keys) or arr.shape[1] != like.dim:
+            raise StoreMismatchError(f"paired value {name!r} has shape {arr.shape}; expected ({len(keys)}, {like.dim})")
+    stacked = np.ascontiguousarray(np.concatenate([np.asarray(values[n][0], dtype=np.float32) for n in names],
+                                                  axis=1))
+    bounds = np.cumsum([0] + [values[n][1].dim for n in names])
+    params = {
+        "method": method, "temperature": float(temperature), "k": int(k) if method == "topk" else None,
+        "query_store": {"path": str(qs.path), "fingerprint": qs.fingerprint(), "modality": qs.modality},
+        "memory_store": {"path": str(memory.get("path")), "fingerprint": memory.get("fingerprint")},
+        "paired": memory,
+    }
+    out_dir = Path(out_dir)
+    outs = {n: _open_completion_store(out_dir / n, values[n][1], {**params, "value": n}, True) for n in names}
+    done = {n: outs[n].done_sources() for n in names}
+    total = qs.num_rows
+    need = [(s, min(s + batch_rows, total)) for s in range(0, total, batch_rows)
+            if any(f"queries:{s}-{min(s + batch_rows, total)}" not in d for d in done.values())]
+    if not need:
+        return outs
+    index = build_memory_index(keys) if method == "topk" else None
+    finished = total - sum(e - s for s, e in need)
+    if progress is not None:
+        progress(finished, total)
+    pos = 0
+    for batch in qs.iter_batches(batch_size=batch_rows, dtype=np.float32):
+        start, end = pos, pos + len(batch.keys)
+        pos = end
+        source = f"queries:{start}-{end}"
+        if all(source in d for d in done.values()):
+            continue
+        mixed = np.empty((len(batch.keys), stacked.shape[1]), dtype=np.float32)
+        for s in range(0, len(mixed), query_block):
+            e = min(s + query_block, len(mixed))
+            if method == "exact":
+                mixed[s:e] = complete_exact(batch.embeddings[s:e], keys, values=stacked, temperature=temperature,
+                                            chunk_rows=chunk_rows, query_rows=query_block, normalize=False,
+                                            device=device)
+            else:
+                mixed[s:e] = complete_topk(batch.embeddings[s:e], keys, values=stacked, k=k, index=index,
+                                           temperature=temperature, normalize=False)
+            if progress is not None and e < len(mixed):
+                progress(finished + e, total)
+        for i, n in enumerate(names):
+            if source in done[n]:  # an interrupted run wrote this block to some outputs only
+                continue
+            part = mixed[:, bounds[i]:bounds[i + 1]]
+            part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+            outs[n].append_part(batch.keys, part, source=source)
+        finished += end - start
+        if progress is not None:
+            progress(finished, total)
+    return outs
 
 
 def _open_completion_store(path: Path, memory: Store, params: dict[str, Any], overwrite: bool) -> Store:

@@ -432,3 +432,20 @@ def test_cli_on_bundled_media_random_weights(tiny_encoded, capsys, monkeypatch):
     assert "--protocol shuffled" in capsys.readouterr().err
     assert main(["eval", "counterfactual", str(st["clap_audio.cmcr"]), str(st["clip_image.cmcr"])]) == 1
     assert "--protocol label" in capsys.readouterr().err
+
+
+def test_connect_centric_sources_from_cli_and_toml(tiny_synthetic, tmp_path, capsys):
+    """--centric picks the sources by modality name; weights come from the TOML; a bad name is one message."""
+    p = tiny_synthetic
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nhidden_dim = 32\nout_dim = 16\n[optim]\nbatch_size = 64\n[run]\ndevice = 'cpu'\n"
+                   "[centric]\ncentric_weights = { audio = 0.5 }\n")
+    base = ["connect", "--shared-a", str(p["text_a"]), "--shared-b", str(p["text_b"]), "--memory-a",
+            str(p["image_a"]), "--memory-b", str(p["audio_b"]), "--config", str(cfg), "--epochs", "1", "--json"]
+    assert main([*base, "--out", str(tmp_path / "c"), "--centric", "text,audio"]) == 0
+    capsys.readouterr()
+    training = json.loads((tmp_path / "c" / "connector.json").read_text())["training"]
+    assert training["centric"] == "text,audio" and training["centric_weights"] == {"text": 1.0, "audio": 0.5}
+    assert main([*base, "--out", str(tmp_path / "d"), "--centric", "text,3d"]) == 2
+    err = capsys.readouterr().err
+    assert "'3d' is not a source" in err and "audio (memory B)" in err and "Traceback" not in err

@@ -22,6 +22,13 @@ completion             exact       exact online softmax over the whole memory (o
 completion_topk        256         neighbours of the top-k completion (ours; agreement measured in
                                    benchmarks/bench_connect.py)
 queue_capacity         65536       rows of the memory queue when completion = "queue" (ours)
+centric                shared      sources of training pairs, comma-separated: ``shared`` (= the shared
+                                   modality's name, e.g. ``text``: the caption-centric pairs of C-MCR)
+                                   and/or a memory's modality (``audio``, ``image``; ``memory_a`` /
+                                   ``memory_b`` name them by role): memory-centric pairs (Ex-MCR idea;
+                                   method.md "Memory-centric pseudo pairs"; ours)
+centric_weights        {}          loss weight per source (modality or role name -> float > 0;
+                                   missing = 1.0)
 epochs                 20          "tens of epochs" (method.md 3; unpublished by the authors)
 batch_size             4096        method.md 3 (unpublished by the authors)
 lr                     1e-3        method.md 3, AdamW (unpublished by the authors)
@@ -43,6 +50,7 @@ A TOML file may group the keys in tables (``[model]``, ``[loss]``, ``[completion
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -83,6 +91,9 @@ class TrainConfig:
     completion: str = "exact"
     completion_topk: int = 256
     queue_capacity: int = 65536
+    # sources of pseudo pairs (method.md "Memory-centric pseudo pairs")
+    centric: str = "shared"
+    centric_weights: dict[str, float] = field(default_factory=dict)
     # optimisation
     epochs: int = 20
     batch_size: int = 4096
@@ -125,6 +136,17 @@ class TrainConfig:
         for ok, name, want in checks:
             if not ok:
                 raise ConfigError(f"config value {name}={getattr(self, name)!r} is invalid: must be {want}")
+        names = self.centric_names()
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"config value centric={self.centric!r} is invalid: give one or more distinct source "
+                              f"names, comma-separated (e.g. text,audio,image; 'shared' = the shared modality)")
+        for name, w in self.centric_weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ConfigError(f"config value centric_weights.{name}={w!r} is invalid: must be a number >= 0")
+
+    def centric_names(self) -> list[str]:
+        """The source names of ``centric`` as given (``"text, audio"`` -> ``["text", "audio"]``)."""
+        return [n.strip() for n in str(self.centric).split(",") if n.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         """All values as a JSON-able dict (recorded in checkpoints and the connector file)."""
@@ -157,6 +179,13 @@ def from_dict(values: dict[str, Any], *, where: str = "config") -> TrainConfig:
         default = known[name].default
         if name == "extra":
             kwargs[name] = dict(value)
+            continue
+        if name == "centric_weights":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: config key 'centric_weights' must be a table of source name -> weight "
+                                  f"(e.g. centric_weights = {{ text = 1.0, audio = 0.5 }}), got {value!r}")
+            kwargs[name] = {str(k): (float(v) if isinstance(v, int) and not isinstance(v, bool) else v)
+                            for k, v in value.items()}
             continue
         try:
             if isinstance(default, bool):
@@ -224,7 +253,7 @@ def flatten_tables(doc: dict[str, Any], *, where: str = "config") -> dict[str, A
     """Flatten ``{"model": {"depth": 2}, "seed": 0}`` to ``{"depth": 2, "seed": 0}`` (``extra`` stays a table)."""
     out: dict[str, Any] = {}
     for key, value in doc.items():
-        items = value.items() if isinstance(value, dict) and key != "extra" else [(key, value)]
+        items = value.items() if isinstance(value, dict) and key not in ("extra", "centric_weights") else [(key, value)]
         for k, v in items:
             if k in out:
                 raise ConfigError(f"{where}: key {k!r} is given twice; give each key once")

@@ -14,6 +14,8 @@ Output folder::
     metrics.jsonl                          one JSON line per epoch
     loss_curve.png                         training loss and held-out recall@1 per epoch (written at the end)
     completions/A, completions/B           pseudo embeddings (stores keyed like the shared stores)
+    completions/centric-memory_{a,b}/      memory-centric sources' pseudo partners (stores keyed like the
+                                           memory; only with ``centric`` naming that memory)
 
 Seeds are recorded; ``resume=True`` continues from the newest checkpoint when the training
 settings and the stores' fingerprints are unchanged (``epochs`` may grow). Checkpoints are read
@@ -55,8 +57,10 @@ from cmcr.trainer.data import (
     ConnectStores,
     PairData,
     batch_rows,
+    canonical_centric,
     load_pairs,
     open_connect_stores,
+    resolve_centric,
     split_pairs,
     steps_per_epoch,
 )
@@ -268,6 +272,9 @@ def train_connector(
         shutil.rmtree(out / CHECKPOINT_DIR)
         (out / METRICS_FILE).unlink(missing_ok=True)
     stores = open_connect_stores(shared_a, shared_b, memory_a, memory_b)
+    # the sources of pairs by their canonical names ("shared" -> "text"), so checkpoints and the
+    # connector record what was used and a resume with other sources is refused
+    cfg = cfg.replace(**canonical_centric(resolve_centric(stores, cfg)))
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
@@ -275,6 +282,9 @@ def train_connector(
     resumed = _load_resume_checkpoint(existing, device) if resume and existing else None
 
     reporter = _Reporter(progress)
+    queue = cfg.completion == "queue"  # the queue completes per batch: no precomputed shared-centric completion
+    reporter.completion_sides = sum((0 if queue else 2) if s.role == "shared" else (1 if queue else 2)
+                                    for s in resolve_centric(stores, cfg)) if cfg.use_completion else 0
     data = load_pairs(stores, cfg, out, progress=reporter.completion if progress else None)
     train_rows, val_rows = split_pairs(len(data), cfg)
     if len(train_rows) < 2:
@@ -282,16 +292,22 @@ def train_connector(
     arrays = {"s_a": data.s_a, "s_b": data.s_b}
     if data.p_a is not None and data.p_b is not None:
         arrays.update(p_a=data.p_a, p_b=data.p_b)
+    for src in data.sources:
+        if len(src) < 2:
+            raise TrainingError(f"the {src.source.name}-centric source has {len(src)} memory row(s); need >= 2")
+        arrays.update({f"{src.source.role}:{k}": v for k, v in
+                       (("s_a", src.s_a), ("s_b", src.s_b), ("p_a", src.p_a), ("p_b", src.p_b)) if v is not None})
     rows = _Rows(arrays, device)
+    schedule = _Schedule(data, train_rows, cfg)
 
     dim_a, dim_b = stores.shared_a.dim, stores.shared_b.dim
     proj_a = build_projector(dim_a, cfg).to(device)
     proj_b = build_projector(dim_b, cfg).to(device)
     params = list(proj_a.parameters()) + list(proj_b.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_steps = steps_per_epoch(len(train_rows), cfg.batch_size)
+    n_steps = schedule.steps_per_epoch
     total_steps = cfg.epochs * n_steps
-    warnings = few_steps_warning(len(train_rows), cfg.batch_size, cfg.epochs)
+    warnings = few_steps_warning(schedule.largest, cfg.batch_size, cfg.epochs)
     for w in warnings:
         log.warning("%s", w)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -304,7 +320,16 @@ def train_connector(
 
     if resumed is not None:
         ckpt_path, ckpt = resumed
-        if canonical_json(ckpt["config"]) != canonical_json(cfg.training_fields()):
+        old_cfg = dict(ckpt["config"])
+        if "centric" not in old_cfg:  # a checkpoint from before the centric sources: shared pairs only
+            old_cfg.update(centric=stores.shared_modality, centric_weights={stores.shared_modality: 1.0})
+        if (old_cfg.get("centric"), old_cfg.get("centric_weights")) != (cfg.centric, cfg.centric_weights):
+            raise TrainingError(
+                f"{ckpt_path}: the checkpoint was trained with the sources of pairs centric={old_cfg.get('centric')!r} "
+                f"(weights {old_cfg.get('centric_weights')}), this run asks for centric={cfg.centric!r} (weights "
+                f"{cfg.centric_weights}); resume with the same --centric / centric_weights, or pass --overwrite"
+            )
+        if canonical_json(old_cfg) != canonical_json(cfg.training_fields()):
             raise TrainingError(
                 f"{ckpt_path}: the checkpoint was trained with other settings {canonical_json(ckpt['config'])}; "
                 f"resume with the same config (only epochs/device may change) or pass --overwrite"
@@ -339,20 +364,35 @@ def train_connector(
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             sums = {"loss": 0.0, "inter_shared": 0.0, "inter_pseudo": 0.0, "intra": 0.0}
+            if schedule.multi:
+                sums.update({f"loss_{src.name}": 0.0 for src in data.centric})
             seen = 0
-            for step, idx in enumerate(batch_rows(train_rows, cfg.batch_size, cfg.seed, epoch)):
-                s_a, s_b = rows.get("s_a", idx), rows.get("s_b", idx)
-                p_a = p_b = None
-                if "p_a" in rows.arrays:
-                    p_a, p_b = rows.get("p_a", idx), rows.get("p_b", idx)
-                elif queues:
-                    p_a = queues["A"].complete(s_a, cfg.memory_temperature)
-                    p_b = queues["B"].complete(s_b, cfg.memory_temperature)
-                    queues["A"].advance(len(idx))
-                    queues["B"].advance(len(idx))
-                loss, parts = losses.cmcr_loss(proj_a, proj_b, s_a, s_b, p_a, p_b, temperature=cfg.temperature,
-                                               noise_std=cfg.noise_std, intra_weight=cfg.intra_weight,
-                                               generator=noise_gen)
+            for step in range(n_steps):
+                loss: torch.Tensor | None = None
+                parts: dict[str, float] = {}
+                n_rows = 0
+                for src, idx in schedule.batches(epoch * n_steps + step):
+                    prefix = "" if src.role == "shared" else f"{src.role}:"
+                    s_a, s_b = rows.get(prefix + "s_a", idx), rows.get(prefix + "s_b", idx)
+                    p_a = rows.get(prefix + "p_a", idx) if prefix + "p_a" in rows.arrays else None
+                    p_b = rows.get(prefix + "p_b", idx) if prefix + "p_b" in rows.arrays else None
+                    if queues:  # complete the missing pseudo side(s) against the memory queues, per batch
+                        if p_a is None:
+                            p_a = queues["A"].complete(s_a, cfg.memory_temperature)
+                            queues["A"].advance(len(idx))
+                        if p_b is None:
+                            p_b = queues["B"].complete(s_b, cfg.memory_temperature)
+                            queues["B"].advance(len(idx))
+                    src_loss, src_parts = losses.cmcr_loss(
+                        proj_a, proj_b, s_a, s_b, p_a, p_b, temperature=cfg.temperature, noise_std=cfg.noise_std,
+                        intra_weight=cfg.intra_weight, generator=noise_gen)
+                    loss = src.weight * src_loss if loss is None else loss + src.weight * src_loss
+                    for k in ("inter_shared", "inter_pseudo", "intra", "loss"):
+                        parts[k] = parts.get(k, 0.0) + src.weight * src_parts[k]
+                    if schedule.multi:
+                        parts[f"loss_{src.name}"] = src_parts["loss"]
+                    n_rows = max(n_rows, len(idx))
+                assert loss is not None
                 if not math.isfinite(parts["loss"]):
                     last = _checkpoints(out)
                     # --resume only continues with unchanged settings (and would meet the same loss): the fix is
@@ -369,8 +409,8 @@ def train_connector(
                 optimizer.step()
                 scheduler.step()
                 for k in sums:
-                    sums[k] += parts[k] * len(idx)
-                seen += len(idx)
+                    sums[k] += parts[k] * n_rows
+                seen += n_rows
                 reporter.step(epoch + 1, cfg.epochs, parts["loss"], seen / max(time.perf_counter() - t0, 1e-9))
             seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()},
@@ -397,6 +437,50 @@ def train_connector(
     connector.save(out)
     return {"connector": str(out), "fingerprint": connector.fingerprint, "metrics": final, "history": history,
             "data": data.join, "config": cfg.to_dict(), "device": str(device), "warnings": warnings}
+
+
+class _Schedule:
+    """Which rows of which source each optimiser step trains on (deterministic, so a resumed run
+    sees the same batches).
+
+    Every step takes one batch from every source in ``data.centric`` (the loss is the weighted sum
+    of the per-source C-MCR losses). An epoch is one pass over the shared pairs when they are a
+    source (so ``epochs`` means what it means for C-MCR, and a memory much larger than the caption
+    set does not lengthen the epoch), else over the largest memory source; every other source
+    cycles through its rows at its own pace, reshuffled on each of its passes. The shared source's
+    batches are exactly those of a run with the shared pairs only (:func:`batch_rows` seeded by
+    ``(seed, pass)``).
+    """
+
+    def __init__(self, data: PairData, train_rows: np.ndarray, cfg: TrainConfig):
+        self.batch_size = cfg.batch_size
+        self.entries: list[tuple[Any, np.ndarray, int, int]] = []  # (source, rows, seed, steps per pass)
+        extra = 0
+        memory = {s.source.role: s for s in data.sources}
+        for src in data.centric:
+            if src.role == "shared":
+                rows, seed = train_rows, cfg.seed
+            else:
+                extra += 1
+                rows, seed = np.arange(len(memory[src.role]), dtype=np.int64), cfg.seed + 1_000_003 * extra
+            self.entries.append((src, rows, seed, steps_per_epoch(len(rows), cfg.batch_size)))
+        lead = next((e for e in self.entries if e[0].role == "shared"), None) or max(self.entries,
+                                                                                   key=lambda e: len(e[1]))
+        self.largest = len(lead[1])  # rows of the source that defines an epoch
+        self.steps_per_epoch = lead[3]
+        self.multi = len(self.entries) > 1 or self.entries[0][0].role != "shared"
+        self._cache: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def batches(self, global_step: int) -> list[tuple[Any, np.ndarray]]:
+        """``[(source, rows)]`` of step ``global_step`` (0-based over the whole run)."""
+        out = []
+        for i, (src, rows, seed, per_pass) in enumerate(self.entries):
+            p, j = divmod(global_step, per_pass)
+            if (i, p) not in self._cache:
+                self._cache = {k: v for k, v in self._cache.items() if k[0] != i}  # one pass per source held
+                self._cache[(i, p)] = list(batch_rows(rows, self.batch_size, seed, p))
+            out.append((src, self._cache[(i, p)][j]))
+        return out
 
 
 #: Fewer optimiser steps per epoch than this draws a warning (see :func:`few_steps_warning`).
@@ -429,8 +513,11 @@ def make_connector(proj_a: torch.nn.Module, proj_b: torch.nn.Module, stores: Con
     }
     arch = {"A": projector_architecture(stores.shared_a.dim, cfg),
             "B": projector_architecture(stores.shared_b.dim, cfg)}
+    centric = [{**s.to_json(), "rows": int(metrics.get("train_pairs", len(data)))} for s in data.centric
+               if s.role == "shared"] + [s.describe() for s in data.sources]
     return Connector(sides=sides, projectors={"A": proj_a.cpu().eval(), "B": proj_b.cpu().eval()},
-                     architecture=arch, training={**cfg.to_dict(), "torch": torch.__version__},
+                     architecture=arch,
+                     training={**cfg.to_dict(), "centric_sources": centric, "torch": torch.__version__},
                      stores=stores.describe(), metrics=metrics, data=data.join)
 
 
@@ -443,6 +530,7 @@ class _Reporter:
         self.task = None
         self.comp_bar: Any = None
         self.comp_tasks: dict[str, Any] = {}
+        self.completion_sides = 2  # bars to show before the completion display stops (set by the loop)
         if progress is True:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -483,7 +571,7 @@ class _Reporter:
         if side not in self.comp_tasks:
             self.comp_tasks[side] = self.comp_bar.add_task(f"completion {side}", total=total)
         self.comp_bar.update(self.comp_tasks[side], completed=done, total=total)
-        if all(t.finished for t in self.comp_bar.tasks) and len(self.comp_tasks) == 2:
+        if all(t.finished for t in self.comp_bar.tasks) and len(self.comp_tasks) >= self.completion_sides:
             self.comp_bar.stop()
 
     def start(self, total: int, done: int) -> None:

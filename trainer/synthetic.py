@@ -55,12 +55,18 @@ from cmcr.trainer.metrics import retrieval_metrics, zeroshot_accuracy
 
 log = logging.getLogger(__name__)
 
-#: The ablations of method.md section 5 (and the paper's Table 5), as config changes.
+#: The ablations of method.md section 5 (and the paper's Table 5), and the sources of pseudo pairs
+#: (method.md "Memory-centric pseudo pairs"), as config changes. ``full`` is C-MCR as published
+#: (text-centric pairs only, whatever the base config's ``centric``; so are the three ablations);
+#: ``plus_audio`` / ``plus_image`` add the audio- / image-centric pairs, ``all_centric`` both.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "no_completion": {"use_completion": False},
-    "no_noise": {"noise_std": 0.0},
-    "no_intra": {"intra_weight": 0.0},
+    "full": {"centric": "shared"},
+    "no_completion": {"use_completion": False, "centric": "shared"},
+    "no_noise": {"noise_std": 0.0, "centric": "shared"},
+    "no_intra": {"intra_weight": 0.0, "centric": "shared"},
+    "plus_audio": {"centric": "text,audio"},
+    "plus_image": {"centric": "text,image"},
+    "all_centric": {"centric": "text,audio,image"},
 }
 
 
@@ -293,7 +299,8 @@ def run_synthetic_check(
         out_dir: stores go to ``out_dir/stores``, connectors to ``out_dir/<variant>``.
         spec: synthetic sizes (test-size defaults).
         config: base training config (default: :func:`synthetic_config` at ``spec.dim``).
-        variants: names from :data:`VARIANTS` (``full``, ``no_completion``, ``no_noise``, ``no_intra``).
+        variants: names from :data:`VARIANTS` (``full``, ``no_completion``, ``no_noise``, ``no_intra``,
+            ``plus_audio``, ``plus_image``, ``all_centric``).
         progress: rich progress bars while training.
         plot: also write each variant's ``loss_curve.png`` (off by default: matplotlib costs seconds).
         overwrite: start ``out_dir`` over: remove the stores and variant folders an earlier run with
@@ -302,7 +309,8 @@ def run_synthetic_check(
 
     Returns:
         One row per variant: ``{"variant", "R@1", "R@5", "R@10", "mAP", "pool", "chance_R@1",
-        "chance_R@5", "chance_mAP", "direction", "image_to_audio_R@1", "zeroshot_top1", "seconds"}``.
+        "chance_R@5", "chance_mAP", "direction", "image_to_audio_R@1", "image_to_audio_mAP",
+        "zeroshot_top1", "centric", "seconds"}``.
 
     Raises:
         ConfigError: an unknown variant, or invalid sizes in ``spec``.
@@ -345,6 +353,7 @@ def run_synthetic_check(
                       "R@10": a2i["R@10"], "mAP": a2i["mAP"], "pool": a2i["pool"],
                       "chance_R@1": a2i["chance"]["R@1"], "chance_R@5": a2i["chance"]["R@5"],
                       "chance_mAP": a2i["chance"]["mAP"], "image_to_audio_R@1": i2a["R@1"],
+                      "image_to_audio_mAP": i2a["mAP"], "centric": conn.training.get("centric"),
                       "zeroshot_top1": zs["top1"], "zeroshot_chance": zs["chance"]["top1"],
                       "seconds": round(time.perf_counter() - t0, 2)})
     return table
