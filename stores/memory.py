@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,11 @@ import numpy as np
 import torch
 
 from cmcr.errors import StoreMismatchError, StoreValidationError
-from cmcr.stores.files import resolve_device  # noqa: F401 - the one device helper, re-exported
+from cmcr.stores.files import (
+    claim_output,
+    locks_output,
+    resolve_device,  # noqa: F401 - the one device helper, re-exported
+)
 from cmcr.stores.store import Store, canonical_json, same_encoder
 
 log = logging.getLogger(__name__)
@@ -383,6 +386,7 @@ def completion_params(method: str, temperature: float, k: int | None, query_stor
     }
 
 
+@locks_output("out_path")
 def complete_store(
     query_store: Store | str | os.PathLike,
     memory_store: Store | str | os.PathLike,
@@ -423,7 +427,8 @@ def complete_store(
             memory store's own FAISS index (:func:`memory_store_index`, memory-mapped; built and
             saved beside the memory store when missing).
         device: torch device of the exact completion.
-        overwrite: replace an output store made with other parameters.
+        overwrite: start the output store over, whatever it holds (the one meaning of ``--overwrite``);
+            without it a store made with the same parameters and inputs is resumed, another is refused.
         progress: optional callable ``progress(done_rows, total_rows)``, called after every
             ``query_block`` queries.
         query_block: queries per completion call.
@@ -497,27 +502,35 @@ def complete_store(
     return out
 
 
+def _completion_provenance(params: dict[str, Any]) -> dict[str, Any]:
+    """What a completion store is derived from: its parameters and the two input stores' fingerprints
+    (their paths may move)."""
+    out = {k: v for k, v in params.items() if k not in ("query_store", "memory_store")}
+    for name in ("query_store", "memory_store"):
+        out[name] = (params.get(name) or {}).get("fingerprint")
+    return out
+
+
+def _recorded_completion(path: Path) -> dict[str, Any] | None:
+    """The provenance a completion store at ``path`` records (``None``: no store there)."""
+    if not (path / "manifest.json").exists():
+        return None
+    old = (Store.open(path, validate="none").manifest.get("extra") or {}).get("completion") or {}
+    return _completion_provenance(old)
+
+
 def _open_completion_store(path: Path, memory: Store, params: dict[str, Any], overwrite: bool) -> Store:
-    if (path / "manifest.json").exists():
-        existing = Store.open(path)
-        old = (existing.manifest.get("extra") or {}).get("completion") or {}
-        same = (canonical_json({k: v for k, v in old.items() if k not in ("query_store", "memory_store")})
-                == canonical_json({k: v for k, v in params.items() if k not in ("query_store", "memory_store")})
-                and old.get("query_store", {}).get("fingerprint") == params["query_store"]["fingerprint"]
-                and old.get("memory_store", {}).get("fingerprint") == params["memory_store"]["fingerprint"])
-        if same:
-            return existing
-        if not overwrite:
-            raise StoreMismatchError(
-                f"{path} holds completions made with other parameters or stores ({canonical_json(old)}), "
-                f"expected {canonical_json(params)}; remove it or pass overwrite=True / --overwrite"
-            )
-        shutil.rmtree(path)
-    # The batching of an earlier, unfinished run may differ: a rerun with another batch_rows would
-    # produce overlapping sources, which append_part rejects by key (safe, never silently wrong).
-    return Store.create(path, modality=memory.modality, encoder=memory.encoder, dim=memory.dim,
-                        dtype="float32", preprocessing=memory.preprocessing,
-                        extra={"pseudo": True, "completion": params})
+    """Claim ``path`` (:func:`~cmcr.stores.files.claim_output`): reuse the completion store there when
+    its parameters and input fingerprints match, start it over with ``overwrite``, else refuse."""
+    with claim_output(path, kind="completion store", provenance=_completion_provenance(params), overwrite=overwrite,
+                      recorded=_recorded_completion, error=StoreMismatchError) as claim:
+        if claim.reuse:
+            return Store.open(path)
+        # The batching of an earlier, unfinished run may differ: a rerun with another batch_rows would
+        # produce overlapping sources, which append_part rejects by key (safe, never silently wrong).
+        return Store.create(path, modality=memory.modality, encoder=memory.encoder, dim=memory.dim,
+                            dtype="float32", preprocessing=memory.preprocessing,
+                            extra={"pseudo": True, "completion": params})
 
 
 # ---------------------------------------------------------------------------------- memory queue

@@ -161,7 +161,7 @@ def load_pairs(stores: ConnectStores, cfg: TrainConfig, work_dir: str | Path,
             cb = (lambda d, t, s=side: progress(s, d, t)) if progress else None
             comp = complete_store(shared, memory, work / side, method=cfg.completion,
                                   temperature=cfg.memory_temperature, k=cfg.completion_topk, device=cfg.device,
-                                  overwrite=True, progress=cb)
+                                  progress=cb)
             if comp.num_rows != shared.num_rows:
                 raise TrainingError(
                     f"completion store {comp.path} has {comp.num_rows} rows, expected {shared.num_rows}")
