@@ -40,10 +40,18 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from cmcr.errors import InputDataError, StoreError, StoreValidationError
-from cmcr.stores.files import locks_output
+from cmcr.errors import InputDataError, StoreError, StoreMismatchError, StoreValidationError
+from cmcr.stores.files import claim_output, locks_output
 from cmcr.stores.index import rows_progress
-from cmcr.stores.store import DTYPES, INPUT_NORM_TOLERANCE, MANIFEST, Store, _screen_rows, canonical_json
+from cmcr.stores.store import (
+    DTYPES,
+    INPUT_NORM_TOLERANCE,
+    MANIFEST,
+    Store,
+    _screen_rows,
+    canonical_json,
+    comparable_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +391,26 @@ def _expand_sources(sources: Sequence[str | os.PathLike] | str | os.PathLike) ->
     return files
 
 
+def _import_provenance(modality: str, encoder: Mapping[str, Any], dtype: str, metric: str,
+                       record: Mapping[str, Any]) -> dict[str, Any]:
+    """What an imported store is derived from (compared by :func:`import_embeddings` before it reuses one)."""
+    return {"modality": modality, "encoder": comparable_identity(encoder), "dtype": dtype, "metric": metric,
+            **{k: record.get(k) for k in ("sources", "keys_sha256", "metadata_sha256", "normalized_on_import",
+                                          "signature")}}
+
+
+def _recorded_import(out: Path) -> dict[str, Any] | None:
+    """The provenance of the store at ``out`` as :func:`_import_provenance` (``None``: no store there)."""
+    if not (out / MANIFEST).exists():
+        return None
+    try:
+        m = Store.open(out, validate="none").manifest
+    except StoreError as e:
+        return {"unreadable store": str(e)}
+    record = (m.get("extra") or {}).get("import") or {}
+    return _import_provenance(m.get("modality"), m.get("encoder") or {}, m.get("dtype"), m.get("metric"), record)
+
+
 @locks_output("out", beside=True)
 def import_embeddings(
     sources: Sequence[str | os.PathLike] | str | os.PathLike,
@@ -433,7 +461,9 @@ def import_embeddings(
         part_rows: rows per part (default: ~512 MiB per part, at most 1,000,000 rows).
         skip_bad_rows: record NaN/Inf, zero or un-normalised rows in the failures table instead of
             stopping.
-        overwrite: replace an existing store at ``out`` (only once the new one is complete).
+        overwrite: start over: import anew and replace the store at ``out``, whatever it holds (only once
+            the new one is complete). Without it, a store made by the same import (same files, options,
+            key and metadata digests) is returned as is, and any other store is refused.
         progress: show a rich progress bar.
         command: the command line (provenance).
 
@@ -444,13 +474,13 @@ def import_embeddings(
         InputDataError: unreadable inputs, missing columns, wrong dims, key count mismatch,
             duplicate or empty keys (messages name the file and row).
         StoreValidationError: NaN/Inf or un-normalised rows (file, row and key named).
-        StoreError: ``out`` already holds a store and ``overwrite`` is False.
+        StoreMismatchError: ``out`` holds a store made by another import (or not by an import) and
+            ``overwrite`` is False; the message names the fields that differ.
+        StoreError: ``out`` is a non-empty folder that is not a store.
     """
     out = Path(out)
     files = _expand_sources(sources)
     is_npy = files[0].suffix.lower() == ".npy"
-    if (out / MANIFEST).exists() and not overwrite:
-        raise StoreError(f"{out} already holds a store; choose another folder or pass --overwrite")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise StoreError(f"{out} exists and is not a store; choose an empty or new folder")
     if dtype not in DTYPES:
@@ -582,6 +612,11 @@ def import_embeddings(
                      "keys": options["keys"] or options["keys_sha256"], "keys_sha256": options["keys_sha256"],
                      "metadata": options["metadata"], "metadata_sha256": options["metadata_sha256"],
                      "signature": signature}
+    provenance = _import_provenance(modality, identity, dtype, metric, import_record)
+    with claim_output(out, kind="store", provenance=provenance, overwrite=overwrite, recorded=_recorded_import,
+                      error=StoreMismatchError, clear=False, beside=True) as claim:
+        if claim.reuse:  # the same import, finished earlier: nothing to do
+            return Store.open(out)
 
     # -- build in a temp store folder next to ``out`` (resumable), rename when complete
     tmp = out.parent / f".{out.name}.importing"
