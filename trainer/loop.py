@@ -9,6 +9,8 @@ Library entry point :func:`train_connector` (used by ``cmcr connect`` and the de
 
 Output folder::
 
+    run.json                               the run's provenance: training settings + store fingerprints
+                                           (written first; a rerun with others is refused, see below)
     connector.safetensors, connector.json   the connector (written at the end)
     checkpoints/epoch-NNNN.pt              one per epoch (the newest ``keep_checkpoints`` kept)
     metrics.jsonl                          one JSON line per epoch
@@ -42,6 +44,7 @@ from cmcr.stores.files import (
     atomic_replace,
     atomic_write_bytes,
     canonical_json,
+    claim_output,
     locks_output,
     progress_options,
     temp_path,
@@ -68,6 +71,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
+#: The run's provenance (:func:`run_provenance`), written before training; a rerun is compared with it.
+RUN_FILE = "run.json"
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -240,7 +245,8 @@ def train_connector(
         out_dir: output folder (see the module docstring).
         config: a :class:`TrainConfig` (defaults from method.md when ``None``).
         resume: continue from the newest checkpoint in ``out_dir``.
-        overwrite: start over, deleting checkpoints/metrics of an earlier run in ``out_dir``.
+        overwrite: start over: discard an earlier run in ``out_dir`` (checkpoints, metrics, completions,
+            connector), whatever its settings (the one meaning of ``--overwrite``).
         progress: ``True`` for a rich progress bar (loss, pairs/s), or a callable receiving one
             dict per step (``epoch``, ``step``, ``loss``, ``pairs_per_s``).
         plot: write ``loss_curve.png`` (matplotlib) at the end; ``False`` skips it (ablation
@@ -253,10 +259,17 @@ def train_connector(
     Raises:
         StoreMismatchError: the stores do not form a valid setting (see :func:`open_connect_stores`).
         TrainingError: a non-finite loss (last good checkpoint kept), a resume that does not match
-            the checkpoint, or an earlier run in ``out_dir`` without ``resume``/``overwrite``.
+            the checkpoint, or an earlier run in ``out_dir`` without ``resume``/``overwrite``, or one with
+            other settings or stores (``run.json``; the message names the fields) without ``overwrite``.
     """
     cfg = config or TrainConfig()
     out = Path(out_dir)
+    stores = open_connect_stores(shared_a, shared_b, memory_a, memory_b)
+    with claim_output(out, kind="connector run", provenance=run_provenance(cfg, stores), overwrite=overwrite,
+                      record=RUN_FILE, error=TrainingError,
+                      hint="--resume continues only a run with the same settings and stores (epochs and device may "
+                           "change)") as claim:
+        pass  # decided; ``locks_output`` holds the lock for the whole run
     out.mkdir(parents=True, exist_ok=True)
     existing = _checkpoints(out)
     if existing and not resume:
@@ -265,9 +278,11 @@ def train_connector(
                 f"{out} already holds checkpoints of a training run ({existing[-1].name}); pass resume=True "
                 f"(--resume) to continue it or overwrite=True (--overwrite) to start over"
             )
+        # a run from before run.json was recorded: the claim had nothing to start over
         shutil.rmtree(out / CHECKPOINT_DIR)
         (out / METRICS_FILE).unlink(missing_ok=True)
-    stores = open_connect_stores(shared_a, shared_b, memory_a, memory_b)
+        existing = []
+    claim.publish()  # run.json first: a rerun after a crash is compared with it
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
@@ -397,6 +412,14 @@ def train_connector(
     connector.save(out)
     return {"connector": str(out), "fingerprint": connector.fingerprint, "metrics": final, "history": history,
             "data": data.join, "config": cfg.to_dict(), "device": str(device), "warnings": warnings}
+
+
+def run_provenance(cfg: TrainConfig, stores: ConnectStores) -> dict[str, Any]:
+    """What a connector run is derived from (``run.json``; compared by the output claim): the training
+    settings that must not change on ``--resume`` (:meth:`TrainConfig.training_fields`) and the four
+    stores' fingerprints."""
+    return {"training": cfg.training_fields(),
+            "stores": {k: v["fingerprint"] for k, v in stores.describe().items()}}
 
 
 #: Fewer optimiser steps per epoch than this draws a warning (see :func:`few_steps_warning`).
