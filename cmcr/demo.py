@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from cmcr.stores.files import OUTPUT_LOCK, atomic_write_json, locks_output
+from cmcr.stores.files import OUTPUT_LOCK, atomic_write_json, claim_output, locks_output
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class DemoOptions:
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``...
         synthetic: also run the synthetic check (ablations table).
         num_workers: DataLoader workers for decoding.
-        overwrite: start over in an ``out`` folder that holds a demo run with other settings.
+        overwrite: start over: discard the demo run in ``out`` (whatever its settings) and run it anew.
     """
 
     out: Path = Path("demo-out")
@@ -267,30 +267,28 @@ def check_output_folder(out: Path) -> None:
 
 
 def claim_output_folder(out: Path, settings: dict[str, Any], *, overwrite: bool) -> None:
-    """Record the run's settings in ``out``; a rerun with the same settings resumes (finished shards and
-    stores are reused), a rerun with other settings (other encoders, caption count...) is refused before
-    anything is touched, unless ``overwrite`` clears the demo's outputs first.
+    """Claim ``out`` for the demo (:func:`~cmcr.stores.files.claim_output`) and record the run's settings
+    there: a rerun with the same settings resumes (finished shards and stores are reused), a rerun with
+    other settings (other encoders, caption count...) is refused before anything is touched, and
+    ``overwrite`` starts over (the demo's outputs are removed first, whatever their settings).
 
     Raises:
-        ConfigError: ``out`` holds a demo run with other settings and ``overwrite`` is False.
+        ConfigError: ``out`` holds a demo run with other settings and ``overwrite`` is False, or files
+            that are not a demo run's.
     """
     from cmcr.errors import ConfigError
 
-    marker = out / DEMO_MARKER
-    if marker.exists():
-        previous = json.loads(marker.read_text())
-        if previous != json.loads(json.dumps(settings)):
-            if not overwrite:
-                changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-                raise ConfigError(f"--out {out} holds a demo run with other settings (differs in: "
-                                  f"{', '.join(changed)}); pass --overwrite to replace it, or use another folder")
-            for name in DEMO_OUTPUTS:
-                path = out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-    atomic_write_json(marker, settings, sort_keys=True)
+    def clear(folder: Path) -> None:  # only what the demo writes: `cmcr demo --release` may share the folder
+        for name in DEMO_OUTPUTS:
+            path = folder / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    with claim_output(out, kind="demo run", provenance=settings, overwrite=overwrite, record=DEMO_MARKER,
+                      error=ConfigError, foreign=("release",), clear=clear) as claim:
+        claim.publish()
 
 
 def _labels(store) -> list[Any]:  # noqa: ANN001
@@ -353,7 +351,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     for name, enc, modality in plan:
         rep = encode_shards(reports[modality].shards[modality], enc, modality, stores_dir / name,
                             batch_size=64 if modality == "text" else 16, num_workers=opts.num_workers,
-                            overwrite=True, progress=True, command="cmcr demo")
+                            progress=True, command="cmcr demo")
         encode_reports[name] = rep.to_json()
         console.print(f"{name}: {rep.rows} rows, {rep.failures} failures, {rep.samples_per_s:.1f} samples/s")
     seconds["encode"] = time.perf_counter() - t
@@ -480,9 +478,7 @@ def _synthetic(out: Path, fast: bool) -> list[dict[str, Any]]:
     from cmcr.trainer.synthetic import SyntheticSpec, run_synthetic_check
 
     spec = SyntheticSpec(n_shared=600, n_memory_a=600, n_memory_b=600, n_eval=200) if fast else SyntheticSpec()
-    if out.exists():  # the demo owns this folder; the check takes seconds, so it starts over
-        shutil.rmtree(out)
-    return run_synthetic_check(out, spec)
+    return run_synthetic_check(out, spec, overwrite=True)  # the demo owns this folder; the check takes seconds
 
 
 def _print_table(console: Console, title: str, rows: list[dict[str, Any]], random_weights: bool,
