@@ -248,7 +248,8 @@ def _acquire(lock_file: Path, folder: Path, shared: bool = False):  # noqa: ANN2
     raise OutputLockedError(f"could not take the writer lock {lock_file} (it keeps changing); retry")
 
 
-def locks_output(param: str, *, folder: Callable[[Any], Any] | None = None, beside: bool = False) -> Callable:
+def locks_output(param: str, *, folder: Callable[[Any], Any] | None = None, beside: bool = False,
+                 shared: Callable[[Mapping[str, Any]], bool] | None = None) -> Callable:
     """Decorator: run the function under :func:`output_lock` of its output folder.
 
     Args:
@@ -256,6 +257,8 @@ def locks_output(param: str, *, folder: Callable[[Any], Any] | None = None, besi
             to a path).
         folder: maps the parameter's value to the output folder (default: the value itself).
         beside: see :func:`output_lock`.
+        shared: given the call's arguments (by name), whether to take the lock shared (see
+            :func:`output_lock`); default exclusive.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -267,7 +270,7 @@ def locks_output(param: str, *, folder: Callable[[Any], Any] | None = None, besi
             bound.apply_defaults()
             value = bound.arguments[param]
             target = folder(value) if folder is not None else value
-            with output_lock(target, beside=beside):
+            with output_lock(target, beside=beside, shared=bool(shared and shared(bound.arguments))):
                 return fn(*args, **kwargs)
 
         return wrapper
@@ -379,7 +382,7 @@ def claim_output(
     recorded: Callable[[Path], Mapping[str, Any] | None] | None = None,
     record: str | None = None,
     error: type[Exception] = ConfigError,
-    hint: str = "",
+    hint: str | Callable[[Mapping[str, Any]], str] = "",
     foreign: Collection[str] | None = None,
     clear: bool | Callable[[Path], None] = True,
     beside: bool = False,
@@ -409,7 +412,8 @@ def claim_output(
         recorded: reads the earlier provenance from the folder (``None``: nothing there).
         record: record file name inside ``path`` (read when ``recorded`` is not given; written by publish).
         error: the exception class raised on a mismatch (each writer keeps its own: StoreMismatchError...).
-        hint: appended to the mismatch message (e.g. what ``--resume`` needs).
+        hint: appended to the mismatch message (e.g. what ``--resume`` needs); a callable gets the
+            recorded provenance and returns the text.
         foreign: names that may sit in a folder without a record (see 3); ``None``: no such check.
         clear: ``True`` removes the folder's contents but the lock; a callable clears it the writer's
             way; ``False`` leaves the old output until the writer publishes the new one over it.
@@ -445,6 +449,7 @@ def claim_output(
             claim.started_over = True
         elif old is not None and old != wanted:
             diffs = provenance_differences(old, wanted)
+            hint = hint(old) if callable(hint) else hint
             raise error(f"{path} holds a {kind} made from other settings or inputs ({'; '.join(diffs)}); an output "
                         f"is reused only when they match. Pass --overwrite to start it over (it discards that "
                         f"{kind}), or choose another output folder" + (f"; {hint}" if hint else ""))

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from cmcr.errors import ConfigError, StoreMismatchError
-from cmcr.stores.files import OUTPUT_LOCK, claim_output, locks_output
+from cmcr.stores.files import OUTPUT_LOCK, claim_output, clear_output, locks_output
 from cmcr.stores.store import Store
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import Connector
@@ -244,8 +244,7 @@ def generate_synthetic_stores(out_dir: str | Path, spec: SyntheticSpec | None = 
                 if Store.open(path, validate="none").num_rows == len(keys):
                     continue
                 log.info("%s is incomplete (interrupted run): regenerating it", path)
-            if path.exists():
-                shutil.rmtree(path)
+            clear_output(path)  # an interrupted or started-over store (the claim's lock file stays)
             store = Store.create(path, modality=modality, encoder=mcr.identity, dim=spec.dim, dtype="float32",
                                  extra=spec_extra)
             store.append_part(keys, emb, metadata=meta, source="synthetic")
