@@ -387,6 +387,7 @@ def claim_output(
     clear: bool | Callable[[Path], None] = True,
     beside: bool = False,
     shared: bool = False,
+    rebuild_on_mismatch: bool = False,
 ) -> Iterator[Claim]:
     """The derived-output protocol every cmcr writer follows: lock the output folder, compare the
     provenance recorded there with this run's, then reuse it, refuse, or start it over.
@@ -418,6 +419,9 @@ def claim_output(
         clear: ``True`` removes the folder's contents but the lock; a callable clears it the writer's
             way; ``False`` leaves the old output until the writer publishes the new one over it.
         beside, shared: see :func:`output_lock`.
+        rebuild_on_mismatch: for a cache derived from the folder it lives in (a store's index): an
+            earlier one of other provenance is started over instead of refused (nothing a user made by
+            hand is lost: it is rebuilt from the same store).
 
     Yields:
         A :class:`Claim`.
@@ -440,8 +444,11 @@ def claim_output(
                 raise error(f"{path} is not empty and holds no {kind} ({', '.join(strays[:5])}"
                             f"{' ...' if len(strays) > 5 else ''}); pass an empty or new folder")
         claim = Claim(path=path, kind=kind, provenance=wanted, record=record)
-        if overwrite and old is not None:
-            log.warning("--overwrite: starting %s over (discarding the %s there)", path, kind)
+        if (overwrite or (rebuild_on_mismatch and old != wanted)) and old is not None:
+            if overwrite:
+                log.warning("--overwrite: starting %s over (discarding the %s there)", path, kind)
+            else:
+                log.info("%s: rebuilding the %s (made from other settings or inputs)", path, kind)
             if callable(clear):
                 clear(path)
             elif clear:

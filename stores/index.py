@@ -47,7 +47,14 @@ import numpy as np
 import pyarrow as pa
 
 from cmcr.errors import StoreIndexError
-from cmcr.stores.files import atomic_replace, atomic_write_json, locks_output, progress_options
+from cmcr.stores.files import (
+    atomic_replace,
+    atomic_write_json,
+    canonical_json,
+    claim_output,
+    locks_output,
+    progress_options,
+)
 from cmcr.stores.store import Store, _now
 
 log = logging.getLogger(__name__)
@@ -398,6 +405,22 @@ def _flat_plan(rows: int, dim: int, budget: int, why: str) -> dict[str, Any]:
             "params": {}, "estimated_memory_bytes": flat_bytes, "reason": f"exact search: {why}{note}"}
 
 
+def _index_provenance(fingerprint: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a store's index is derived from: the store's rows (fingerprint) and the build settings."""
+    return {"store_fingerprint": fingerprint, "build_settings": settings}
+
+
+def _recorded_index(folder: Path) -> dict[str, Any] | None:
+    """The provenance ``index.json`` in ``folder`` records (``None``: no usable index there)."""
+    try:
+        info = json.loads((folder / INDEX_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not (folder / str(info.get("file"))).is_file():
+        return None
+    return _index_provenance(info.get("store_fingerprint"), info.get("build_settings"))
+
+
 @locks_output("store", folder=lambda s: getattr(s, "path", s))
 def build_index(
     store: Store | str | os.PathLike,
@@ -411,6 +434,7 @@ def build_index(
     progress: bool = True,
     plan: dict[str, Any] | None = None,
     keep_below_target: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build, tune, check against exact search and save a FAISS index for ``store`` in ``<store>/index/``.
 
@@ -443,6 +467,10 @@ def build_index(
         plan: a plan dict from :func:`plan_index` to execute instead of the auto plan (with
             ``kind="auto"`` the decision rules above still apply to it).
         keep_below_target: keep (and serve) an approximate index whose recall stays below the target.
+        overwrite: build anew even when the index there was built from these settings and store rows
+            (the one meaning of ``--overwrite``). Without it such an index is reused (its record is
+            returned); an index of other settings or older rows is rebuilt
+            (:func:`~cmcr.stores.files.claim_output` with ``rebuild_on_mismatch``).
 
     Returns:
         The index record written to ``index.json`` (see ``docs/indexes.md``): kind, factory, params,
@@ -458,6 +486,14 @@ def build_index(
     n, dim = store.num_rows, store.dim
     if n == 0:
         raise StoreIndexError(f"{store.path}: the store is empty; add rows before building an index")
+    settings = {"kind": kind, "memory_budget_bytes": memory_budget_bytes, "sample_queries": sample_queries,
+                "seed": seed, "target_recall": target_recall, "keep_below_target": keep_below_target, "plan": plan}
+    with claim_output(_index_dir(store), kind="index", provenance=_index_provenance(store.fingerprint(), settings),
+                      overwrite=overwrite, recorded=_recorded_index, clear=False,
+                      rebuild_on_mismatch=True) as claim:
+        if claim.reuse:
+            log.info("%s: the index was built from these settings and rows; reusing it", store.path)
+            return read_index_info(store)
     forced = kind != "auto"
     if plan is None:
         try:
@@ -665,6 +701,7 @@ def build_index(
         "file_bytes": (folder / fname).stat().st_size,
         "faiss_version": faiss.__version__,
         "created_at": _now(),
+        "build_settings": json.loads(canonical_json(settings)),
     }
     atomic_write_json(folder / INDEX_INFO, info)
     for old in folder.glob("*.faiss"):
