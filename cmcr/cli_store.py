@@ -117,7 +117,9 @@ def import_cmd(
     part_rows: int | None = typer.Option(None, "--part-rows", help="Rows per part (default ~512 MiB per part)."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows",
                                        help="Record NaN/zero/un-normalised rows as failures instead of stopping."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Start over: import anew and replace the store at --out, whatever it holds "
+                                        "(without it the same import is reused; another store is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print the new store's summary as JSON."),
 ) -> None:
     from cmcr.stores.importing import import_embeddings
