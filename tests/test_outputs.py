@@ -77,3 +77,86 @@ def test_concurrent_claim_refused_and_shared_claims_coexist(tmp_path: Path) -> N
         assert exclusive.stdout.startswith("refused") and "shared writers" in exclusive.stdout
     with claim_output(out, kind="store", provenance={}, overwrite=True):  # free again
         pass
+
+
+# ------------------------------------------------------------------------------ every writer follows it
+def test_completions_reuse_refuse_naming_the_field_and_start_over(make_store, tmp_path: Path) -> None:
+    import numpy as np
+
+    from cmcr.stores.memory import complete_store
+    from tests.fixtures_connect import unit_rows
+
+    enc = {"family": "t", "architecture": "b", "weights": "w", "dim": 8}
+    rng = np.random.default_rng(0)
+    qs = make_store("t", unit_rows(rng, 12, 8), modality="text", encoder=enc)
+    ms = make_store("a", unit_rows(rng, 20, 8), modality="audio", encoder=enc)
+    first = complete_store(qs, ms, tmp_path / "p", batch_rows=4)
+    assert complete_store(qs, ms, tmp_path / "p", batch_rows=4).manifest["updated_at"] == first.manifest["updated_at"]
+    with pytest.raises(StoreMismatchError, match=r"temperature: recorded .*, now 0.5.*--overwrite"):
+        complete_store(qs, ms, tmp_path / "p", temperature=0.5)
+    again = complete_store(qs, ms, tmp_path / "p", batch_rows=6, overwrite=True)  # same settings, started over
+    assert len(again.parts) == 2 and again.num_rows == 12
+
+
+def test_projection_refuses_another_connector_naming_it(tiny_trained: Path, tiny_synthetic: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    from cmcr.trainer.evaluate import project_store
+
+    out = tmp_path / "proj"
+    first = project_store(tiny_trained, tiny_synthetic["eval_audio_b"], out, index=False)
+    assert project_store(tiny_trained, tiny_synthetic["eval_audio_b"], out, index=False).num_rows == first.num_rows
+    with pytest.raises(StoreMismatchError, match=r"source_store: recorded .*--overwrite"):
+        project_store(tiny_trained, tiny_synthetic["eval_image_a"], out, index=False)
+    other = project_store(tiny_trained, tiny_synthetic["eval_image_a"], out, index=False, overwrite=True)
+    assert other.modality == "image"
+
+
+def test_index_reused_when_current_rebuilt_otherwise(store_factory) -> None:
+    from cmcr.stores.index import build_index
+
+    store = store_factory(n=300, dim=16)
+    first = build_index(store, progress=False, sample_queries=50)
+    assert build_index(store, progress=False, sample_queries=50)["created_at"] == first["created_at"]
+    assert first["build_settings"]["sample_queries"] == 50
+    other = build_index(store, progress=False, sample_queries=40)  # other settings: rebuilt, not refused
+    assert other["recall_queries"] == 40
+    again = build_index(store, progress=False, sample_queries=40, overwrite=True)
+    assert again["build_settings"] == other["build_settings"]
+
+
+def test_encode_refuses_other_dtype_naming_it_and_lock_is_shared(tiny_clip, tmp_path: Path) -> None:
+    from cmcr.pipeline.encode import encode_shards
+    from cmcr.pipeline.shards import write_shards
+
+    lst = tmp_path / "caps.txt"
+    lst.write_text("a dog\na cat\n")
+    shards = write_shards(lst, tmp_path / "shards").shards["text"]
+    kw = {"num_workers": 0, "progress": False}
+    assert encode_shards(shards, tiny_clip, "text", tmp_path / "st", **kw).rows == 2
+    assert encode_shards(shards, tiny_clip, "text", tmp_path / "st", **kw).shards_skipped == 1  # reused
+    with pytest.raises(StoreMismatchError, match=r"dtype: recorded 'float16', now 'float32'.*--dtype float16"):
+        encode_shards(shards, tiny_clip, "text", tmp_path / "st", dtype="float32", **kw)
+    with Holder(tmp_path / "st"):  # an exclusive holder (another run starting it over) refuses encoders
+        with pytest.raises(OutputLockedError):
+            encode_shards(shards, tiny_clip, "text", tmp_path / "st", **kw)
+    with output_lock(tmp_path / "st", shared=True):  # a side-by-side encoder: fine, but not a start-over
+        assert encode_shards(shards, tiny_clip, "text", tmp_path / "st", **kw).rows == 0
+    rep = encode_shards(shards, tiny_clip, "text", tmp_path / "st", dtype="float32", overwrite=True, **kw)
+    assert rep.rows == 2
+
+
+def test_connect_run_refuses_other_settings_naming_them(tiny_synthetic: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    from cmcr.errors import TrainingError
+    from cmcr.trainer.loop import train_connector
+    from tests.fixtures_connect import tiny_config
+
+    args = [tiny_synthetic[k] for k in ("text_a", "text_b", "image_a", "audio_b")]
+    train_connector(*args, tmp_path / "c", tiny_config(epochs=1), plot=False)
+    run = json.loads((tmp_path / "c" / "run.json").read_text())
+    assert run["training"]["lr"] == 2e-3 and set(run["stores"]) == {"shared_a", "shared_b", "memory_a", "memory_b"}
+    with pytest.raises(TrainingError, match=r"training.lr: recorded 0.002, now 0.01.*--overwrite.*--resume"):
+        train_connector(*args, tmp_path / "c", tiny_config(epochs=1, lr=1e-2), resume=True, plot=False)
+    res = train_connector(*args, tmp_path / "c", tiny_config(epochs=1, lr=1e-2), overwrite=True, plot=False)
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["training"]["lr"] == 1e-2 and res["history"]
