@@ -239,6 +239,9 @@ def train_connector(
 ) -> dict[str, Any]:
     """Train a C-MCR connector from four stores and write it to ``out_dir``.
 
+    Steps: :func:`plan_training_run` (stores, output claim, seeds, resume checkpoint) ->
+    :func:`execute_training` (pairs, projectors, the epochs) -> :func:`publish_connector`.
+
     Args:
         shared_a, shared_b: the shared modality encoded by MCR A and MCR B (joined by key).
         memory_a, memory_b: each MCR's memory (its other modality), same encoder as its shared store.
@@ -264,6 +267,30 @@ def train_connector(
     """
     cfg = config or TrainConfig()
     out = Path(out_dir)
+    stores, device, resumed = plan_training_run(shared_a, shared_b, memory_a, memory_b, out, cfg, resume=resume,
+                                                overwrite=overwrite)
+    trained = execute_training(stores, out, cfg, device, resumed, resume=resume, progress=progress, plot=plot)
+    return publish_connector(out, stores, cfg, device, **trained)
+
+
+def plan_training_run(
+    shared_a: Store | str | Path,
+    shared_b: Store | str | Path,
+    memory_a: Store | str | Path,
+    memory_b: Store | str | Path,
+    out: Path,
+    cfg: TrainConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> tuple[ConnectStores, torch.device, tuple[Path, dict[str, Any]] | None]:
+    """Plan step of :func:`train_connector`: open the four stores, claim ``out`` (``run.json``; an
+    earlier run of other settings is refused, ``overwrite`` starts over), seed, and read the resume
+    checkpoint (before the slow data loading, so an unsafe or unreadable file stops the run at once).
+
+    Returns:
+        ``(stores, device, resumed)``; ``resumed`` is ``(checkpoint path, state)`` or ``None``.
+    """
     stores = open_connect_stores(shared_a, shared_b, memory_a, memory_b)
     with claim_output(out, kind="connector run", provenance=run_provenance(cfg, stores), overwrite=overwrite,
                       record=RUN_FILE, error=TrainingError,
@@ -288,7 +315,22 @@ def train_connector(
     np.random.seed(cfg.seed % (2**32))
     # read the checkpoint before the (slow) data loading: an unsafe or unreadable file stops the run at once
     resumed = _load_resume_checkpoint(existing, device) if resume and existing else None
+    return stores, device, resumed
 
+
+def execute_training(stores: ConnectStores, out: Path, cfg: TrainConfig, device: torch.device,
+                     resumed: tuple[Path, dict[str, Any]] | None, *, resume: bool,
+                     progress: bool | Callable[[dict[str, Any]], None], plot: bool) -> dict[str, Any]:
+    """Execute step of :func:`train_connector`: load the pairs (completions), build the projectors and
+    the optimiser, restore a resumed run, and train epoch by epoch (a checkpoint and ``metrics.jsonl``
+    per epoch, the loss curve at the end).
+
+    Returns:
+        ``{"proj_a", "proj_b", "data", "history", "train_rows", "val_rows", "warnings"}``.
+
+    Raises:
+        TrainingError: a non-finite loss, too few pairs, or a checkpoint that does not match.
+    """
     reporter = _Reporter(progress)
     data = load_pairs(stores, cfg, out, progress=reporter.completion if progress else None)
     train_rows, val_rows = split_pairs(len(data), cfg)
@@ -404,7 +446,16 @@ def train_connector(
         reporter.stop()
         if history and plot:  # also after a failure: the curve up to the last good epoch
             plot_loss_curve(history, out / LOSS_CURVE)
+    return {"proj_a": proj_a, "proj_b": proj_b, "data": data, "history": history, "train_rows": train_rows,
+            "val_rows": val_rows, "warnings": warnings}
 
+
+def publish_connector(out: Path, stores: ConnectStores, cfg: TrainConfig, device: torch.device, *,
+                      proj_a: torch.nn.Module, proj_b: torch.nn.Module, data: PairData,
+                      history: list[dict[str, Any]], train_rows: np.ndarray, val_rows: np.ndarray,
+                      warnings: list[str]) -> dict[str, Any]:
+    """Publish step of :func:`train_connector`: the final metrics and the connector (weights, then
+    ``connector.json``, atomically); returns :func:`train_connector`'s result."""
     final = dict(history[-1]) if history else {}
     final["val_pairs"] = int(len(val_rows))
     final["train_pairs"] = int(len(train_rows))
