@@ -300,17 +300,12 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
              step: Callable[[str], None] | None = None) -> DemoResult:
     """Run the demo end to end and write ``<out>/report.md``, ``<out>/report.html``, ``<out>/demo.json``.
 
+    Steps: :func:`plan_demo` (encoders, output claim) -> :func:`execute_demo` (shard, encode, connect,
+    project + evaluate, search, synthetic check) -> :func:`publish_demo` (reports).
+
     Raises:
         CmcrError: a stage failed in a way the demo cannot recover from (the message names it).
     """
-    from cmcr.pipeline.encode import encode_shards
-    from cmcr.pipeline.shards import write_shards
-    from cmcr.trainer.config import TrainConfig
-    from cmcr.trainer.connector import Connector
-    from cmcr.trainer.evaluate import evaluate_retrieval, project_store
-    from cmcr.trainer.loop import train_connector
-    from cmcr.trainer.metrics import zeroshot_accuracy
-
     console = console or Console(width=None if Console().is_terminal else 130)
     out = Path(opts.out)
     check_output_folder(out)
@@ -322,6 +317,16 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
         console.rule(f"[bold]{name}")
         return time.perf_counter()
 
+    planned = plan_demo(opts, out, console, stage, seconds)
+    executed = execute_demo(opts, out, console, stage, seconds, **planned)
+    return publish_demo(opts, out, console, seconds, **planned, **executed)
+
+
+def plan_demo(opts: DemoOptions, out: Path, console: Console, stage: Callable[[str], float],
+              seconds: dict[str, float]) -> dict[str, Any]:
+    """Plan step of :func:`run_demo`: load the encoders (stage 1) and claim ``out`` with the run's
+    settings (:func:`claim_output_folder`). Returns ``clip, clap, notes, random_weights, encoders,
+    n_captions`` by name."""
     t = stage("1/7 weights")
     clip, clap, notes, random_weights = load_demo_encoders(opts, console)
     encoders = {name: json.dumps(enc.identity(), sort_keys=True) for name, enc in (("clip", clip), ("clap", clap))}
@@ -330,6 +335,23 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     n_captions = opts.captions if opts.captions is not None else (500 if opts.fast else DEFAULT_CAPTIONS)
     claim_output_folder(out, {"encoders": encoders, "captions": n_captions, "fast": opts.fast, "seed": opts.seed},
                         overwrite=opts.overwrite)
+    return {"clip": clip, "clap": clap, "notes": notes, "random_weights": random_weights, "encoders": encoders,
+            "n_captions": n_captions}
+
+
+def execute_demo(opts: DemoOptions, out: Path, console: Console, stage: Callable[[str], float],
+                 seconds: dict[str, float], *, clip: Any, clap: Any, notes: list[str], random_weights: bool,
+                 encoders: dict[str, str], n_captions: int) -> dict[str, Any]:
+    """Execute step of :func:`run_demo`: stages 2-7 (shard, encode, connect, project + evaluate, search,
+    synthetic check), each reusing what a rerun with the same settings finished. Returns what the report
+    needs by name."""
+    from cmcr.pipeline.encode import encode_shards
+    from cmcr.pipeline.shards import write_shards
+    from cmcr.trainer.config import TrainConfig
+    from cmcr.trainer.connector import Connector
+    from cmcr.trainer.evaluate import evaluate_retrieval, project_store
+    from cmcr.trainer.loop import train_connector
+    from cmcr.trainer.metrics import zeroshot_accuracy
 
     t = stage("2/7 shard")
     inputs = prepare_corpus(out, n_captions)
@@ -396,7 +418,18 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
         _print_table(console, "synthetic check: audio→image with known true pairs", synthetic, False,
                      CONSOLE_SYNTHETIC)
         seconds["synthetic"] = time.perf_counter() - t
+    return {"counts": counts, "encode_reports": encode_reports, "connect": connect, "retrieval": retrieval,
+            "zeroshot": zeroshot, "searches": searches, "synthetic": synthetic, "per_class": per_class,
+            "projected": projected}
 
+
+def publish_demo(opts: DemoOptions, out: Path, console: Console, seconds: dict[str, float], *, clip: Any, clap: Any,
+                 notes: list[str], random_weights: bool, encoders: dict[str, str], n_captions: int,
+                 counts: dict[str, int], encode_reports: dict[str, dict[str, Any]], connect: dict[str, Any],
+                 retrieval: list[dict[str, Any]], zeroshot: list[dict[str, Any]], searches: list[dict[str, Any]],
+                 synthetic: list[dict[str, Any]], per_class: list[dict[str, Any]], projected: Path) -> DemoResult:
+    """Publish step of :func:`run_demo`: the :class:`DemoResult`, ``report.md`` / ``report.html`` /
+    ``demo.json`` (:func:`write_reports`) and the closing lines on the console."""
     result = DemoResult(random_weights=random_weights, encoders=encoders, weight_notes=notes, counts=counts,
                         encode=encode_reports,
                         connect={"connector": str(connect["connector"]), "metrics": connect["metrics"],
