@@ -65,7 +65,9 @@ def connect(
     seed: int | None = typer.Option(None, help="Random seed (recorded)."),
     device: str | None = typer.Option(None, help="auto | cpu | cuda[:N]."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over, discarding an earlier run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Start over: discard the earlier run in --out (checkpoints, completions, "
+                                        "connector), whatever its settings."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a C-MCR connector from four stores (no encoder is loaded).
@@ -101,7 +103,8 @@ def project(
     store: Path = typer.Argument(..., help="Store to project (its encoder picks the side)."),
     out: Path = typer.Argument(..., help="Output store folder."),
     no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS index."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, different output store."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: discard the output store, whatever it holds "
+                                   "(without it the same projection resumes; another is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Project a store into the connected space (new store + FAISS index).
@@ -497,8 +500,8 @@ def bench_synthetic(
                                  help="Comma-separated variants (full = text-centric C-MCR, no_completion, no_noise, "
                                       "no_intra; plus_audio, plus_image, all_centric add memory-centric pairs)."),
     overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Start --out over (its stores and variant folders) when an earlier run "
-                                        "used other settings."),
+                                   help="Start over: discard --out's stores and variant folders, whatever their "
+                                        "settings (without it the same settings are reused; others are refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Controlled check: two synthetic MCRs with a shared latent; audio->image retrieval with ablations.

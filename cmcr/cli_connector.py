@@ -65,7 +65,8 @@ def import_cmd(
         side="B", what="CLAP or ULIP", example="ulip:PointBERT@/ckpt/pointbert_ULIP-2.pt")),
     clap_tokenizer: str | None = typer.Option(None, "--clap-tokenizer", envvar="CMCR_CLAP_TOKENIZER",
                                               help="RoBERTa tokenizer folder, for a CLAP spec in --side-b."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace another connector in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: replace the connector in --out, whatever "
+                                   "it is (without it the same import is a no-op; another connector is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print `connector info` of the result as JSON."),
 ) -> None:
     """Import a connector released by the C-MCR authors as an ordinary cmcr connector.

@@ -23,8 +23,8 @@ def demo(
     synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic", help="Also run the synthetic check."),
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="Decode worker processes."),
     overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Replace a demo run with other settings in --out (a rerun with the same "
-                                        "settings resumes without it)."),
+                                   help="Start over: discard the demo run in --out, whatever its settings (a rerun "
+                                        "with the same settings resumes without it; other settings are refused)."),
     release: bool = typer.Option(False, "--release",
                                  help="Instead: the C-MCR authors' demo (toilet/BBQ/train through their released "
                                       "connectors, softmax(10·cos) next to their numbers; writes <out>/release)."),
@@ -62,7 +62,8 @@ def demo(
         from cmcr.demo_3d import Demo3DOptions, run_demo_3d
 
         result = run_demo_3d(Demo3DOptions(out=out, fast=fast, clip=clip, ulip=ulip, captions=captions, epochs=epochs,
-                                           device=device, num_workers=num_workers, ulip_clip=ulip_clip),
+                                           device=device, num_workers=num_workers, ulip_clip=ulip_clip,
+                                           overwrite=overwrite),
                              Console(stderr=True) if as_json else None)
         if as_json:
             import json

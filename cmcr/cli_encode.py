@@ -109,7 +109,8 @@ def encode(
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 autocast (rows are normalised in float32)."),
     dtype: str = typer.Option("float16", help="Storage dtype of a new store: float16 or float32."),
     overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Start over: remove the store at --store first (any encoder identity)."),
+                                   help="Start over: remove the store at --store first, whatever it holds "
+                                        "(without it a store made the same way resumes; another is refused)."),
     clap_tokenizer: Path | None = typer.Option(
         None, envvar="CMCR_CLAP_TOKENIZER",
         help="Folder with RoBERTa vocab.json + merges.txt for CLAP text (env CMCR_CLAP_TOKENIZER)."),

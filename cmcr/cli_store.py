@@ -117,7 +117,9 @@ def import_cmd(
     part_rows: int | None = typer.Option(None, "--part-rows", help="Rows per part (default ~512 MiB per part)."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows",
                                        help="Record NaN/zero/un-normalised rows as failures instead of stopping."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Start over: import anew and replace the store at --out, whatever it holds "
+                                        "(without it the same import is reused; another store is refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print the new store's summary as JSON."),
 ) -> None:
     from cmcr.stores.importing import import_embeddings
@@ -243,6 +245,9 @@ def index_cmd(
                                    help="Print the plan (once built: the decision and its reasons); build nothing."),
     keep_below_target: bool = typer.Option(False, "--keep-below-target",
                                            help="Keep (and serve) a forced --kind index below the target recall."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Start over: build anew even when the index was built from these settings "
+                                        "and rows (reused without it; other settings or rows rebuild it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the index record as JSON."),
 ) -> None:
     """Build a FAISS index for a store in <store>/index/, with its measured recall@10.
@@ -292,7 +297,8 @@ def index_cmd(
     if kind not in ("auto", "flat", "hnsw", "ivf"):
         raise ConfigError(f"--kind must be auto, flat, hnsw or ivf, got {kind!r}")
     info = build_index(store, kind=kind, memory_budget_bytes=budget, sample_queries=sample_queries, seed=seed,
-                       target_recall=target_recall, progress=not as_json, keep_below_target=keep_below_target)
+                       target_recall=target_recall, progress=not as_json, keep_below_target=keep_below_target,
+                       overwrite=overwrite)
     if as_json:
         _print_json(info)
         return

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from cmcr.stores.files import OUTPUT_LOCK, atomic_write_json, locks_output
+from cmcr.stores.files import OUTPUT_LOCK, atomic_write_json, claim_output, locks_output
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class DemoOptions:
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``...
         synthetic: also run the synthetic check (ablations table).
         num_workers: DataLoader workers for decoding.
-        overwrite: start over in an ``out`` folder that holds a demo run with other settings.
+        overwrite: start over: discard the demo run in ``out`` (whatever its settings) and run it anew.
     """
 
     out: Path = Path("demo-out")
@@ -272,30 +272,28 @@ def check_output_folder(out: Path) -> None:
 
 
 def claim_output_folder(out: Path, settings: dict[str, Any], *, overwrite: bool) -> None:
-    """Record the run's settings in ``out``; a rerun with the same settings resumes (finished shards and
-    stores are reused), a rerun with other settings (other encoders, caption count...) is refused before
-    anything is touched, unless ``overwrite`` clears the demo's outputs first.
+    """Claim ``out`` for the demo (:func:`~cmcr.stores.files.claim_output`) and record the run's settings
+    there: a rerun with the same settings resumes (finished shards and stores are reused), a rerun with
+    other settings (other encoders, caption count...) is refused before anything is touched, and
+    ``overwrite`` starts over (the demo's outputs are removed first, whatever their settings).
 
     Raises:
-        ConfigError: ``out`` holds a demo run with other settings and ``overwrite`` is False.
+        ConfigError: ``out`` holds a demo run with other settings and ``overwrite`` is False, or files
+            that are not a demo run's.
     """
     from cmcr.errors import ConfigError
 
-    marker = out / DEMO_MARKER
-    if marker.exists():
-        previous = json.loads(marker.read_text())
-        if previous != json.loads(json.dumps(settings)):
-            if not overwrite:
-                changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-                raise ConfigError(f"--out {out} holds a demo run with other settings (differs in: "
-                                  f"{', '.join(changed)}); pass --overwrite to replace it, or use another folder")
-            for name in DEMO_OUTPUTS:
-                path = out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-    atomic_write_json(marker, settings, sort_keys=True)
+    def clear(folder: Path) -> None:  # only what the demo writes: `cmcr demo --release` may share the folder
+        for name in DEMO_OUTPUTS:
+            path = folder / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    with claim_output(out, kind="demo run", provenance=settings, overwrite=overwrite, record=DEMO_MARKER,
+                      error=ConfigError, foreign=("release",), clear=clear) as claim:
+        claim.publish()
 
 
 def _labels(store) -> list[Any]:  # noqa: ANN001
@@ -307,17 +305,12 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
              step: Callable[[str], None] | None = None) -> DemoResult:
     """Run the demo end to end and write ``<out>/report.md``, ``<out>/report.html``, ``<out>/demo.json``.
 
+    Steps: :func:`plan_demo` (encoders, output claim) -> :func:`execute_demo` (shard, encode, connect,
+    project + evaluate, search, synthetic check) -> :func:`publish_demo` (reports).
+
     Raises:
         CmcrError: a stage failed in a way the demo cannot recover from (the message names it).
     """
-    from cmcr.pipeline.encode import encode_shards
-    from cmcr.pipeline.shards import write_shards
-    from cmcr.trainer.config import TrainConfig
-    from cmcr.trainer.connector import Connector
-    from cmcr.trainer.evaluate import evaluate_retrieval, project_store
-    from cmcr.trainer.loop import train_connector
-    from cmcr.trainer.metrics import zeroshot_accuracy
-
     console = console or Console(width=None if Console().is_terminal else 130)
     out = Path(opts.out)
     check_output_folder(out)
@@ -329,6 +322,16 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
         console.rule(f"[bold]{name}")
         return time.perf_counter()
 
+    planned = plan_demo(opts, out, console, stage, seconds)
+    executed = execute_demo(opts, out, console, stage, seconds, **planned)
+    return publish_demo(opts, out, console, seconds, **planned, **executed)
+
+
+def plan_demo(opts: DemoOptions, out: Path, console: Console, stage: Callable[[str], float],
+              seconds: dict[str, float]) -> dict[str, Any]:
+    """Plan step of :func:`run_demo`: load the encoders (stage 1) and claim ``out`` with the run's
+    settings (:func:`claim_output_folder`). Returns ``clip, clap, notes, random_weights, encoders,
+    n_captions`` by name."""
     t = stage("1/7 weights")
     clip, clap, notes, random_weights = load_demo_encoders(opts, console)
     encoders = {name: json.dumps(enc.identity(), sort_keys=True) for name, enc in (("clip", clip), ("clap", clap))}
@@ -337,6 +340,23 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     n_captions = opts.captions if opts.captions is not None else (500 if opts.fast else DEFAULT_CAPTIONS)
     claim_output_folder(out, {"encoders": encoders, "captions": n_captions, "fast": opts.fast, "seed": opts.seed},
                         overwrite=opts.overwrite)
+    return {"clip": clip, "clap": clap, "notes": notes, "random_weights": random_weights, "encoders": encoders,
+            "n_captions": n_captions}
+
+
+def execute_demo(opts: DemoOptions, out: Path, console: Console, stage: Callable[[str], float],
+                 seconds: dict[str, float], *, clip: Any, clap: Any, notes: list[str], random_weights: bool,
+                 encoders: dict[str, str], n_captions: int) -> dict[str, Any]:
+    """Execute step of :func:`run_demo`: stages 2-7 (shard, encode, connect, project + evaluate, search,
+    synthetic check), each reusing what a rerun with the same settings finished. Returns what the report
+    needs by name."""
+    from cmcr.pipeline.encode import encode_shards
+    from cmcr.pipeline.shards import write_shards
+    from cmcr.trainer.config import TrainConfig
+    from cmcr.trainer.connector import Connector
+    from cmcr.trainer.evaluate import evaluate_retrieval, project_store
+    from cmcr.trainer.loop import train_connector
+    from cmcr.trainer.metrics import zeroshot_accuracy
 
     t = stage("2/7 shard")
     inputs = prepare_corpus(out, n_captions)
@@ -358,7 +378,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
     for name, enc, modality in plan:
         rep = encode_shards(reports[modality].shards[modality], enc, modality, stores_dir / name,
                             batch_size=64 if modality == "text" else 16, num_workers=opts.num_workers,
-                            overwrite=True, progress=True, command="cmcr demo")
+                            progress=True, command="cmcr demo")
         encode_reports[name] = rep.to_json()
         console.print(f"{name}: {rep.rows} rows, {rep.failures} failures, {rep.samples_per_s:.1f} samples/s")
     seconds["encode"] = time.perf_counter() - t
@@ -407,7 +427,19 @@ def run_demo(opts: DemoOptions, console: Console | None = None,
         _print_table(console, "synthetic check: audio→image with known true pairs", synthetic, False,
                      CONSOLE_SYNTHETIC)
         seconds["synthetic"] = time.perf_counter() - t
+    return {"counts": counts, "encode_reports": encode_reports, "connect": connect, "retrieval": retrieval,
+            "zeroshot": zeroshot, "searches": searches, "synthetic": synthetic, "per_class": per_class,
+            "projected": projected, "localization": localization}
 
+
+def publish_demo(opts: DemoOptions, out: Path, console: Console, seconds: dict[str, float], *, clip: Any, clap: Any,
+                 notes: list[str], random_weights: bool, encoders: dict[str, str], n_captions: int,
+                 counts: dict[str, int], encode_reports: dict[str, dict[str, Any]], connect: dict[str, Any],
+                 retrieval: list[dict[str, Any]], zeroshot: list[dict[str, Any]], searches: list[dict[str, Any]],
+                 synthetic: list[dict[str, Any]], per_class: list[dict[str, Any]], projected: Path,
+                 localization: list[dict[str, Any]]) -> DemoResult:
+    """Publish step of :func:`run_demo`: the :class:`DemoResult`, ``report.md`` / ``report.html`` /
+    ``demo.json`` (:func:`write_reports`) and the closing lines on the console."""
     result = DemoResult(random_weights=random_weights, encoders=encoders, weight_notes=notes, counts=counts,
                         encode=encode_reports,
                         connect={"connector": str(connect["connector"]), "metrics": connect["metrics"],
@@ -521,9 +553,7 @@ def _synthetic(out: Path, fast: bool) -> list[dict[str, Any]]:
     from cmcr.trainer.synthetic import SyntheticSpec, run_synthetic_check
 
     spec = SyntheticSpec(n_shared=600, n_memory_a=600, n_memory_b=600, n_eval=200) if fast else SyntheticSpec()
-    if out.exists():  # the demo owns this folder; the check takes seconds, so it starts over
-        shutil.rmtree(out)
-    return run_synthetic_check(out, spec)
+    return run_synthetic_check(out, spec, overwrite=True)  # the demo owns this folder; the check takes seconds
 
 
 def _print_table(console: Console, title: str, rows: list[dict[str, Any]], random_weights: bool,

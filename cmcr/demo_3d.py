@@ -34,7 +34,7 @@ from cmcr.demo import (
     prepare_corpus,
     serve_command,
 )
-from cmcr.stores.files import atomic_write_json
+from cmcr.stores.files import atomic_write_json, claim_output, locks_output
 
 DEFAULT_ULIP = "ulip:PointBERT"
 FAST_ULIP = "ulip:cmcr-tiny-ulip-512@random"  # 512-d: the released ulip_clip.pt heads take 512-d rows
@@ -55,6 +55,8 @@ class Demo3DOptions:
         device: torch device.
         num_workers: decode workers.
         ulip_clip: the released ``ulip_clip.pt`` (default: the copy in ``cmcr/data/release``).
+        overwrite: start ``<out>/3d`` over, whatever its settings (a rerun with the same settings resumes
+            without it; one with other settings is refused).
     """
 
     out: Path = Path("demo-out")
@@ -67,8 +69,14 @@ class Demo3DOptions:
     num_workers: int = 2
     ulip_clip: Path | None = None
     seed: int = 0
+    overwrite: bool = False
 
 
+#: The settings record of ``<out>/3d`` (compared by the output claim on a rerun).
+DEMO3D_MARKER = "demo3d-settings.json"
+
+
+@locks_output("opts", folder=lambda o: Path(o.out) / "3d")
 def run_demo_3d(opts: Demo3DOptions, console: Console | None = None) -> dict[str, Any]:
     """Run the CLIP + ULIP-2 demo end to end; writes ``<out>/3d/demo3d.json`` and returns its content.
 
@@ -114,6 +122,13 @@ def run_demo_3d(opts: Demo3DOptions, console: Console | None = None) -> dict[str
 
     t = time.perf_counter()
     n_captions = opts.captions or (200 if opts.fast else 500)
+    from cmcr.errors import ConfigError
+
+    settings = {"encoders": {"clip": clip.identity(), "ulip": ulip.identity()}, "captions": n_captions,
+                "fast": opts.fast, "seed": opts.seed}
+    with claim_output(out, kind="3D demo run", provenance=settings, overwrite=opts.overwrite, record=DEMO3D_MARKER,
+                      error=ConfigError) as claim:
+        claim.publish()
     corpus = prepare_corpus(out, n_captions)
     shards = out / "shards"
     rep_img = write_shards([corpus["images"]], shards / "images", samples_per_shard=64, modality="image")
@@ -131,7 +146,7 @@ def run_demo_3d(opts: Demo3DOptions, console: Console | None = None) -> dict[str
             ("clip_text", clip, "text", rep_txt.shards["text"]), ("ulip_3d", ulip, "3d", rep_3d.shards["3d"])]
     for name, enc, modality, paths in plan:
         rep = encode_shards(paths, enc, modality, stores / name, batch_size=16, num_workers=opts.num_workers,
-                            overwrite=True, progress=True, command="cmcr demo --3d")
+                            progress=True, command="cmcr demo --3d")
         console.print(f"{name}: {rep.rows} rows, {rep.failures} failures, {rep.samples_per_s:.1f} samples/s")
     seconds["encode"] = time.perf_counter() - t
 

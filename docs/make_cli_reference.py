@@ -47,14 +47,31 @@ CONVENTIONS = """
   (`cmcr encode ... -v`). `--version`; `python -m cmcr` works like `cmcr`; shell completion:
   `cmcr --install-completion` (bash, zsh, fish, PowerShell).
 - **`--json`** on every command that produces a result: shard, encode, connect, project, search,
-  eval retrieval/zeroshot/counterfactual, store import/info/validate/index, demo, bench synthetic.
-- **Output folders are locked:** a command writing an output folder (shard `--out`, connect `--out`,
-  project, store import/index, bench synthetic, demo) holds an advisory lock on it
-  (`<folder>/.cmcr-output.lock`, removed at the end; for `store import`,
+  eval retrieval/zeroshot/counterfactual/localization, localize, store import/info/validate/index, demo,
+  bench synthetic.
+- **Output folders are locked:** a command writing an output folder (shard `--out`, encode `--store`,
+  connect `--out`, project, store import/index, connector import, bench synthetic, demo) holds an
+  advisory lock on it (`<folder>/.cmcr-output.lock`, removed at the end; for `store import`,
   `.<name>.cmcr-output.lock` beside it). A second cmcr process writing the same folder exits 1 with
   the first one's pid and command. The kernel drops the lock when its holder dies (even `kill -9`).
-  Several `cmcr encode` runs may append to one store (each shard is one atomic part; a shard another
-  run finished meanwhile is kept, not redone).
+  Several `cmcr encode` runs may append to one store (they share the lock; each shard is one atomic
+  part; a shard another run finished meanwhile is kept, not redone), but `encode --overwrite` is
+  refused while any of them runs, and they are refused while it runs.
+- **Reruns and `--overwrite` (one meaning everywhere):** every derived output records what it was
+  made from (its *provenance*: settings, encoder identity, input fingerprints — a store's manifest,
+  a connector run's `run.json`, the demo's `demo-settings.json`, an index's `index.json`). A rerun
+  into the same output compares it with its own: **the same provenance is reused** (finished parts,
+  shards, stores are kept and the run resumes where it stopped; a finished import or connector import
+  is a no-op), **another provenance is refused** before anything is touched, with a message naming
+  each differing field (`dtype: recorded 'float16', now 'float32'`) and the fix. **`--overwrite`
+  means start over:** discard what an earlier run wrote in that output, whatever its settings, and
+  write it anew (`store import` builds the new store beside the old one and replaces it only when
+  complete). A folder that holds files cmcr did not write (no record) is refused even with
+  `--overwrite`: cmcr never deletes them. Two refinements: `connect` continues a matching run only
+  with `--resume` (continuing training is a choice: `--epochs` may grow), and a store's FAISS index
+  is a cache of its rows, so `store index` rebuilds one of other settings or older rows without being
+  asked (and reuses a current one unless `--overwrite`). Library: the same rule is
+  `cmcr.stores.files.claim_output`, and every `overwrite=` argument means start over.
 """
 
 

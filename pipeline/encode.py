@@ -27,10 +27,9 @@ import json
 import logging
 import math
 import os
-import shutil
 import tarfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +47,8 @@ from cmcr.pipeline.media import MEDIA_EXTENSIONS, media_member
 from cmcr.pipeline.openers import expand_url, is_url, url_name
 from cmcr.pipeline.pointcloud import PointCloudDecoding, decode_points
 from cmcr.pipeline.stageclock import decode_seconds
-from cmcr.stores.files import progress_options, sha256_file
-from cmcr.stores.store import MANIFEST, Store
+from cmcr.stores.files import claim_output, locks_output, progress_options, sha256_file
+from cmcr.stores.store import MANIFEST, Store, comparable_identity
 
 log = logging.getLogger(__name__)
 
@@ -541,43 +540,65 @@ def media_roots_of_shards(paths: Sequence[str | os.PathLike]) -> list[str]:
     return sorted(roots)
 
 
+def encode_provenance(encoder: Encoder, modality: str, dtype: str,
+                      pointcloud: PointCloudDecoding | None = None) -> dict[str, Any]:
+    """What an encoded store is derived from, as the output claim of :func:`open_store` compares it:
+    modality, the encoder identity (the fields that change the vectors), dim, preprocessing, storage
+    dtype and compute precision."""
+    return {"modality": modality, "encoder": comparable_identity(encoder.identity()), "dim": encoder.dim,
+            "preprocessing": store_preprocessing(encoder, modality, pointcloud), "dtype": dtype,
+            COMPUTE_PRECISION: getattr(encoder, "precision", "fp32")}
+
+
+def _recorded_encode(path: Path, precision: str) -> dict[str, Any] | None:
+    """The provenance of the store at ``path`` as :func:`encode_provenance` (``None``: no store there).
+    A store from before compute precision was recorded counts as made in ``precision`` (a warning follows)."""
+    if not (path / MANIFEST).exists():
+        return None
+    store = Store.open(path, validate="none")
+    return {"modality": store.modality, "encoder": comparable_identity(store.encoder), "dim": store.dim,
+            "preprocessing": store.preprocessing, "dtype": store.dtype,
+            COMPUTE_PRECISION: (store.manifest.get("extra") or {}).get(COMPUTE_PRECISION, precision)}
+
+
 def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *, overwrite: bool = False,
                dtype: str = "float16", command: str | None = None, start_over: bool = False,
                pointcloud: PointCloudDecoding | None = None, media_roots: Sequence[str] = ()) -> Store:
-    """Open (or create) the store for ``encoder``/``modality``.
+    """Claim the store folder for ``encoder``/``modality`` (:func:`~cmcr.stores.files.claim_output`) and
+    open it: a store made the same way (:func:`encode_provenance`) is resumed, none is created.
 
     Args:
         pointcloud: 3d decode settings (recorded, see :func:`store_preprocessing`).
-        overwrite: replace a store made by another encoder identity / preprocessing / modality
-            (a store of the same identity is opened and resumed).
-        start_over: remove an existing store at ``store_path`` (any identity) first, so nothing is
-            resumed (the CLI's ``--overwrite``).
+        overwrite: start over: remove the store at ``store_path`` (any identity) first, so nothing is
+            resumed (the one meaning of ``--overwrite``).
+        start_over: the same as ``overwrite`` (kept for callers of older versions).
 
     Raises:
-        StoreMismatchError: a store made by another encoder identity / preprocessing / modality
-            exists at ``store_path`` and ``overwrite`` is False.
+        StoreMismatchError: a store made by another encoder identity / preprocessing / modality / dtype /
+            compute precision exists at ``store_path`` and ``overwrite`` is False (the message names
+            the fields that differ).
+        OutputLockedError: another process starts this store over, or (``overwrite``) encodes into it.
     """
     encoder.check_modality(modality)
-    if start_over and (Path(store_path) / MANIFEST).is_file():
-        log.warning("removing the store %s and starting over", store_path)
-        shutil.rmtree(store_path)
+    overwrite = overwrite or start_over
     precision = getattr(encoder, "precision", "fp32")
-    store = Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
-                                 overwrite=overwrite, preprocessing=store_preprocessing(encoder, modality, pointcloud),
-                                 dtype=dtype, command=command,
-                                 extra={COMPUTE_PRECISION: precision,
-                                        **({"media_roots": list(media_roots)} if media_roots else {})})
-    recorded = (store.manifest.get("extra") or {}).get(COMPUTE_PRECISION)
-    if recorded is not None and recorded != precision:
-        if not overwrite:
-            raise StoreMismatchError(
-                f"{store_path}: its rows were computed in {recorded}, this run computes in {precision}; rows of "
-                f"two precisions must not mix in one store. Pass --precision {recorded} to add to it, or encode "
-                f"into another --store (or pass --overwrite to start this store over in {precision})")
-        shutil.rmtree(store_path)
-        return open_store(store_path, encoder, modality, dtype=dtype, command=command, pointcloud=pointcloud,
-                          media_roots=media_roots)
-    if recorded is None and store.num_rows:
+
+    def hint(old: Mapping[str, Any]) -> str:
+        flags = [f"--{flag} {old[name]}" for name, flag, now in ((COMPUTE_PRECISION, "precision", precision),
+                                                                  ("dtype", "dtype", dtype)) if old.get(name) != now]
+        add = f"pass {' '.join(flags)} to add to it, or " if flags else ""
+        return f"rows made differently must not mix in one store: {add}encode into another --store"
+
+    with claim_output(store_path, kind="store", provenance=encode_provenance(encoder, modality, dtype, pointcloud),
+                      overwrite=overwrite, recorded=lambda p: _recorded_encode(p, precision),
+                      error=StoreMismatchError, shared=True,
+                      hint=hint):
+        store = Store.open_or_create(store_path, modality=modality, encoder=encoder.identity(), dim=encoder.dim,
+                                     preprocessing=store_preprocessing(encoder, modality, pointcloud),
+                                     dtype=dtype, command=command,
+                                     extra={COMPUTE_PRECISION: precision,
+                                            **({"media_roots": list(media_roots)} if media_roots else {})})
+    if (store.manifest.get("extra") or {}).get(COMPUTE_PRECISION) is None and store.num_rows:
         log.warning("%s records no compute precision (made by an older cmcr); appending %s rows", store_path,
                     precision)
     return store
@@ -870,6 +891,7 @@ def progress_bar(enabled: bool):
                     TimeElapsedColumn(), transient=False, **progress_options(enabled))
 
 
+@locks_output("store_path", shared=lambda a: not (a["overwrite"] or a["start_over"]))
 def encode_shards(
     shards: str | os.PathLike | Sequence[str | os.PathLike],
     encoder: Encoder,
@@ -896,8 +918,9 @@ def encode_shards(
         store_path: store folder (created if missing).
         batch_size: samples per forward pass.
         num_workers: DataLoader worker processes for decode/preprocess (0 = in the main process).
-        overwrite: replace a store made by another encoder identity/preprocessing instead of failing.
-        start_over: remove an existing store at ``store_path`` first (any identity; nothing resumed).
+        overwrite: start over: remove an existing store at ``store_path`` first (any identity; nothing
+            resumed). Without it a store made the same way is resumed, another one is refused.
+        start_over: the same as ``overwrite``.
         dtype: storage dtype of a new store (``float16`` or ``float32``).
         torch_threads: torch threads of the forward pass in this process, restored afterwards.
             ``None``: on a CPU encoder :func:`default_torch_threads` (CPUs minus decode workers, at
@@ -911,7 +934,9 @@ def encode_shards(
 
     Raises:
         InputDataError: no shards, or their ``shards.json`` records another modality;
-        StoreMismatchError: the store was made by another encoder (without ``overwrite``);
+        StoreMismatchError: the store was made by another encoder, preprocessing, dtype or precision
+        (without ``overwrite``; the message names the fields);
+        OutputLockedError: another process starts the store over, or (``overwrite``) encodes into it;
         EncoderError: the encoder cannot embed ``modality``; ConfigError: ``batch_size < 1`` or
         ``num_workers < 0``; ChangedShardError: a shard changed since it was encoded into the store
         (nothing is encoded); KeyClashError: a shard's keys are already in the store from another

@@ -61,6 +61,7 @@ from cmcr.pipeline.encode import (
     shards_to_do,
 )
 from cmcr.pipeline.encoders import Encoder, load_encoder
+from cmcr.stores.files import locks_output
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def _actor_device(device: str, gpus_per_replica: float) -> str:
     return "cpu"
 
 
+@locks_output("store_path", shared=lambda a: not (a["overwrite"] or a["start_over"]))
 def encode_shards_ray(
     shards: str | os.PathLike | Sequence[str | os.PathLike],
     encoder: str,

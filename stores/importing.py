@@ -40,10 +40,18 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from cmcr.errors import InputDataError, StoreError, StoreValidationError
-from cmcr.stores.files import locks_output
+from cmcr.errors import InputDataError, StoreError, StoreMismatchError, StoreValidationError
+from cmcr.stores.files import claim_output, locks_output
 from cmcr.stores.index import rows_progress
-from cmcr.stores.store import DTYPES, INPUT_NORM_TOLERANCE, MANIFEST, Store, _screen_rows, canonical_json
+from cmcr.stores.store import (
+    DTYPES,
+    INPUT_NORM_TOLERANCE,
+    MANIFEST,
+    Store,
+    _screen_rows,
+    canonical_json,
+    comparable_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -383,10 +391,48 @@ def _expand_sources(sources: Sequence[str | os.PathLike] | str | os.PathLike) ->
     return files
 
 
-@locks_output("out", beside=True)
-def import_embeddings(
+def _import_provenance(modality: str, encoder: Mapping[str, Any], dtype: str, metric: str,
+                       record: Mapping[str, Any]) -> dict[str, Any]:
+    """What an imported store is derived from (compared by :func:`import_embeddings` before it reuses one)."""
+    return {"modality": modality, "encoder": comparable_identity(encoder), "dtype": dtype, "metric": metric,
+            **{k: record.get(k) for k in ("sources", "keys_sha256", "metadata_sha256", "normalized_on_import",
+                                          "signature")}}
+
+
+def _recorded_import(out: Path) -> dict[str, Any] | None:
+    """The provenance of the store at ``out`` as :func:`_import_provenance` (``None``: no store there)."""
+    if not (out / MANIFEST).exists():
+        return None
+    try:
+        m = Store.open(out, validate="none").manifest
+    except StoreError as e:
+        return {"unreadable store": str(e)}
+    record = (m.get("extra") or {}).get("import") or {}
+    return _import_provenance(m.get("modality"), m.get("encoder") or {}, m.get("dtype"), m.get("metric"), record)
+
+
+@dataclass
+class ImportPlan:
+    """What :func:`plan_import` found out about an import before writing anything (shapes, keys,
+    metadata, options) and its provenance (compared by the output claim)."""
+
+    files: list[Path]
+    is_npy: bool
+    dim: int
+    total: int
+    key_list: list[str]
+    meta_table: pa.Table | None
+    meta_cols: list[str]
+    identity: dict[str, Any]
+    part_rows: int
+    signature: str
+    import_record: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+def plan_import(
     sources: Sequence[str | os.PathLike] | str | os.PathLike,
-    out: str | os.PathLike,
+    out: Path,
     *,
     modality: str,
     encoder: Mapping[str, Any],
@@ -402,55 +448,16 @@ def import_embeddings(
     preprocessing: Mapping[str, Any] | None = None,
     part_rows: int | None = None,
     skip_bad_rows: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    command: str | None = None,
-) -> Store:
-    """Build a store at ``out`` from embeddings of another model.
-
-    Args:
-        sources: ``.npy`` files ``(N_i, D)`` (rows concatenated in the given order), or ``.parquet``
-            files with ``key_column`` and ``embedding_column``, or folders of them.
-        out: the store folder to create.
-        modality: ``3d``, ``image``, ``text``, ``audio``, ``video``...
-        encoder: model identity, at least ``family`` (e.g. ``{"family": "ulip2", "architecture":
-            "PointBERT", "weights": "ULIP-2-PointBERT-...pt"}``). ``dim`` is added from the data if
-            absent and must match it if present. Use the same identity for every modality of one model.
-        normalize: L2-normalise rows (recorded as ``extra.import.normalized_on_import``). Without
-            it a cosine store refuses rows whose norm is not 1 (within 1e-3).
-        keys: for ``.npy`` inputs: a ``.txt``/``.csv``/``.parquet`` keys file or a list of N keys.
-            When absent, the keys come from ``metadata``'s ``key_column``.
-        key_column: key column of the keys / metadata / Parquet input files.
-        metadata: for ``.npy`` inputs: ``.csv``/``.parquet`` (or a table) with one row per
-            embedding, in the same order.
-        metadata_columns: metadata columns to keep (default: every column but key / embedding).
-        embedding_column: embedding column of Parquet inputs.
-        row_keys: no keys available: use ``<file stem>/<row>`` as keys (stable only while the
-            files do not change).
-        dtype: storage dtype ``float16`` (default) or ``float32``.
-        metric: ``cosine`` (unit rows) or ``inner_product`` / ``l2`` (rows stored as given).
-        preprocessing: preprocessing the source model used (recorded; e.g. ``{"points": 10000}``).
-        part_rows: rows per part (default: ~512 MiB per part, at most 1,000,000 rows).
-        skip_bad_rows: record NaN/Inf, zero or un-normalised rows in the failures table instead of
-            stopping.
-        overwrite: replace an existing store at ``out`` (only once the new one is complete).
-        progress: show a rich progress bar.
-        command: the command line (provenance).
-
-    Returns:
-        The new :class:`Store` (opened at ``out``).
+) -> ImportPlan:
+    """Plan step of :func:`import_embeddings` (same arguments): read the inputs' shapes, keys and
+    metadata (cheap), check them, and work out the options, the resume signature and the provenance.
+    Nothing is written.
 
     Raises:
-        InputDataError: unreadable inputs, missing columns, wrong dims, key count mismatch,
-            duplicate or empty keys (messages name the file and row).
-        StoreValidationError: NaN/Inf or un-normalised rows (file, row and key named).
-        StoreError: ``out`` already holds a store and ``overwrite`` is False.
+        InputDataError, StoreError: as :func:`import_embeddings`.
     """
-    out = Path(out)
     files = _expand_sources(sources)
     is_npy = files[0].suffix.lower() == ".npy"
-    if (out / MANIFEST).exists() and not overwrite:
-        raise StoreError(f"{out} already holds a store; choose another folder or pass --overwrite")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise StoreError(f"{out} exists and is not a store; choose an empty or new folder")
     if dtype not in DTYPES:
@@ -582,7 +589,37 @@ def import_embeddings(
                      "keys": options["keys"] or options["keys_sha256"], "keys_sha256": options["keys_sha256"],
                      "metadata": options["metadata"], "metadata_sha256": options["metadata_sha256"],
                      "signature": signature}
+    provenance = _import_provenance(modality, identity, dtype, metric, import_record)
+    return ImportPlan(files=files, is_npy=is_npy, dim=dim, total=total, key_list=key_list, meta_table=meta_table,
+                      meta_cols=meta_cols, identity=identity, part_rows=part_rows, signature=signature,
+                      import_record=import_record, provenance=provenance)
 
+
+def execute_import(
+    plan: ImportPlan,
+    out: Path,
+    *,
+    modality: str,
+    normalize: bool,
+    key_column: str,
+    embedding_column: str,
+    row_keys: bool,
+    dtype: str,
+    metric: str,
+    preprocessing: Mapping[str, Any] | None,
+    skip_bad_rows: bool,
+    progress: bool,
+    command: str | None,
+) -> Path:
+    """Execute step of :func:`import_embeddings`: write the rows into the temp store beside ``out``
+    (``.<name>.importing``; a rerun of the same import resumes it), one part per chunk; returns it.
+
+    Raises:
+        StoreValidationError: bad rows (without ``skip_bad_rows``), or every row rejected.
+    """
+    files, is_npy, dim, total = plan.files, plan.is_npy, plan.dim, plan.total
+    key_list, meta_table, meta_cols, identity = plan.key_list, plan.meta_table, plan.meta_cols, plan.identity
+    part_rows, signature, import_record = plan.part_rows, plan.signature, plan.import_record
     # -- build in a temp store folder next to ``out`` (resumable), rename when complete
     tmp = out.parent / f".{out.name}.importing"
     store: Store | None = None
@@ -630,7 +667,13 @@ def import_embeddings(
     if store.num_rows == 0 and total:
         raise StoreValidationError(f"every row of {[str(f) for f in files]} was rejected; see {tmp}/failures.parquet")
 
-    # -- publish: the finished temp store must open (manifest, schemas, sizes) before it becomes ``out``
+    return tmp
+
+
+def publish_import(tmp: Path, out: Path) -> Store:
+    """Publish step of :func:`import_embeddings`: the finished temp store ``tmp`` becomes ``out``
+    (replacing a store there only now, when the new one is complete)."""
+    # the finished temp store must open (manifest, schemas, sizes) before it becomes ``out``
     Store.open(tmp, validate="fast")
     if out.exists():
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
@@ -640,3 +683,90 @@ def import_embeddings(
     else:
         os.replace(tmp, out)
     return Store.open(out)
+
+
+@locks_output("out", beside=True)
+def import_embeddings(
+    sources: Sequence[str | os.PathLike] | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    modality: str,
+    encoder: Mapping[str, Any],
+    normalize: bool = False,
+    keys: str | os.PathLike | Sequence[str] | None = None,
+    key_column: str = "key",
+    metadata: str | os.PathLike | pa.Table | None = None,
+    metadata_columns: Sequence[str] | None = None,
+    embedding_column: str = "embedding",
+    row_keys: bool = False,
+    dtype: str = "float16",
+    metric: str = "cosine",
+    preprocessing: Mapping[str, Any] | None = None,
+    part_rows: int | None = None,
+    skip_bad_rows: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> Store:
+    """Build a store at ``out`` from embeddings of another model.
+
+    Steps: :func:`plan_import` (read shapes, keys, metadata; nothing written) -> claim ``out``
+    (:func:`~cmcr.stores.files.claim_output`: the same import is reused) -> :func:`execute_import`
+    (rows into a resumable temp store beside ``out``) -> :func:`publish_import` (rename onto ``out``).
+
+    Args:
+        sources: ``.npy`` files ``(N_i, D)`` (rows concatenated in the given order), or ``.parquet``
+            files with ``key_column`` and ``embedding_column``, or folders of them.
+        out: the store folder to create.
+        modality: ``3d``, ``image``, ``text``, ``audio``, ``video``...
+        encoder: model identity, at least ``family`` (e.g. ``{"family": "ulip2", "architecture":
+            "PointBERT", "weights": "ULIP-2-PointBERT-...pt"}``). ``dim`` is added from the data if
+            absent and must match it if present. Use the same identity for every modality of one model.
+        normalize: L2-normalise rows (recorded as ``extra.import.normalized_on_import``). Without
+            it a cosine store refuses rows whose norm is not 1 (within 1e-3).
+        keys: for ``.npy`` inputs: a ``.txt``/``.csv``/``.parquet`` keys file or a list of N keys.
+            When absent, the keys come from ``metadata``'s ``key_column``.
+        key_column: key column of the keys / metadata / Parquet input files.
+        metadata: for ``.npy`` inputs: ``.csv``/``.parquet`` (or a table) with one row per
+            embedding, in the same order.
+        metadata_columns: metadata columns to keep (default: every column but key / embedding).
+        embedding_column: embedding column of Parquet inputs.
+        row_keys: no keys available: use ``<file stem>/<row>`` as keys (stable only while the
+            files do not change).
+        dtype: storage dtype ``float16`` (default) or ``float32``.
+        metric: ``cosine`` (unit rows) or ``inner_product`` / ``l2`` (rows stored as given).
+        preprocessing: preprocessing the source model used (recorded; e.g. ``{"points": 10000}``).
+        part_rows: rows per part (default: ~512 MiB per part, at most 1,000,000 rows).
+        skip_bad_rows: record NaN/Inf, zero or un-normalised rows in the failures table instead of
+            stopping.
+        overwrite: start over: import anew and replace the store at ``out``, whatever it holds (only once
+            the new one is complete). Without it, a store made by the same import (same files, options,
+            key and metadata digests) is returned as is, and any other store is refused.
+        progress: show a rich progress bar.
+        command: the command line (provenance).
+
+    Returns:
+        The new :class:`Store` (opened at ``out``).
+
+    Raises:
+        InputDataError: unreadable inputs, missing columns, wrong dims, key count mismatch,
+            duplicate or empty keys (messages name the file and row).
+        StoreValidationError: NaN/Inf or un-normalised rows (file, row and key named).
+        StoreMismatchError: ``out`` holds a store made by another import (or not by an import) and
+            ``overwrite`` is False; the message names the fields that differ.
+        StoreError: ``out`` is a non-empty folder that is not a store.
+    """
+    out = Path(out)
+    plan = plan_import(sources, out, modality=modality, encoder=encoder, normalize=normalize, keys=keys,
+                       key_column=key_column, metadata=metadata, metadata_columns=metadata_columns,
+                       embedding_column=embedding_column, row_keys=row_keys, dtype=dtype, metric=metric,
+                       preprocessing=preprocessing, part_rows=part_rows, skip_bad_rows=skip_bad_rows)
+    with claim_output(out, kind="store", provenance=plan.provenance, overwrite=overwrite, recorded=_recorded_import,
+                      error=StoreMismatchError, clear=False, beside=True) as claim:
+        if claim.reuse:  # the same import, finished earlier: nothing to do
+            return Store.open(out)
+    tmp = execute_import(plan, out, modality=modality, normalize=normalize, key_column=key_column,
+                         embedding_column=embedding_column, row_keys=row_keys, dtype=dtype, metric=metric,
+                         preprocessing=preprocessing, skip_bad_rows=skip_bad_rows, progress=progress,
+                         command=command)
+    return publish_import(tmp, out)

@@ -47,7 +47,14 @@ import numpy as np
 import pyarrow as pa
 
 from cmcr.errors import StoreIndexError
-from cmcr.stores.files import atomic_replace, atomic_write_json, locks_output, progress_options
+from cmcr.stores.files import (
+    atomic_replace,
+    atomic_write_json,
+    canonical_json,
+    claim_output,
+    locks_output,
+    progress_options,
+)
 from cmcr.stores.store import Store, _now
 
 log = logging.getLogger(__name__)
@@ -398,74 +405,39 @@ def _flat_plan(rows: int, dim: int, budget: int, why: str) -> dict[str, Any]:
             "params": {}, "estimated_memory_bytes": flat_bytes, "reason": f"exact search: {why}{note}"}
 
 
-@locks_output("store", folder=lambda s: getattr(s, "path", s))
-def build_index(
-    store: Store | str | os.PathLike,
-    *,
-    kind: str = "auto",
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-    sample_queries: int = 1000,
-    seed: int = 0,
-    target_recall: float = DEFAULT_TARGET_RECALL,
-    batch_rows: int = 65536,
-    progress: bool = True,
-    plan: dict[str, Any] | None = None,
-    keep_below_target: bool = False,
-) -> dict[str, Any]:
-    """Build, tune, check against exact search and save a FAISS index for ``store`` in ``<store>/index/``.
+def _index_provenance(fingerprint: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a store's index is derived from: the store's rows (fingerprint) and the build settings."""
+    return {"store_fingerprint": fingerprint, "build_settings": settings}
 
-    Steps: plan (:func:`plan_index`, unless ``plan`` is given) -> read the training sample (up to
-    ``40·nlist`` rows) and ``sample_queries`` query rows, both sampled with ``seed``, in one pass ->
-    train -> add every row in batches (faiss id = store row), computing the queries' exact top-11
-    in the same pass and keeping the first rows for timing flat search -> raise ``nprobe`` /
-    ``efSearch`` until leave-one-out recall@10 reaches ``target_recall`` -> time the index against
-    exact flat search side by side (:func:`measure_speed_vs_flat`, batch and single-query modes)
-    -> decide -> write the index file, then ``index.json`` (last, atomically). A previous index of
-    the store is replaced.
 
-    The decision (``auto``): the approximate index is kept only when it reaches the target recall
-    **and** answers batched and single queries at least as fast as flat search; otherwise the
-    store gets an exact ``Flat`` index (recall 1.0, never slower than itself), and the reasons
-    are saved in ``index.json`` under ``decision`` (``cmcr store index --plan`` prints them). Tuning
-    stops early once the index is slower than flat search before reaching the target (it cannot win).
-    A forced ``kind`` is kept when it is slower than flat (with a warning), but one below the target
-    recall is refused unless ``keep_below_target``.
+def _recorded_index(folder: Path) -> dict[str, Any] | None:
+    """The provenance ``index.json`` in ``folder`` records (``None``: no usable index there)."""
+    try:
+        info = json.loads((folder / INDEX_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not (folder / str(info.get("file"))).is_file():
+        return None
+    return _index_provenance(info.get("store_fingerprint"), info.get("build_settings"))
 
-    Args:
-        store: a :class:`Store` or its path.
-        kind: ``auto``, ``flat``, ``hnsw`` or ``ivf``.
-        memory_budget_bytes: RAM budget of the index at search time, bytes.
-        sample_queries: number of store rows used as queries for the recall and speed measurements.
-        seed: seed of the training and query samples (recorded).
-        target_recall: recall@10 to reach when tuning the search-time parameter.
-        batch_rows: rows per streamed batch while adding.
-        progress: show rich progress bars.
-        plan: a plan dict from :func:`plan_index` to execute instead of the auto plan (with
-            ``kind="auto"`` the decision rules above still apply to it).
-        keep_below_target: keep (and serve) an approximate index whose recall stays below the target.
 
-    Returns:
-        The index record written to ``index.json`` (see ``docs/indexes.md``): kind, factory, params,
-        rows, dim, metric, store_fingerprint, build seconds, recall_at_10, recall_queries,
-        target_reached, tuning curve, speed (vs flat), decision, queries_per_second, file, file_bytes...
+#: What :func:`execute_index_plan` returns (names of :func:`build_index`'s locals, in this order).
+_EXECUTED = ("index", "chosen_plan", "params", "recall", "reached", "tuning", "speed", "candidate", "reasons", "q",
+             "qps", "n_train", "train_seconds", "add_seconds", "tune_seconds", "kept_below", "t0")
+
+
+def execute_index_plan(store: Store, plan: dict[str, Any], *, forced: bool, budget: int, sample_queries: int,
+                       seed: int, target_recall: float, batch_rows: int, progress: bool,
+                       keep_below_target: bool) -> dict[str, Any]:
+    """Execute step of :func:`build_index`: read the training sample and the query rows, train, add every
+    row, tune the search-time knob against exact search, time it, decide (and fall back to flat).
+    Nothing is written. Returns :data:`_EXECUTED` by name (the FAISS index, the chosen plan and what
+    was measured).
 
     Raises:
-        StoreIndexError: the store is empty, the budget is too small, or a forced kind stays below
-            the target recall (without ``keep_below_target``; nothing is written).
+        StoreIndexError: a forced kind below the target recall (without ``keep_below_target``).
     """
-    if not isinstance(store, Store):
-        store = Store.open(store)
     n, dim = store.num_rows, store.dim
-    if n == 0:
-        raise StoreIndexError(f"{store.path}: the store is empty; add rows before building an index")
-    forced = kind != "auto"
-    if plan is None:
-        try:
-            plan = plan_index(n, dim, memory_budget_bytes, kind=kind)
-        except ValueError as e:
-            raise StoreIndexError(f"{store.path}: {e}") from e
-    budget = int(plan.get("memory_budget_bytes", memory_budget_bytes))
-    fingerprint = store.fingerprint()
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     index = _new_index(plan, dim, store.metric)
@@ -622,13 +594,117 @@ def build_index(
     tune_seconds = time.perf_counter() - t
     kept_below = bool(not reached and keep_below_target)
 
-    # -- save: index file first (new name), index.json last (atomic), then drop older files
+    return {"index": index, "chosen_plan": chosen_plan, "params": params, "recall": recall, "reached": reached,
+            "tuning": tuning, "speed": speed, "candidate": candidate, "reasons": reasons, "q": q, "qps": qps,
+            "n_train": n_train, "train_seconds": train_seconds, "add_seconds": add_seconds,
+            "tune_seconds": tune_seconds, "kept_below": kept_below, "t0": t0}
+
+
+def publish_index(store: Store, index: faiss.Index, info: dict[str, Any]) -> dict[str, Any]:
+    """Publish step of :func:`build_index`: the index file first (under a new name), then ``index.json``
+    (last, atomically), then older ``.faiss`` files are dropped; returns ``info`` with ``file_bytes``."""
     folder = _index_dir(store)
     folder.mkdir(parents=True, exist_ok=True)
-    fname = f"{chosen_plan['kind']}-{fingerprint}.faiss"
+    fname = info["file"]
     tmp = folder / f".tmp-{fname}-{os.getpid()}"
     faiss.write_index(index, str(tmp))
     atomic_replace(tmp, folder / fname)
+    info = {**info, "file_bytes": (folder / fname).stat().st_size}
+    atomic_write_json(folder / INDEX_INFO, info)
+    for old in folder.glob("*.faiss"):
+        if old.name != fname:
+            old.unlink(missing_ok=True)
+    return info
+
+
+@locks_output("store", folder=lambda s: getattr(s, "path", s))
+def build_index(
+    store: Store | str | os.PathLike,
+    *,
+    kind: str = "auto",
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    sample_queries: int = 1000,
+    seed: int = 0,
+    target_recall: float = DEFAULT_TARGET_RECALL,
+    batch_rows: int = 65536,
+    progress: bool = True,
+    plan: dict[str, Any] | None = None,
+    keep_below_target: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Build, tune, check against exact search and save a FAISS index for ``store`` in ``<store>/index/``.
+
+    Steps: plan (:func:`plan_index`, unless ``plan`` is given) -> read the training sample (up to
+    ``40·nlist`` rows) and ``sample_queries`` query rows, both sampled with ``seed``, in one pass ->
+    train -> add every row in batches (faiss id = store row), computing the queries' exact top-11
+    in the same pass and keeping the first rows for timing flat search -> raise ``nprobe`` /
+    ``efSearch`` until leave-one-out recall@10 reaches ``target_recall`` -> time the index against
+    exact flat search side by side (:func:`measure_speed_vs_flat`, batch and single-query modes)
+    -> decide -> write the index file, then ``index.json`` (last, atomically). A previous index of
+    the store is replaced. The named steps: :func:`plan_index` (plan), :func:`execute_index_plan`
+    (read, train, add, tune, decide; writes nothing) and :func:`publish_index` (publish).
+
+    The decision (``auto``): the approximate index is kept only when it reaches the target recall
+    **and** answers batched and single queries at least as fast as flat search; otherwise the
+    store gets an exact ``Flat`` index (recall 1.0, never slower than itself), and the reasons
+    are saved in ``index.json`` under ``decision`` (``cmcr store index --plan`` prints them). Tuning
+    stops early once the index is slower than flat search before reaching the target (it cannot win).
+    A forced ``kind`` is kept when it is slower than flat (with a warning), but one below the target
+    recall is refused unless ``keep_below_target``.
+
+    Args:
+        store: a :class:`Store` or its path.
+        kind: ``auto``, ``flat``, ``hnsw`` or ``ivf``.
+        memory_budget_bytes: RAM budget of the index at search time, bytes.
+        sample_queries: number of store rows used as queries for the recall and speed measurements.
+        seed: seed of the training and query samples (recorded).
+        target_recall: recall@10 to reach when tuning the search-time parameter.
+        batch_rows: rows per streamed batch while adding.
+        progress: show rich progress bars.
+        plan: a plan dict from :func:`plan_index` to execute instead of the auto plan (with
+            ``kind="auto"`` the decision rules above still apply to it).
+        keep_below_target: keep (and serve) an approximate index whose recall stays below the target.
+        overwrite: build anew even when the index there was built from these settings and store rows
+            (the one meaning of ``--overwrite``). Without it such an index is reused (its record is
+            returned); an index of other settings or older rows is rebuilt
+            (:func:`~cmcr.stores.files.claim_output` with ``rebuild_on_mismatch``).
+
+    Returns:
+        The index record written to ``index.json`` (see ``docs/indexes.md``): kind, factory, params,
+        rows, dim, metric, store_fingerprint, build seconds, recall_at_10, recall_queries,
+        target_reached, tuning curve, speed (vs flat), decision, queries_per_second, file, file_bytes...
+
+    Raises:
+        StoreIndexError: the store is empty, the budget is too small, or a forced kind stays below
+            the target recall (without ``keep_below_target``; nothing is written).
+    """
+    if not isinstance(store, Store):
+        store = Store.open(store)
+    n, dim = store.num_rows, store.dim
+    if n == 0:
+        raise StoreIndexError(f"{store.path}: the store is empty; add rows before building an index")
+    settings = {"kind": kind, "memory_budget_bytes": memory_budget_bytes, "sample_queries": sample_queries,
+                "seed": seed, "target_recall": target_recall, "keep_below_target": keep_below_target, "plan": plan}
+    with claim_output(_index_dir(store), kind="index", provenance=_index_provenance(store.fingerprint(), settings),
+                      overwrite=overwrite, recorded=_recorded_index, clear=False,
+                      rebuild_on_mismatch=True) as claim:
+        if claim.reuse:
+            log.info("%s: the index was built from these settings and rows; reusing it", store.path)
+            return read_index_info(store)
+    forced = kind != "auto"
+    if plan is None:
+        try:
+            plan = plan_index(n, dim, memory_budget_bytes, kind=kind)
+        except ValueError as e:
+            raise StoreIndexError(f"{store.path}: {e}") from e
+    budget = int(plan.get("memory_budget_bytes", memory_budget_bytes))
+    fingerprint = store.fingerprint()
+    built = execute_index_plan(store, plan, forced=forced, budget=budget, sample_queries=sample_queries, seed=seed,
+                               target_recall=target_recall, batch_rows=batch_rows, progress=progress,
+                               keep_below_target=keep_below_target)
+    (index, chosen_plan, params, recall, reached, tuning, speed, candidate, reasons, q, qps, n_train, train_seconds,
+     add_seconds, tune_seconds, kept_below, t0) = (built[k] for k in _EXECUTED)
+    fname = f"{chosen_plan['kind']}-{fingerprint}.faiss"
     info = {
         "format": INDEX_FORMAT,
         "format_version": INDEX_FORMAT_VERSION,
@@ -662,14 +738,12 @@ def build_index(
         "add_seconds": round(add_seconds, 3),
         "tune_seconds": round(tune_seconds, 3),
         "file": fname,
-        "file_bytes": (folder / fname).stat().st_size,
+        "file_bytes": None,  # set by publish_index
         "faiss_version": faiss.__version__,
         "created_at": _now(),
+        "build_settings": json.loads(canonical_json(settings)),
     }
-    atomic_write_json(folder / INDEX_INFO, info)
-    for old in folder.glob("*.faiss"):
-        if old.name != fname:
-            old.unlink(missing_ok=True)
+    info = publish_index(store, index, info)
     if kept_below:
         log.warning("%s: index reached recall@10 %.3f < target %.2f, kept as asked (--keep-below-target)",
                     store.path, recall, target_recall)

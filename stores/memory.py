@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,11 @@ import numpy as np
 import torch
 
 from cmcr.errors import StoreMismatchError, StoreValidationError
-from cmcr.stores.files import resolve_device  # noqa: F401 - the one device helper, re-exported
+from cmcr.stores.files import (
+    claim_output,
+    locks_output,
+    resolve_device,  # noqa: F401 - the one device helper, re-exported
+)
 from cmcr.stores.store import Store, canonical_json, same_encoder
 
 log = logging.getLogger(__name__)
@@ -421,6 +424,7 @@ def completion_params(method: str, temperature: float, k: int | None, query_stor
     }
 
 
+@locks_output("out_path")
 def complete_store(
     query_store: Store | str | os.PathLike,
     memory_store: Store | str | os.PathLike,
@@ -461,7 +465,8 @@ def complete_store(
             memory store's own FAISS index (:func:`memory_store_index`, memory-mapped; built and
             saved beside the memory store when missing).
         device: torch device of the exact completion.
-        overwrite: replace an output store made with other parameters.
+        overwrite: start the output store over, whatever it holds (the one meaning of ``--overwrite``);
+            without it a store made with the same parameters and inputs is resumed, another is refused.
         progress: optional callable ``progress(done_rows, total_rows)``, called after every
             ``query_block`` queries.
         query_block: queries per completion call.
@@ -550,6 +555,7 @@ def complete_paired_store(
     device: str | torch.device = "cpu",
     progress: Any = None,
     query_block: int = COMPLETION_QUERY_BLOCK,
+    overwrite: bool = False,
 ) -> dict[str, Store]:
     """Complete every row of ``query_store`` from a *paired memory* and write one store per value.
 
@@ -572,10 +578,12 @@ def complete_paired_store(
             ``like``'s modality, encoder identity, preprocessing and dim (``D_v`` must equal it).
         out_dir: folder of the output stores.
         memory: a JSON-able description of the paired memory (paths, fingerprints, the rows used);
-            recorded in each output's ``extra.completion.paired``, and an existing output made
-            with another description, method, temperature or query store is recomputed.
+            recorded in each output's ``extra.completion.paired``; an existing output made with
+            the same description, method, temperature and query store is reused (resumed), one
+            made with others is refused (:func:`~cmcr.stores.files.claim_output`) unless ``overwrite``.
         method: ``"exact"`` or ``"topk"``; temperature: tau_m; k: neighbours of ``"topk"``.
         batch_rows, chunk_rows, device, progress, query_block: as :func:`complete_store`.
+        overwrite: start every output over (the one meaning of ``--overwrite``).
 
     Returns:
         ``name -> Store`` of the outputs, keyed like ``query_store``.
@@ -611,7 +619,8 @@ def complete_paired_store(
         "paired": memory,
     }
     out_dir = Path(out_dir)
-    outs = {n: _open_completion_store(out_dir / n, values[n][1], {**params, "value": n}, True) for n in names}
+    outs = {n: _open_completion_store(out_dir / n, values[n][1], {**params, "value": n}, overwrite)
+            for n in names}
     done = {n: outs[n].done_sources() for n in names}
     total = qs.num_rows
     need = [(s, min(s + batch_rows, total)) for s in range(0, total, batch_rows)
@@ -653,27 +662,35 @@ def complete_paired_store(
     return outs
 
 
+def _completion_provenance(params: dict[str, Any]) -> dict[str, Any]:
+    """What a completion store is derived from: its parameters and the two input stores' fingerprints
+    (their paths may move)."""
+    out = {k: v for k, v in params.items() if k not in ("query_store", "memory_store")}
+    for name in ("query_store", "memory_store"):
+        out[name] = (params.get(name) or {}).get("fingerprint")
+    return out
+
+
+def _recorded_completion(path: Path) -> dict[str, Any] | None:
+    """The provenance a completion store at ``path`` records (``None``: no store there)."""
+    if not (path / "manifest.json").exists():
+        return None
+    old = (Store.open(path, validate="none").manifest.get("extra") or {}).get("completion") or {}
+    return _completion_provenance(old)
+
+
 def _open_completion_store(path: Path, memory: Store, params: dict[str, Any], overwrite: bool) -> Store:
-    if (path / "manifest.json").exists():
-        existing = Store.open(path)
-        old = (existing.manifest.get("extra") or {}).get("completion") or {}
-        same = (canonical_json({k: v for k, v in old.items() if k not in ("query_store", "memory_store")})
-                == canonical_json({k: v for k, v in params.items() if k not in ("query_store", "memory_store")})
-                and old.get("query_store", {}).get("fingerprint") == params["query_store"]["fingerprint"]
-                and old.get("memory_store", {}).get("fingerprint") == params["memory_store"]["fingerprint"])
-        if same:
-            return existing
-        if not overwrite:
-            raise StoreMismatchError(
-                f"{path} holds completions made with other parameters or stores ({canonical_json(old)}), "
-                f"expected {canonical_json(params)}; remove it or pass overwrite=True / --overwrite"
-            )
-        shutil.rmtree(path)
-    # The batching of an earlier, unfinished run may differ: a rerun with another batch_rows would
-    # produce overlapping sources, which append_part rejects by key (safe, never silently wrong).
-    return Store.create(path, modality=memory.modality, encoder=memory.encoder, dim=memory.dim,
-                        dtype="float32", preprocessing=memory.preprocessing,
-                        extra={"pseudo": True, "completion": params})
+    """Claim ``path`` (:func:`~cmcr.stores.files.claim_output`): reuse the completion store there when
+    its parameters and input fingerprints match, start it over with ``overwrite``, else refuse."""
+    with claim_output(path, kind="completion store", provenance=_completion_provenance(params), overwrite=overwrite,
+                      recorded=_recorded_completion, error=StoreMismatchError) as claim:
+        if claim.reuse:
+            return Store.open(path)
+        # The batching of an earlier, unfinished run may differ: a rerun with another batch_rows would
+        # produce overlapping sources, which append_part rejects by key (safe, never silently wrong).
+        return Store.create(path, modality=memory.modality, encoder=memory.encoder, dim=memory.dim,
+                            dtype="float32", preprocessing=memory.preprocessing,
+                            extra={"pseudo": True, "completion": params})
 
 
 # ---------------------------------------------------------------------------------- memory queue

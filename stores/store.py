@@ -415,12 +415,19 @@ class Store:
         **create_kwargs: Any,
     ) -> Store:
         """Open the store at ``path`` if it was made by the same encoder for the same modality
-        (and preprocessing, dtype...), create it if there is none.
+        (and preprocessing, dtype...), create it if there is none. Writers claim the folder first
+        (:func:`cmcr.stores.files.claim_output`); this is the low-level step.
+
+        Args:
+            overwrite: start over: remove a store at ``path`` (whatever it holds) and create a new one
+                (the one meaning of ``--overwrite``).
 
         Raises:
             StoreMismatchError: a store made differently exists and ``overwrite`` is False.
         """
         path = Path(path)
+        if overwrite and (path / MANIFEST).exists():
+            shutil.rmtree(path)
         if (path / MANIFEST).exists():
             try:
                 store = cls.open(path, modality=modality, encoder=encoder, dim=dim,
@@ -433,9 +440,7 @@ class Store:
                         )
                 return store
             except StoreMismatchError as e:
-                if not overwrite:
-                    raise StoreMismatchError(f"{e} (pass --overwrite / overwrite=True to replace the store)") from e
-                shutil.rmtree(path)
+                raise StoreMismatchError(f"{e} (pass --overwrite / overwrite=True to replace the store)") from e
         return cls.create(path, modality=modality, encoder=encoder, dim=dim, **create_kwargs)
 
     # ------------------------------------------------------------------ properties

@@ -161,7 +161,7 @@ def test_precision_is_recorded_and_mixing_is_refused(tiny_clip, tmp_path, monkey
     encode_shards(shards, tiny_clip, "text", tmp_path / "store", num_workers=0, progress=False)
     assert Store.open(tmp_path / "store").manifest["extra"]["compute_precision"] == "fp32"
     monkeypatch.setattr(tiny_clip, "precision", "bf16")
-    with pytest.raises(StoreMismatchError, match=r"computed in fp32, this run computes in bf16.*--precision fp32"):
+    with pytest.raises(StoreMismatchError, match=r"compute_precision: recorded .fp32., now .bf16.*--precision fp32"):
         encode_shards(shards, tiny_clip, "text", tmp_path / "store", num_workers=0, progress=False)
     rep = encode_shards(shards, tiny_clip, "text", tmp_path / "store", num_workers=0, progress=False, overwrite=True)
     assert rep.rows == 2 and Store.open(tmp_path / "store").manifest["extra"]["compute_precision"] == "bf16"

@@ -135,12 +135,15 @@ def test_nan_rows_error_or_skip_to_failures(tmp_path):
     assert "NaN" in f[0]["error"] and "all zeros" in f[1]["error"] and f[0]["stage"] == "import"
 
 
-def test_existing_store_refused_then_overwritten(tmp_path):
+def test_existing_store_reused_refused_then_overwritten(tmp_path):
     np.save(tmp_path / "e.npy", clustered_embeddings(6, 4))
     kw = {"modality": "3d", "encoder": ULIP, "row_keys": True, "progress": False}
-    import_embeddings(tmp_path / "e.npy", tmp_path / "s", **kw)
-    with pytest.raises(StoreError, match="already holds a store.*--overwrite"):
-        import_embeddings(tmp_path / "e.npy", tmp_path / "s", **kw)
+    first = import_embeddings(tmp_path / "e.npy", tmp_path / "s", **kw)
+    again = import_embeddings(tmp_path / "e.npy", tmp_path / "s", **kw)  # the same import: reused as is
+    assert again.fingerprint() == first.fingerprint() and again.manifest["updated_at"] == first.manifest["updated_at"]
+    with pytest.raises(StoreError, match=r"holds a store made from other settings.*dtype: recorded 'float16', "
+                                         r"now 'float32'.*--overwrite"):
+        import_embeddings(tmp_path / "e.npy", tmp_path / "s", **kw, dtype="float32")
     np.save(tmp_path / "e.npy", clustered_embeddings(9, 4))
     s = import_embeddings(tmp_path / "e.npy", tmp_path / "s", overwrite=True, **kw)
     assert s.num_rows == 9 and Store.open(tmp_path / "s").num_rows == 9

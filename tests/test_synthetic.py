@@ -95,7 +95,7 @@ def test_rerun_with_other_settings_needs_overwrite(tmp_path):
     small = dict(n_shared=40, n_memory_a=30, n_memory_b=30, n_eval=10, classes=3, dim=16, hidden=16)
     paths = generate_synthetic_stores(tmp_path / "stores", SyntheticSpec(**small))
     before = Store.open(paths["text_a"]).embeddings(np.float32)
-    with pytest.raises(StoreMismatchError, match=r"seed 0 -> 1.*--overwrite"):
+    with pytest.raises(StoreMismatchError, match=r"synthetic.seed: recorded 0, now 1.*--overwrite"):
         generate_synthetic_stores(tmp_path / "stores", SyntheticSpec(**small, seed=1))
     assert np.array_equal(Store.open(paths["text_a"]).embeddings(np.float32), before)  # untouched
     generate_synthetic_stores(tmp_path / "stores", SyntheticSpec(**small, seed=1), overwrite=True)

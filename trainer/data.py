@@ -292,7 +292,7 @@ def load_pairs(stores: ConnectStores, cfg: TrainConfig, work_dir: str | Path,
             cb = (lambda d, t, s=side: progress(s, d, t)) if progress else None
             comp = complete_store(shared, memory, work / side, method=cfg.completion,
                                   temperature=cfg.memory_temperature, k=cfg.completion_topk, device=cfg.device,
-                                  overwrite=True, progress=cb)
+                                  progress=cb)
             if comp.num_rows != shared.num_rows:
                 raise TrainingError(
                     f"completion store {comp.path} has {comp.num_rows} rows, expected {shared.num_rows}")
@@ -338,7 +338,7 @@ def _memory_centric(stores: ConnectStores, cfg: TrainConfig, data: PairData, src
         cb2 = (lambda d, t: progress(f"{label} {other.upper()}", d, t)) if progress else None
         comp = complete_store(outs[f"shared_{other}"], other_memory, folder / f"memory_{other}",
                               method=cfg.completion, temperature=cfg.memory_temperature, k=cfg.completion_topk,
-                              device=cfg.device, overwrite=True, progress=cb2)
+                              device=cfg.device, progress=cb2)
         completed = comp.embeddings(np.float32)
         paths[f"memory_{other}"] = str(comp.path)
     real = memory.embeddings()

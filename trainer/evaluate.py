@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from cmcr.errors import ConfigError, InputDataError, StoreMismatchError
-from cmcr.stores.files import locks_output
-from cmcr.stores.store import Store, canonical_json, same_encoder
+from cmcr.stores.files import claim_output, locks_output
+from cmcr.stores.store import Store, canonical_json, comparable_identity
 from cmcr.trainer.connector import Connector, same_space
 from cmcr.trainer.data import as_store
 from cmcr.trainer.metrics import DEFAULT_KS, retrieval_metrics, zeroshot_accuracy
@@ -58,14 +57,16 @@ def project_store(
         out_path: output store folder.
         batch_rows: rows per part.
         index: build the FAISS index (``cmcr.stores.index.build_index``) when done.
-        overwrite: replace an existing output store made by another connector or from another store.
+        overwrite: start the output store over, whatever it holds (the one meaning of ``--overwrite``);
+            without it a projection by the same connector of the same store is resumed, another is refused.
 
     Returns:
         The projected :class:`Store` (float32, cosine).
 
     Raises:
         ConnectorError: no side of the connector accepts the store's encoder and modality.
-        StoreMismatchError: ``out_path`` holds another projection and ``overwrite`` is False.
+        StoreMismatchError: ``out_path`` holds another projection and ``overwrite`` is False (the
+            message names what differs: connector, side, source store).
     """
     conn = connector if isinstance(connector, Connector) else Connector.load(connector)
     src = as_store(store)
@@ -74,20 +75,12 @@ def project_store(
     extra = {"projected": {"connector": conn.fingerprint, "connector_path": str(conn.path), "side": side,
                            "source_store": str(src.path), "source_fingerprint": src.fingerprint()}}
     out_path = Path(out_path)
-    if (out_path / "manifest.json").exists():
-        old = Store.open(out_path)
-        same = (same_encoder(old.encoder, identity)
-                and (old.manifest.get("extra") or {}).get("projected", {}).get("source_fingerprint")
-                == src.fingerprint())
-        if not same:
-            if not overwrite:
-                raise StoreMismatchError(
-                    f"{out_path} holds a projection by another connector or of another store; pass --overwrite or "
-                    f"choose another output folder"
-                )
-            shutil.rmtree(out_path)
-    out = Store.open_or_create(out_path, modality=src.modality, encoder=identity, dim=conn.out_dim, dtype="float32",
-                               preprocessing=src.preprocessing, extra=extra)
+    provenance = {"connector": conn.fingerprint, "side": side, "source_store": src.fingerprint(),
+                  "source_encoder": comparable_identity(src.encoder)}
+    with claim_output(out_path, kind="projection", provenance=provenance, overwrite=overwrite,
+                      recorded=_recorded_projection, error=StoreMismatchError):
+        out = Store.open_or_create(out_path, modality=src.modality, encoder=identity, dim=conn.out_dim,
+                                   dtype="float32", preprocessing=src.preprocessing, extra=extra)
     done = out.done_sources()
     columns = src.metadata_columns
     pos = 0
@@ -101,6 +94,18 @@ def project_store(
     if index and out.num_rows:
         build_store_index(out)
     return out
+
+
+def _recorded_projection(path: Path) -> dict[str, Any] | None:
+    """The provenance of the projected store at ``path`` (``None``: no store there), as
+    :func:`project_store` compares it: connector fingerprint, side, source store fingerprint and encoder."""
+    if not (path / "manifest.json").exists():
+        return None
+    old = Store.open(path, validate="none")
+    p = (old.manifest.get("extra") or {}).get("projected") or {}
+    base = old.encoder.get("base") if isinstance(old.encoder.get("base"), dict) else None
+    return {"connector": p.get("connector"), "side": p.get("side"), "source_store": p.get("source_fingerprint"),
+            "source_encoder": comparable_identity(base) if base is not None else None}
 
 
 def build_store_index(store: Store) -> dict[str, Any] | None:

@@ -9,6 +9,8 @@ Library entry point :func:`train_connector` (used by ``cmcr connect`` and the de
 
 Output folder::
 
+    run.json                               the run's provenance: training settings + store fingerprints
+                                           (written first; a rerun with others is refused, see below)
     connector.safetensors, connector.json   the connector (written at the end)
     checkpoints/epoch-NNNN.pt              one per epoch (the newest ``keep_checkpoints`` kept)
     metrics.jsonl                          one JSON line per epoch
@@ -44,6 +46,7 @@ from cmcr.stores.files import (
     atomic_replace,
     atomic_write_bytes,
     canonical_json,
+    claim_output,
     locks_output,
     progress_options,
     temp_path,
@@ -72,6 +75,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
+#: The run's provenance (:func:`run_provenance`), written before training; a rerun is compared with it.
+RUN_FILE = "run.json"
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -238,13 +243,17 @@ def train_connector(
 ) -> dict[str, Any]:
     """Train a C-MCR connector from four stores and write it to ``out_dir``.
 
+    Steps: :func:`plan_training_run` (stores, output claim, seeds, resume checkpoint) ->
+    :func:`execute_training` (pairs, projectors, the epochs) -> :func:`publish_connector`.
+
     Args:
         shared_a, shared_b: the shared modality encoded by MCR A and MCR B (joined by key).
         memory_a, memory_b: each MCR's memory (its other modality), same encoder as its shared store.
         out_dir: output folder (see the module docstring).
         config: a :class:`TrainConfig` (defaults from method.md when ``None``).
         resume: continue from the newest checkpoint in ``out_dir``.
-        overwrite: start over, deleting checkpoints/metrics of an earlier run in ``out_dir``.
+        overwrite: start over: discard an earlier run in ``out_dir`` (checkpoints, metrics, completions,
+            connector), whatever its settings (the one meaning of ``--overwrite``).
         progress: ``True`` for a rich progress bar (loss, pairs/s), or a callable receiving one
             dict per step (``epoch``, ``step``, ``loss``, ``pairs_per_s``).
         plot: write ``loss_curve.png`` (matplotlib) at the end; ``False`` skips it (ablation
@@ -257,10 +266,46 @@ def train_connector(
     Raises:
         StoreMismatchError: the stores do not form a valid setting (see :func:`open_connect_stores`).
         TrainingError: a non-finite loss (last good checkpoint kept), a resume that does not match
-            the checkpoint, or an earlier run in ``out_dir`` without ``resume``/``overwrite``.
+            the checkpoint, or an earlier run in ``out_dir`` without ``resume``/``overwrite``, or one with
+            other settings or stores (``run.json``; the message names the fields) without ``overwrite``.
     """
     cfg = config or TrainConfig()
     out = Path(out_dir)
+    stores, cfg, device, resumed = plan_training_run(shared_a, shared_b, memory_a, memory_b, out, cfg,
+                                                     resume=resume, overwrite=overwrite)
+    trained = execute_training(stores, out, cfg, device, resumed, resume=resume, progress=progress, plot=plot)
+    return publish_connector(out, stores, cfg, device, **trained)
+
+
+def plan_training_run(
+    shared_a: Store | str | Path,
+    shared_b: Store | str | Path,
+    memory_a: Store | str | Path,
+    memory_b: Store | str | Path,
+    out: Path,
+    cfg: TrainConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> tuple[ConnectStores, TrainConfig, torch.device, tuple[Path, dict[str, Any]] | None]:
+    """Plan step of :func:`train_connector`: open the four stores, name the sources of pairs
+    canonically (``cfg.centric``), claim ``out`` (``run.json``; an
+    earlier run of other settings is refused, ``overwrite`` starts over), seed, and read the resume
+    checkpoint (before the slow data loading, so an unsafe or unreadable file stops the run at once).
+
+    Returns:
+        ``(stores, cfg, device, resumed)``: ``cfg`` with its centric sources by canonical name;
+        ``resumed`` is ``(checkpoint path, state)`` or ``None``.
+    """
+    stores = open_connect_stores(shared_a, shared_b, memory_a, memory_b)
+    # the sources of pairs by their canonical names ("shared" -> "text"), so run.json, checkpoints and the
+    # connector record what was used and a rerun or resume with other sources is refused
+    cfg = cfg.replace(**canonical_centric(resolve_centric(stores, cfg)))
+    with claim_output(out, kind="connector run", provenance=run_provenance(cfg, stores), overwrite=overwrite,
+                      record=RUN_FILE, error=TrainingError,
+                      hint="--resume continues only a run with the same settings and stores (epochs and device may "
+                           "change)") as claim:
+        pass  # decided; ``locks_output`` holds the lock for the whole run
     out.mkdir(parents=True, exist_ok=True)
     existing = _checkpoints(out)
     if existing and not resume:
@@ -269,18 +314,32 @@ def train_connector(
                 f"{out} already holds checkpoints of a training run ({existing[-1].name}); pass resume=True "
                 f"(--resume) to continue it or overwrite=True (--overwrite) to start over"
             )
+        # a run from before run.json was recorded: the claim had nothing to start over
         shutil.rmtree(out / CHECKPOINT_DIR)
         (out / METRICS_FILE).unlink(missing_ok=True)
-    stores = open_connect_stores(shared_a, shared_b, memory_a, memory_b)
-    # the sources of pairs by their canonical names ("shared" -> "text"), so checkpoints and the
-    # connector record what was used and a resume with other sources is refused
-    cfg = cfg.replace(**canonical_centric(resolve_centric(stores, cfg)))
+        existing = []
+    claim.publish()  # run.json first: a rerun after a crash is compared with it
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     # read the checkpoint before the (slow) data loading: an unsafe or unreadable file stops the run at once
     resumed = _load_resume_checkpoint(existing, device) if resume and existing else None
+    return stores, cfg, device, resumed
 
+
+def execute_training(stores: ConnectStores, out: Path, cfg: TrainConfig, device: torch.device,
+                     resumed: tuple[Path, dict[str, Any]] | None, *, resume: bool,
+                     progress: bool | Callable[[dict[str, Any]], None], plot: bool) -> dict[str, Any]:
+    """Execute step of :func:`train_connector`: load the pairs (completions), build the projectors and
+    the optimiser, restore a resumed run, and train epoch by epoch (a checkpoint and ``metrics.jsonl``
+    per epoch, the loss curve at the end).
+
+    Returns:
+        ``{"proj_a", "proj_b", "data", "history", "train_rows", "val_rows", "warnings"}``.
+
+    Raises:
+        TrainingError: a non-finite loss, too few pairs, or a checkpoint that does not match.
+    """
     reporter = _Reporter(progress)
     queue = cfg.completion == "queue"  # the queue completes per batch: no precomputed shared-centric completion
     reporter.completion_sides = sum((0 if queue else 2) if s.role == "shared" else (1 if queue else 2)
@@ -429,7 +488,16 @@ def train_connector(
         reporter.stop()
         if history and plot:  # also after a failure: the curve up to the last good epoch
             plot_loss_curve(history, out / LOSS_CURVE)
+    return {"proj_a": proj_a, "proj_b": proj_b, "data": data, "history": history, "train_rows": train_rows,
+            "val_rows": val_rows, "warnings": warnings}
 
+
+def publish_connector(out: Path, stores: ConnectStores, cfg: TrainConfig, device: torch.device, *,
+                      proj_a: torch.nn.Module, proj_b: torch.nn.Module, data: PairData,
+                      history: list[dict[str, Any]], train_rows: np.ndarray, val_rows: np.ndarray,
+                      warnings: list[str]) -> dict[str, Any]:
+    """Publish step of :func:`train_connector`: the final metrics and the connector (weights, then
+    ``connector.json``, atomically); returns :func:`train_connector`'s result."""
     final = dict(history[-1]) if history else {}
     final["val_pairs"] = int(len(val_rows))
     final["train_pairs"] = int(len(train_rows))
@@ -481,6 +549,14 @@ class _Schedule:
                 self._cache[(i, p)] = list(batch_rows(rows, self.batch_size, seed, p))
             out.append((src, self._cache[(i, p)][j]))
         return out
+
+
+def run_provenance(cfg: TrainConfig, stores: ConnectStores) -> dict[str, Any]:
+    """What a connector run is derived from (``run.json``; compared by the output claim): the training
+    settings that must not change on ``--resume`` (:meth:`TrainConfig.training_fields`) and the four
+    stores' fingerprints."""
+    return {"training": cfg.training_fields(),
+            "stores": {k: v["fingerprint"] for k, v in stores.describe().items()}}
 
 
 #: Fewer optimiser steps per epoch than this draws a warning (see :func:`few_steps_warning`).

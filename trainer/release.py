@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from cmcr.errors import ConnectorError
+from cmcr.stores.files import claim_output, locks_output
 from cmcr.stores.store import canonical_json, sha256_file
 from cmcr.trainer.connector import META_FILE, SIDES, Connector, SideInfo
 from cmcr.trainer.projector import make_projector
@@ -251,6 +252,7 @@ def side_binding(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[
     return out
 
 
+@locks_output("out")
 def import_release(
     path: str | os.PathLike,
     preset: str,
@@ -269,7 +271,8 @@ def import_release(
         sides: per side (``"A"`` = CLIP, ``"B"``), identity patterns replacing the preset's default
             binding (see :func:`side_binding`).
         bound_by: per side, how the override was given (recorded in the provenance, e.g. the spec).
-        overwrite: replace a different connector already in ``out``.
+        overwrite: start over: replace the connector in ``out``, whatever it is (the one meaning of
+            ``--overwrite``); without it the same import is a no-op and another connector is refused.
 
     Returns:
         The saved :class:`Connector` (rerunning with the same inputs rewrites nothing).
@@ -305,19 +308,29 @@ def import_release(
     conn = Connector(sides=side_infos, projectors=projectors,
                      architecture={s: dict(p.architecture) for s in SIDES}, provenance=provenance)
     out = Path(out)
-    if (out / META_FILE).exists() and not overwrite:
-        try:
-            old = Connector.load(out)
-        except ConnectorError as e:
-            raise ConnectorError(f"{out} holds an unreadable connector ({e}); pass --overwrite or another --out") \
-                from e
-        if old.fingerprint != conn.fingerprint:
-            raise ConnectorError(f"{out} already holds another connector ({old.fingerprint}); pass --overwrite to "
-                                 f"replace it, or choose another --out")
-    elif out.exists() and out.is_dir() and any(out.iterdir()) and not (out / META_FILE).exists() and not overwrite:
-        raise ConnectorError(f"--out {out} is not empty and holds no connector; pass an empty or new folder")
-    conn.save(out)
+    with claim_output(out, kind="connector", provenance=_release_provenance(conn), overwrite=overwrite,
+                      recorded=_recorded_release, error=ConnectorError, foreign=()) as claim:
+        if claim.reuse:  # the same import: nothing to rewrite
+            return Connector.load(out)
+        conn.save(out)
     return conn
+
+
+def _release_provenance(conn: Connector) -> dict[str, Any]:
+    """What an imported connector is derived from: the released file (digest), its preset, and the result
+    (fingerprint: weights, sides and bindings)."""
+    return {"fingerprint": conn.fingerprint, "preset": conn.provenance.get("preset"),
+            "source_sha256": conn.provenance.get("source_sha256")}
+
+
+def _recorded_release(out: Path) -> dict[str, Any] | None:
+    """The provenance of the connector in ``out`` (``None``: none there; an unreadable one differs)."""
+    if not (out / META_FILE).exists():
+        return None
+    try:
+        return _release_provenance(Connector.load(out))
+    except ConnectorError as e:
+        return {"unreadable connector": str(e)}
 
 
 def write_standin(path: str | os.PathLike, preset: str, seed: int = 0) -> Path:

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from cmcr.errors import ConfigError, StoreMismatchError
-from cmcr.stores.files import locks_output
+from cmcr.stores.files import OUTPUT_LOCK, claim_output, clear_output, locks_output
 from cmcr.stores.store import Store
 from cmcr.trainer.config import TrainConfig
 from cmcr.trainer.connector import Connector
@@ -195,7 +195,8 @@ def generate_synthetic_stores(out_dir: str | Path, spec: SyntheticSpec | None = 
     run) is regenerated.
 
     Args:
-        overwrite: replace stores made with other settings (otherwise they are an error).
+        overwrite: start the stores over, whatever they hold (the one meaning of ``--overwrite``);
+            without it stores made with other settings are an error.
 
     Raises:
         StoreMismatchError: ``out_dir`` holds a store made with other settings (or not by this
@@ -235,45 +236,45 @@ def generate_synthetic_stores(out_dir: str | Path, spec: SyntheticSpec | None = 
         "classes_text_b": (mcr_b, "text", centres, prompt_wording, class_names, {"label": class_names}),
     }
     spec_extra = {"synthetic": dataclasses.asdict(spec)}
+    folder = out.parent if out.name == "stores" else out
     paths: dict[str, Path] = {}
     for name, (mcr, modality, z, item, keys, meta) in plan.items():
         path = out / name
         emb = mcr.embed(z, modality, rng, item)  # always drawn, so every store is seed-stable
         paths[name] = path
-        if path.exists():
-            found = _synthetic_spec_of(path)
-            if found == spec_extra["synthetic"]:
+        with claim_output(path, kind="synthetic store", provenance={"generator": GENERATOR, **spec_extra},
+                          overwrite=overwrite, recorded=_synthetic_spec_of, error=StoreMismatchError,
+                          hint=f"--overwrite (overwrite=True) starts {folder} over"
+                          ) as claim:
+            if claim.reuse:
                 if Store.open(path, validate="none").num_rows == len(keys):
                     continue
                 log.info("%s is incomplete (interrupted run): regenerating it", path)
-            elif not overwrite:
-                raise StoreMismatchError(_other_settings_message(out, path, found, spec_extra["synthetic"]))
-            shutil.rmtree(path)
-        store = Store.create(path, modality=modality, encoder=mcr.identity, dim=spec.dim, dtype="float32",
-                             extra=spec_extra)
-        store.append_part(keys, emb, metadata=meta, source="synthetic")
+            clear_output(path)  # an interrupted or started-over store (the claim's lock file stays)
+            store = Store.create(path, modality=modality, encoder=mcr.identity, dim=spec.dim, dtype="float32",
+                                 extra=spec_extra)
+            store.append_part(keys, emb, metadata=meta, source="synthetic")
     return paths
 
 
+#: The generator named in a synthetic store's provenance (see :func:`generate_synthetic_stores`).
+GENERATOR = "cmcr.trainer.synthetic"
+
+
 def _synthetic_spec_of(path: Path) -> dict[str, Any] | None:
-    """The generator settings recorded in the store at ``path`` (``None``: not a readable synthetic store)."""
+    """The provenance of the synthetic store at ``path`` as :func:`generate_synthetic_stores` compares it:
+    ``{"generator", "synthetic": settings}``; ``None`` when nothing is there. A folder that is not a
+    readable synthetic store of this generator records ``generator`` as such (refused, never reused)."""
+    if not path.is_dir() or not any(p.name != OUTPUT_LOCK for p in path.iterdir()):
+        return None  # nothing there (the claim's lock file aside)
     try:
         extra = Store.open(path, validate="none").manifest.get("extra") or {}
     except Exception:  # noqa: BLE001 - anything unreadable counts as "another store"
-        return None
+        extra = {}
     found = extra.get("synthetic")
-    return found if isinstance(found, dict) else None
-
-
-def _other_settings_message(out: Path, path: Path, found: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
-    if found is None:
-        what = "something that is not a synthetic store of this generator"
-    else:
-        diff = [f"{k} {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v]
-        what = "synthetic stores made with other settings (" + ", ".join(diff) + ")"
-    folder = out.parent if out.name == "stores" else out
-    return (f"{path} holds {what}; pass --overwrite (overwrite=True) to start {folder} over, or choose another "
-            f"--out folder")
+    if not isinstance(found, dict):
+        return {"generator": "(none: not a synthetic store of this generator)"}
+    return {"generator": GENERATOR, "synthetic": found}
 
 
 def project_embeddings(connector: Connector, store: Store) -> np.ndarray:
