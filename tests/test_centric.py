@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from cmcr.errors import ConfigError, TrainingError
+from cmcr.errors import ConfigError, StoreMismatchError, TrainingError
 from cmcr.stores.memory import complete_dense, complete_exact, complete_topk
 from cmcr.stores.store import Store
 from cmcr.trainer.config import load_config
@@ -74,9 +74,12 @@ def test_each_pseudo_partner_is_a_softmax_over_the_right_memory(tiny_synthetic, 
     before = {f: f.stat().st_mtime_ns for f in folder.rglob("*.npy")}
     load_pairs(stores, cfg, tmp_path)
     assert before and {f: f.stat().st_mtime_ns for f in folder.rglob("*.npy")} == before
-    # another temperature is another completion: recomputed, never reused
-    load_pairs(stores, cfg.replace(memory_temperature=0.05), tmp_path)
-    assert Store.open(folder / "shared_a").manifest["extra"]["completion"]["temperature"] == 0.05
+    # another temperature is another completion: never reused; refused by the output claim (a connect run
+    # with --overwrite clears its completions first), and the recorded store is left as it was
+    with pytest.raises(StoreMismatchError, match="temperature"):
+        load_pairs(stores, cfg.replace(memory_temperature=0.05), tmp_path)
+    assert Store.open(folder / "shared_a").manifest["extra"]["completion"]["temperature"] == cfg.memory_temperature
+    assert {f: f.stat().st_mtime_ns for f in folder.rglob("*.npy")} == before
 
 
 def test_paired_memory_exact_and_topk_match_the_dense_formula():
@@ -126,7 +129,7 @@ def test_train_records_sources_and_refuses_a_resume_with_others(tiny_synthetic, 
     assert srcs["audio"]["role"] == "memory_b" and srcs["audio"]["weight"] == 0.5 and srcs["audio"]["rows"] == 300
     assert srcs["text"]["rows"] == res["metrics"]["train_pairs"]
     assert res["metrics"]["loss_audio"] > 0 and res["metrics"]["loss_text"] > 0
-    with pytest.raises(TrainingError, match=r"centric='text,audio'.*centric='text,image,audio'"):
+    with pytest.raises(TrainingError, match=r"centric: recorded 'text,audio', now 'text,image,audio'"):
         train_connector(*args, cfg.replace(epochs=2, centric="text,audio,image"), resume=True, plot=False)
     with pytest.raises(TrainingError, match="weights"):
         train_connector(*args, cfg.replace(epochs=2, centric_weights={"audio": 1.0}), resume=True, plot=False)
