@@ -40,7 +40,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from cmcr.errors import ConfigError, InputDataError, StoreMismatchError, StoreValidationError
+from cmcr.errors import ConfigError, EncoderError, InputDataError, StoreMismatchError, StoreValidationError
 from cmcr.pipeline.audio import SampleError
 from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
@@ -537,6 +537,10 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
             exists at ``store_path`` and ``overwrite`` is False.
     """
     encoder.check_modality(modality)
+    if encoder.text_quantization is not None:
+        raise EncoderError(f"{store_path}: this encoder embeds text with a {encoder.text_quantization} text tower "
+                           f"(cmcr serve --quantize-text), for queries only; store rows are computed by the "
+                           f"unquantised model. Load the encoder without quantisation to write a store")
     if start_over and (Path(store_path) / MANIFEST).is_file():
         log.warning("removing the store %s and starting over", store_path)
         shutil.rmtree(store_path)
