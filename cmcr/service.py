@@ -219,8 +219,9 @@ class ExactShortlist:
             c *= 4
         self.full_scans += 1
         exact = self.rows @ q
-        top = np.argpartition(-exact, k - 1)[:k]
-        top = top[np.lexsort((top, -exact[top]))]
+        kth = exact[np.argpartition(-exact, k - 1)[k - 1]]
+        top = np.flatnonzero(exact >= kth)  # every row tied with the k-th too: ties go to the lower row
+        top = top[np.lexsort((top, -exact[top]))][:k]
         return [int(i) for i in top], [float(exact[i]) for i in top]
 
 
