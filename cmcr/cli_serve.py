@@ -35,6 +35,9 @@ def serve(
                                                   "approximate; opt-in). Default: float32."),
     query_cache: int = typer.Option(1024, "--query-cache", min=0,
                                     help="LRU cache of text query embeddings (entries; 0: off)."),
+    shortlist: bool = typer.Option(True, "--shortlist/--no-shortlist",
+                                   help="Exact search of large flat galleries through a certified float16 "
+                                        "shortlist (same hits, ~2x faster)."),
 ) -> None:
     """Serve cross-modal search over HTTP: a JSON API (OpenAPI at /docs) and a web page at /.
 
@@ -56,7 +59,8 @@ def serve(
         roots[name] = folder
     service = SearchService(connector, [str(g) for g in gallery], encoders=encoder, clap_tokenizer=clap_tokenizer,
                             media_roots=roots, device=device, threads=threads, max_batch=max_batch,
-                            quantize_text=quantize_text, cache_size=query_cache)
+                            quantize_text=quantize_text, cache_size=query_cache,
+                            shortlist=shortlist)
     console = Console(stderr=True)
     for g in service.describe()["galleries"]:
         console.print(f"gallery {g['name']}: {g['rows']} {g['modality']} rows (side {g['side']}, {g['mcr']})"
