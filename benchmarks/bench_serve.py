@@ -164,16 +164,19 @@ def _ab(name: str, fa, fb, pairs: int) -> dict:  # noqa: ANN001
     """Time ``fa(i)`` and ``fb(i)`` alternately (order flipped every pair): min and median ms of each."""
     ta: list[float] = []
     tb: list[float] = []
+    ca: list[float] = []
+    cb: list[float] = []
     for i in range(pairs):
-        order = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
-        for f, ts in order:
-            t = time.perf_counter()
+        order = ((fa, ta, ca), (fb, tb, cb)) if i % 2 == 0 else ((fb, tb, cb), (fa, ta, ca))
+        for f, ts, cs in order:
+            t, c = time.perf_counter(), time.process_time()
             f(i)
             ts.append((time.perf_counter() - t) * 1000)
-    ta, tb = ta[1:], tb[1:]  # first pair: warm-up
+            cs.append((time.process_time() - c) * 1000)
+    ta, tb, ca, cb = ta[1:], tb[1:], ca[1:], cb[1:]  # first pair: warm-up
     return {"name": name, "a_min": min(ta), "a_med": statistics.median(ta), "b_min": min(tb),
             "b_med": statistics.median(tb), "ratio_med": statistics.median(ta) / statistics.median(tb),
-            "ratio_min": min(ta) / min(tb)}
+            "ratio_min": min(ta) / min(tb), "a_cpu_med": statistics.median(ca), "b_cpu_med": statistics.median(cb)}
 
 
 def in_process(conn_dir: Path, gal_dir: Path, spec: str, pairs: int) -> tuple[list[dict], dict]:
@@ -288,10 +291,13 @@ def main() -> None:
     ab_rows, agree = in_process(conn_dir, gal_dir, spec, args.pairs)
     print(f"\nin process (one caller, distinct captions, {args.pairs} A/B pairs each, load average "
           f"{os.getloadavg()[0]:.1f}):")
-    print(f"{'comparison':<78}{'A min':>8}{'A med':>8}{'B min':>8}{'B med':>8}{'A/B med':>9}{'A/B min':>9}")
+    print(f"{'comparison (wall ms; CPU ms = process CPU time, median)':<78}{'A min':>8}{'A med':>8}{'B min':>8}"
+          f"{'B med':>8}{'A/B med':>9}{'A/B min':>9}{'A CPU':>8}{'B CPU':>8}")
     for r in ab_rows:
         print(f"{r['name']:<78}{r['a_min']:>8.1f}{r['a_med']:>8.1f}{r['b_min']:>8.1f}{r['b_med']:>8.1f}"
-              f"{r['ratio_med']:>9.2f}{r['ratio_min']:>9.2f}")
+              f"{r['ratio_med']:>9.2f}{r['ratio_min']:>9.2f}{r['a_cpu_med']:>8.1f}{r['b_cpu_med']:>8.1f}")
+    print("(a 1-thread variant's CPU ms is about its wall time on an idle machine; 2 threads add both "
+          "threads' time, spin-waits included)")
     print(f"int8 vs float32 text embeddings over {agree['captions']} captions: cos min {agree['cos_min']:.4f}, "
           f"mean {agree['cos_mean']:.4f}; top-10 hits shared: mean {agree['top10_overlap_mean']:.2f}, "
           f"min {agree['top10_overlap_min']:.2f} (random-init weights)", flush=True)
@@ -308,6 +314,9 @@ def main() -> None:
             print(f"server {n} up in {time.perf_counter() - t:.1f} s (pid {proc.pid}, RSS {rss_mb(proc.pid):.0f} MB)",
                   flush=True)
         gallery = gal_dir.name
+        for proc, url in servers.values():  # warm-up, not counted: first forwards, index pages, threads
+            phase(url, lambda c, i, k: c.post("/api/search", json={"text": caption(next(ctr)), "gallery": gallery,
+                                                                   "k": 10}), args.clients, 2.0, proc.pid)
         for r in range(args.rounds):
             for n in names[r % len(names):] + names[:r % len(names)]:
                 proc, url = servers[n]

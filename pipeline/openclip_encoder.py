@@ -322,7 +322,7 @@ class Int8TextTower:
         with warnings.catch_warnings():  # torch 2.10+ points eager quantisation users to torchao
             warnings.simplefilter("ignore")
             self.transformer = torch.ao.quantization.quantize_dynamic(transformer.eval(), {nn.Linear},
-                                                                      dtype=torch.qint8)
+                                                                      dtype=torch.qint8, inplace=True)
         for name in ("token_embedding", "positional_embedding", "ln_final", "text_projection", "attn_mask",
                      "text_pool_type"):
             setattr(self, name, getattr(model, name))
