@@ -37,7 +37,7 @@ def serve(
                                     help="LRU cache of text query embeddings (entries; 0: off)."),
     shortlist: bool = typer.Option(True, "--shortlist/--no-shortlist",
                                    help="Exact search of large flat galleries through a certified float16 "
-                                        "shortlist (same hits, ~2x faster)."),
+                                        "shortlist (same hits, half the bytes scanned)."),
 ) -> None:
     """Serve cross-modal search over HTTP: a JSON API (OpenAPI at /docs) and a web page at /.
 
@@ -51,6 +51,8 @@ def serve(
     from cmcr.server import serve as run
     from cmcr.service import SearchService
 
+    if quantize_text not in (None, "int8"):
+        raise InputDataError(f"--quantize-text {quantize_text!r}: the only quantised text path is int8")
     roots = {}
     for item in media_root:
         name, sep, folder = item.partition("=")

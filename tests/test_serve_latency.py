@@ -177,3 +177,10 @@ def test_exact_shortlist_equals_brute_force():
     rows, _ = sl2.search(x[0], 5)
     assert rows == [int(i) for i in np.lexsort((np.arange(30000), -(flat @ x[0])))[:5]]
     assert sl2.full_scans == 1 and sl.full_scans == 0
+
+
+def test_serve_refuses_an_unknown_quantisation_before_loading_anything(capsys, tmp_path):
+    from cmcr.cli import main
+
+    assert main(["serve", "-c", str(tmp_path / "none"), "-g", str(tmp_path / "none"), "--quantize-text", "int4"]) != 0
+    assert "the only quantised text path is int8" in capsys.readouterr().err
