@@ -129,8 +129,8 @@ class Gallery:
         """Top-``k`` rows for one query row ``q`` (``(D,)`` float32 unit vector) as hit dicts."""
         k = max(1, min(int(k), self.store.num_rows))
         q2 = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
-        if self.shortlist is not None:
-            rows, scores = self.shortlist.search(q2[0], k)
+        if self.shortlist is not None:  # a cosine gallery: unit query, as the index would make it
+            rows, scores = self.shortlist.search(q2[0] / max(float(np.linalg.norm(q2[0])), 1e-12), k)
         elif self.index is not None:
             sc, rw = self.index.search_arrays(q2, k=k)
             keep = rw[0] >= 0
@@ -167,7 +167,7 @@ class Gallery:
 
 class ExactShortlist:
     """Exact top-k inner-product search, certified, over a float16 copy of the rows (half the bytes of
-    a flat float32 scan, so ~2x faster on a memory-bound CPU).
+    a flat float32 scan; measured 1.7-1.9x faster at 100k x 512).
 
     A query is scored against the float16 rows (FAISS ``SQfp16``); the best ``C`` candidates are
     re-scored with the float32 rows, and the answer is returned only when it is **provably** the exact
@@ -239,7 +239,7 @@ def open_gallery(store: Any, name: str | None = None, media_roots: Sequence[str 
         name: gallery name (default: the store folder name).
         media_roots: folders of the rows' media (default: recorded in the store, see :func:`media_roots_of`).
         shortlist: search an exact (flat or index-less) cosine gallery of ≥ :data:`SHORTLIST_MIN_ROWS`
-            rows through a certified float16 :class:`ExactShortlist` (same results, ~2x faster).
+            rows through a certified float16 :class:`ExactShortlist` (same results, ~1.7x faster).
     """
     index = None
     try:
