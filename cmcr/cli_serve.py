@@ -26,6 +26,18 @@ def serve(
     max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", min=0.1,
                                             help="Longest accepted audio upload (s)."),
     device: str = typer.Option("cpu", "--device", help="Device of the query encoders (cpu, cuda, auto)."),
+    threads: int = typer.Option(1, "--threads", min=1,
+                                help="torch/FAISS threads per query (1: concurrent queries use separate cores)."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1,
+                                  help="Text queries waiting for the encoder are embedded together, up to this many."),
+    quantize_text: str | None = typer.Option(None, "--quantize-text",
+                                             help="int8: text queries through an int8 text tower (faster, "
+                                                  "approximate; opt-in). Default: float32."),
+    query_cache: int = typer.Option(1024, "--query-cache", min=0,
+                                    help="LRU cache of text query embeddings (entries; 0: off)."),
+    shortlist: bool = typer.Option(True, "--shortlist/--no-shortlist",
+                                   help="Exact search of large flat galleries through a certified float16 "
+                                        "shortlist (same hits, half the bytes scanned)."),
 ) -> None:
     """Serve cross-modal search over HTTP: a JSON API (OpenAPI at /docs) and a web page at /.
 
@@ -39,6 +51,8 @@ def serve(
     from cmcr.server import serve as run
     from cmcr.service import SearchService
 
+    if quantize_text not in (None, "int8"):
+        raise InputDataError(f"--quantize-text {quantize_text!r}: the only quantised text path is int8")
     roots = {}
     for item in media_root:
         name, sep, folder = item.partition("=")
@@ -46,11 +60,16 @@ def serve(
             raise InputDataError(f"--media-root {item!r}: use GALLERY=FOLDER (gallery name as in GET /api/galleries)")
         roots[name] = folder
     service = SearchService(connector, [str(g) for g in gallery], encoders=encoder, clap_tokenizer=clap_tokenizer,
-                            media_roots=roots, device=device)
+                            media_roots=roots, device=device, threads=threads, max_batch=max_batch,
+                            quantize_text=quantize_text, cache_size=query_cache,
+                            shortlist=shortlist)
     console = Console(stderr=True)
     for g in service.describe()["galleries"]:
         console.print(f"gallery {g['name']}: {g['rows']} {g['modality']} rows (side {g['side']}, {g['mcr']})"
                       f"{'' if g['media'] else ', no media root'}", highlight=False)
+    if quantize_text:
+        console.print(f"text queries: {quantize_text} text tower (approximate embeddings; stores are never "
+                      f"written by this service)", highlight=False)
     if service.random_weights():
         console.print("note: random-init encoder weights behind this service: results are not meaningful",
                       style="bold red", highlight=False)

@@ -12,6 +12,7 @@ cosine with the gallery rows (also projected), i.e. nearest neighbours by inner 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -76,6 +77,7 @@ class Gallery:
     index: Any
     side: str
     media_roots: list[Path] = field(default_factory=list)
+    shortlist: ExactShortlist | None = None
     _emb: np.ndarray | None = None
     _table: Any = None  # keys + metadata (pyarrow), read once; rows are taken from it per hit
 
@@ -102,6 +104,16 @@ class Gallery:
         picked = self.table().take(list(rows)).to_pylist()
         return [{"key": r.pop("key"), "metadata": r} for r in picked]
 
+    def exact_rows(self) -> np.ndarray:
+        """The ``(N, D)`` float32 rows exact search compares with: the flat index's own vectors (no copy;
+        memory-mapped) when the index is flat, else the store rows held in memory."""
+        if self.index is not None and self.index.kind == "flat":
+            import faiss
+
+            ix = self.index.index
+            return faiss.rev_swig_ptr(ix.get_xb(), ix.ntotal * ix.d).reshape(ix.ntotal, ix.d)
+        return self.embeddings()
+
     def embeddings(self) -> np.ndarray:
         if self._emb is None:
             self._emb = np.ascontiguousarray(self.store.embeddings(np.float32))
@@ -117,7 +129,9 @@ class Gallery:
         """Top-``k`` rows for one query row ``q`` (``(D,)`` float32 unit vector) as hit dicts."""
         k = max(1, min(int(k), self.store.num_rows))
         q2 = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
-        if self.index is not None:
+        if self.shortlist is not None:  # a cosine gallery: unit query, as the index would make it
+            rows, scores = self.shortlist.search(q2[0] / max(float(np.linalg.norm(q2[0])), 1e-12), k)
+        elif self.index is not None:
             sc, rw = self.index.search_arrays(q2, k=k)
             keep = rw[0] >= 0
             rows = [int(r) for r in rw[0][keep]]
@@ -151,8 +165,72 @@ class Gallery:
         return None
 
 
-def open_gallery(store: Any, name: str | None = None, media_roots: Sequence[str | os.PathLike] | None = None
-                 ) -> Gallery:
+class ExactShortlist:
+    """Exact top-k inner-product search, certified, over a float16 copy of the rows (half the bytes of
+    a flat float32 scan; measured 1.7-1.9x faster at 100k x 512).
+
+    A query is scored against the float16 rows (FAISS ``SQfp16``); the best ``C`` candidates are
+    re-scored with the float32 rows, and the answer is returned only when it is **provably** the exact
+    top-k: for unit ``q`` and rows of norm ≤ ``r``, rounding a row to float16 moves its score by at most
+    ``eps = 2^-10 · r · |q| + 1e-4`` (float16 relative error 2^-11, taken twice for safety, plus float32
+    accumulation), so a row outside the candidates scores at most ``s̃_C + eps``; when that is below
+    the k-th exact candidate score, no outside row can enter the top k. Otherwise ``C`` grows (x4) and
+    the check repeats, ending with a full float32 scan. Results equal exact search (up to ties).
+
+    Args:
+        rows: ``(N, D)`` float32 rows (e.g. a flat index's vectors); kept by reference, not copied.
+        chunk: rows added to the float16 index per step (bounds the temporary memory).
+    """
+
+    MIN_CANDIDATES = 64
+
+    def __init__(self, rows: np.ndarray, chunk: int = 65536):
+        import faiss
+
+        self.rows = rows
+        n, d = rows.shape
+        self.index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        r = 0.0
+        for start in range(0, n, chunk):
+            part = np.ascontiguousarray(rows[start:start + chunk], dtype=np.float32)
+            r = max(r, float(np.sqrt((part * part).sum(axis=1).max())))
+            self.index.add(part)
+        self.max_norm = r
+        self.full_scans = 0  # searches that ended in a float32 scan (the bound never certified)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+        """Exact top-``k`` of ``rows @ q``: ``(rows, scores)`` best first, ties by lower row number.
+
+        Args:
+            q: ``(D,)`` float32 query.
+            k: 1 ≤ k ≤ N.
+        """
+        n = self.index.ntotal
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        eps = 2.0 ** -10 * self.max_norm * float(np.linalg.norm(q)) + 1e-4
+        c = max(self.MIN_CANDIDATES, 4 * k)
+        while c < n // 4:
+            approx, cand = self.index.search(q[None], c)
+            cand = cand[0][cand[0] >= 0]
+            exact = self.rows[cand] @ q
+            order = np.lexsort((cand, -exact))[:k]
+            if approx[0][-1] + eps < exact[order[-1]]:
+                return [int(i) for i in cand[order]], [float(x) for x in exact[order]]
+            c *= 4
+        self.full_scans += 1
+        exact = self.rows @ q
+        kth = exact[np.argpartition(-exact, k - 1)[k - 1]]
+        top = np.flatnonzero(exact >= kth)  # every row tied with the k-th too: ties go to the lower row
+        top = top[np.lexsort((top, -exact[top]))][:k]
+        return [int(i) for i in top], [float(exact[i]) for i in top]
+
+
+#: Galleries of at least this many rows searched exactly get an :class:`ExactShortlist`
+SHORTLIST_MIN_ROWS = 20_000
+
+
+def open_gallery(store: Any, name: str | None = None, media_roots: Sequence[str | os.PathLike] | None = None,
+                 *, shortlist: bool = True) -> Gallery:
     """A :class:`Gallery` over a projected store, with its FAISS index when it has a current one
     (else exact search over the rows held in memory).
 
@@ -160,6 +238,8 @@ def open_gallery(store: Any, name: str | None = None, media_roots: Sequence[str 
         store: an opened projected :class:`~cmcr.stores.store.Store`.
         name: gallery name (default: the store folder name).
         media_roots: folders of the rows' media (default: recorded in the store, see :func:`media_roots_of`).
+        shortlist: search an exact (flat or index-less) cosine gallery of ≥ :data:`SHORTLIST_MIN_ROWS`
+            rows through a certified float16 :class:`ExactShortlist` (same results, ~1.7x faster).
     """
     index = None
     try:
@@ -169,8 +249,12 @@ def open_gallery(store: Any, name: str | None = None, media_roots: Sequence[str 
     except (ImportError, CmcrError) as e:
         log.info("gallery %s: no usable index (%s); exact search", store.path, e)
     roots = [Path(r) for r in media_roots] if media_roots else media_roots_of(store)
-    return Gallery(name=name or _safe_name(Path(store.path).name), store=store, index=index,
-                   side=str(store.encoder.get("side", "")), media_roots=roots)
+    g = Gallery(name=name or _safe_name(Path(store.path).name), store=store, index=index,
+                side=str(store.encoder.get("side", "")), media_roots=roots)
+    exact = index is None or index.kind == "flat"
+    if shortlist and exact and store.metric == "cosine" and store.num_rows >= SHORTLIST_MIN_ROWS:
+        g.shortlist = ExactShortlist(g.exact_rows())
+    return g
 
 
 def media_roots_of(store: Any) -> list[Path]:
@@ -196,6 +280,118 @@ def media_roots_of(store: Any) -> list[Path]:
     return []
 
 
+class MicroBatcher:
+    """Run ``fn(items) -> results`` for concurrent callers, at most ``slots`` calls at a time, each on
+    up to ``max_batch`` items gathered from the callers waiting (one forward pass reads the model
+    weights once for the whole batch).
+
+    No thread of its own: a caller that finds a free slot takes the oldest waiting items (its own
+    among them or not), runs ``fn`` and hands every caller its result; the others wait. With
+    ``slots`` callers or fewer, nobody waits and nothing is batched. When ``fn`` raises on a batch,
+    each item is retried alone so that one bad item fails only its own caller.
+
+    Args:
+        fn: ``Sequence[item] -> Sequence[result]`` (same length and order).
+        slots: calls of ``fn`` allowed at once (>= 1).
+        max_batch: most items per call (>= 1; 1 = no batching).
+    """
+
+    def __init__(self, fn: Any, slots: int = 1, max_batch: int = 16):
+        if slots < 1 or max_batch < 1:
+            raise ValueError(f"slots and max_batch must be >= 1, got {slots}, {max_batch}")
+        self.fn, self.slots, self.max_batch = fn, slots, max_batch
+        self._cv = threading.Condition()
+        self._waiting: list[list[Any]] = []  # [item, done, result, error]
+        self._free = slots
+        self.calls = 0
+        self.batched_items = 0  # items that shared a call with others
+
+    def __call__(self, item: Any) -> Any:
+        job = [item, False, None, None]
+        with self._cv:
+            self._waiting.append(job)
+        while True:
+            with self._cv:
+                while not job[1] and not (self._free and self._waiting):
+                    self._cv.wait()
+                if job[1]:
+                    if job[3] is not None:
+                        raise job[3]
+                    return job[2]
+                batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
+                self._free -= 1
+                self.calls += 1
+                self.batched_items += len(batch) if len(batch) > 1 else 0
+            try:
+                self._run(batch)
+            finally:
+                with self._cv:
+                    self._free += 1
+                    self._cv.notify_all()
+
+    def _run(self, batch: list[list[Any]]) -> None:
+        try:
+            results = self.fn([j[0] for j in batch])
+            for j, r in zip(batch, results, strict=True):
+                j[2] = r
+        except Exception as e:  # noqa: BLE001 - retried alone below, each caller gets its own outcome
+            if len(batch) == 1:
+                batch[0][3] = e
+            else:
+                for j in batch:
+                    try:
+                        j[2] = self.fn([j[0]])[0]
+                    except Exception as e1:  # noqa: BLE001 - handed to that caller
+                        j[3] = e1
+        with self._cv:
+            for j in batch:
+                j[1] = True
+
+
+class QueryCache:
+    """LRU cache of query embeddings, keyed by ``(encoder identity, text quantisation, connector, side,
+    modality, text)``: an entry is found only for the same model, the same numeric path and the same
+    connected space. Thread-safe. ``size=0`` disables it."""
+
+    def __init__(self, size: int = 1024):
+        from collections import OrderedDict
+
+        self.size = max(0, int(size))
+        self._d: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(encoder: Any, connector_fingerprint: str, side: str, modality: str, text: str) -> tuple:
+        import json
+
+        return (json.dumps(encoder.identity(), sort_keys=True, default=str), encoder.text_quantization,
+                connector_fingerprint, side, modality, text)
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        if not self.size:
+            return None
+        with self._lock:
+            v = self._d.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return v
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if not self.size:
+            return
+        v = np.array(value, dtype=np.float32)
+        v.flags.writeable = False
+        with self._lock:
+            self._d[key] = v
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
 class SearchService:
     """A connector, its galleries and query encoders, loaded once.
 
@@ -207,6 +403,17 @@ class SearchService:
         clap_tokenizer: folder with the ``roberta-base`` tokenizer files (CLAP text queries).
         media_roots: ``{gallery name: folder}`` overriding the roots recorded in the stores.
         device: torch device of the encoders.
+        threads: torch and FAISS threads per forward pass / search (process-wide; ``None``: leave as is).
+            1 (the ``cmcr serve`` default) lets concurrent queries run on separate cores instead of
+            every op waiting for all cores, which a shared or busy machine makes very slow.
+        slots: encoder forward passes at once (default: CPUs // threads, at least 1).
+        max_batch: text queries waiting for a slot are embedded together, up to this many per forward
+            pass (1: never batch). Queries of an int8 text tower are never batched (its activation scale
+            is per call, so a batch would change each query's embedding).
+        quantize_text: ``"int8"``: text queries go through an int8 copy of the text tower (opt-in,
+            approximate; see :meth:`cmcr.pipeline.openclip_encoder.OpenClipEncoder.quantize_text`).
+        cache_size: LRU cache of text query embeddings (entries; 0: off), see :class:`QueryCache`.
+        shortlist: certified float16 exact search of large flat galleries (:class:`ExactShortlist`).
 
     Raises:
         ConnectorError: a gallery was not projected by this connector (wrong space), or an encoder is
@@ -216,9 +423,14 @@ class SearchService:
 
     def __init__(self, connector: str | os.PathLike, galleries: Sequence[str | os.PathLike], *,
                  encoders: Sequence[str] = (), clap_tokenizer: str | None = None,
-                 media_roots: Mapping[str, str | os.PathLike] | None = None, device: str = "cpu"):
+                 media_roots: Mapping[str, str | os.PathLike] | None = None, device: str = "cpu",
+                 threads: int | None = None, slots: int | None = None, max_batch: int = 16,
+                 quantize_text: str | None = None, cache_size: int = 1024, shortlist: bool = True):
         from cmcr.stores.store import Store
         from cmcr.trainer.connector import Connector, is_projected
+
+        if threads is not None:
+            set_threads(threads)
 
         if not galleries:
             raise InputDataError("give at least one --gallery (a store projected by the connector)")
@@ -234,11 +446,18 @@ class SearchService:
                     f"it holds {holds}; run `cmcr project {connector} <store> {g}` first")
             name = _unique(_safe_name(Path(g).name), self.galleries)
             roots = [media_roots[name]] if media_roots and name in media_roots else None
-            gal = self.galleries[name] = open_gallery(store, name, roots)
+            gal = self.galleries[name] = open_gallery(store, name, roots, shortlist=shortlist)
             if gal.index is None:
                 gal.embeddings()  # exact search: hold the rows once
-        self._lock = threading.Lock()
+        if slots is None:
+            import torch
+
+            slots = max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+        self.slots, self.max_batch = int(slots), int(max_batch)
+        self.cache = QueryCache(cache_size)
+        self._forward = threading.BoundedSemaphore(self.slots)  # media forwards share the slots budget
         self.encoders: list[tuple[Any, dict[str, str]]] = []
+        self._text_batchers: dict[int, MicroBatcher] = {}
         for spec in encoders:
             from cmcr.pipeline.encoders import load_encoder
 
@@ -252,7 +471,13 @@ class SearchService:
             if not sides:
                 raise ConnectorError(f"encoder {spec} is not the encoder of either side of {connector}: "
                                      f"{self.connector.sides['A'].mcr} / {self.connector.sides['B'].mcr}")
+            if quantize_text and "text" in sides:
+                enc.quantize_text(quantize_text)
             self.encoders.append((enc, sides))
+            if "text" in sides:
+                self._text_batchers[id(enc)] = MicroBatcher(
+                    functools.partial(enc.encode, "text"), slots=self.slots,
+                    max_batch=1 if enc.text_quantization else self.max_batch)
 
     # ------------------------------------------------------------------------------- facts
     def random_weights(self) -> list[dict[str, Any]]:
@@ -278,7 +503,11 @@ class SearchService:
                           for g in self.galleries.values()],
             "query_modalities": self.query_modalities(),
             "localize": self.localizer() is not None,
-            "encoders": [{"identity": enc.identity(), "sides": sides} for enc, sides in self.encoders],
+            "encoders": [{"identity": enc.identity(), "sides": sides, "text_quantization": enc.text_quantization}
+                         for enc, sides in self.encoders],
+            "serving": {"threads": _threads(), "slots": self.slots, "max_batch": self.max_batch,
+                        "query_cache": self.cache.size,
+                        "shortlist": [g.name for g in self.galleries.values() if g.shortlist is not None]},
             "random_weights": bool(self.random_weights()),
         }
 
@@ -312,10 +541,17 @@ class SearchService:
         if not text or not text.strip():
             raise InputDataError("the text query is empty")
         enc, s = self._encoder_for("text", side)
-        with self._lock:
-            raw = enc.encode("text", [text])
-        q = self.connector.project(s, raw, identity=enc.identity(), modality="text")[0]
-        return q, {"text": text, "modality": "text", "side": s}
+        info: dict[str, Any] = {"text": text, "modality": "text", "side": s}
+        if enc.text_quantization:
+            info["text_quantization"] = enc.text_quantization
+        key = QueryCache.key(enc, self.connector.fingerprint, s, "text", text)
+        q = self.cache.get(key)
+        if q is not None:
+            return q, {**info, "cached": True}
+        raw = self._text_batchers[id(enc)](text)
+        q = self.connector.project(s, raw[None], identity=enc.identity(), modality="text")[0]
+        self.cache.put(key, q)
+        return q, info
 
     def embed_media(self, data: bytes, filename: str, *, side: str | None = None) -> tuple[np.ndarray, dict]:
         """Uploaded media bytes (image, audio, point cloud) -> ``(D,)`` float32 unit row.
@@ -330,7 +566,7 @@ class SearchService:
             tmp.write(data)
             tmp.flush()
             try:
-                with self._lock:
+                with self._forward:
                     raw = enc.encode(modality, [tmp.name])
             except CmcrError as e:
                 raise InputDataError(f"{filename}: {e}") from e
@@ -391,10 +627,27 @@ class SearchService:
         q, info = self.embed_media(data, filename, side="B" if loc.image_side == "A" else "A")
         if info["side"] == loc.image_side:
             raise InputDataError(f"{filename}: a query of the image side; localise a sound (the other side's media)")
-        with self._lock:
+        with self._forward:  # an image forward: shares the encoder slots with media queries
             m = loc.localize(path, q)
             png = overlay_png(path, m.heatmap, title=f"{filename} in {key}", random_weights=bool(self.random_weights()))
         return png, {**m.summary(), "query": info, "key": key, "gallery": gallery}
+
+
+def set_threads(n: int) -> None:
+    """Threads of one torch forward pass and one FAISS search (process-wide), ``n >= 1``."""
+    import faiss
+    import torch
+
+    if n < 1:
+        raise InputDataError(f"threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _safe_name(name: str) -> str:

@@ -39,7 +39,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from cmcr.errors import ConfigError, InputDataError, StoreMismatchError, StoreValidationError
+from cmcr.errors import ConfigError, EncoderError, InputDataError, StoreMismatchError, StoreValidationError
 from cmcr.pipeline.audio import SampleError
 from cmcr.pipeline.corpora import WDS_NAME, iter_tar_samples
 from cmcr.pipeline.encoders import Encoder, collate_items
@@ -580,6 +580,10 @@ def open_store(store_path: str | os.PathLike, encoder: Encoder, modality: str, *
         OutputLockedError: another process starts this store over, or (``overwrite``) encodes into it.
     """
     encoder.check_modality(modality)
+    if encoder.text_quantization is not None:
+        raise EncoderError(f"{store_path}: this encoder embeds text with a {encoder.text_quantization} text tower "
+                           f"(cmcr serve --quantize-text), for queries only; store rows are computed by the "
+                           f"unquantised model. Load the encoder without quantisation to write a store")
     overwrite = overwrite or start_over
     precision = getattr(encoder, "precision", "fp32")
 

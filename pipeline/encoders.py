@@ -131,6 +131,8 @@ class Encoder:
     family: str = ""
     modalities: tuple[str, ...] = ()
     dim: int = 0
+    #: ``None``, or ``"int8"`` after :meth:`quantize_text`: text rows are then approximate, for queries only
+    text_quantization: str | None = None
 
     def __init__(self, device: str = "cpu", precision: str = "fp32"):
         if precision not in PRECISIONS:
@@ -168,6 +170,15 @@ class Encoder:
                 f"encoder {self.identity().get('architecture')} ({self.family}) embeds {self.modalities}, "
                 f"not {modality!r}; pick another --modality or encoder"
             )
+
+    def quantize_text(self, mode: str = "int8") -> None:
+        """Embed text queries with a quantised text tower (serving only; see the open_clip adapter).
+
+        Raises:
+            EncoderError: this encoder has no quantised text path.
+        """
+        raise EncoderError(f"{self.family} encoders have no quantised text path (only open_clip CLIP-style "
+                           f"text towers do); serve without text quantisation")
 
     # -- CPU side ---------------------------------------------------------------------------
     def preprocessor(self, modality: str) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
