@@ -10,7 +10,8 @@ of exact completion streaming a memory store larger than the RAM budget, and con
 ``train_connector`` on four stores (D = 512, float16) and prints its completion time, epoch time
 and peak anonymous RSS (sampled every 5 ms); a second fresh subprocess runs **a plain in-memory
 PyTorch loop** on the same stores (every store loaded into RAM as float32, completion as a dense
-``softmax(q Mᵀ / τ) M`` per block of 1024 queries, same projectors, loss and batches), and the
+``softmax(q Mᵀ / τ) M`` per block of 1024 queries (fewer for a big memory: logits ≤ 256 MiB),
+same projectors, loss and batches), and the
 ratios cmcr / plain are printed. The grid (``--captions``, ``--memory``: comma lists) shows how
 time and RSS grow with N and with M.
 """
@@ -213,11 +214,13 @@ def _scale_child(spec: dict) -> dict:
         tc = time.perf_counter()
         with torch.no_grad():
             p = []
+            # queries per block: 1024, fewer for a big memory (block x memory logits <= 256 MiB)
+            blk = int(max(16, min(1024, (256 << 20) // (4 * max(len(m_a), len(m_b))))))
             for s, m in ((s_a, m_a), (s_b, m_b)):
                 out = torch.empty((len(s), m.shape[1]))
-                for i in range(0, len(s), 1024):
-                    q = torch.from_numpy(s[i:i + 1024])
-                    out[i:i + 1024] = torch.nn.functional.normalize(torch.softmax(q @ m.T / 0.01, dim=1) @ m, dim=1)
+                for i in range(0, len(s), blk):
+                    q = torch.from_numpy(s[i:i + blk])
+                    out[i:i + blk] = torch.nn.functional.normalize(torch.softmax(q @ m.T / 0.01, dim=1) @ m, dim=1)
                 p.append(out)
         comp = time.perf_counter() - tc
         cfg = TrainConfig(batch_size=batch)

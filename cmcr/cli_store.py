@@ -242,7 +242,8 @@ def index_cmd(
     target_recall: float = typer.Option(0.95, "--target-recall", help="recall@10 that nprobe/efSearch tuning aims at."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training and query samples."),
     plan_only: bool = typer.Option(False, "--plan",
-                                   help="Print the plan (once built: the decision and its reasons); build nothing."),
+                                   help="Print the plan (big stores: the sample probe's verdict; once built: "
+                                        "the decision and its reasons); save nothing."),
     keep_below_target: bool = typer.Option(False, "--keep-below-target",
                                            help="Keep (and serve) a forced --kind index below the target recall."),
     overwrite: bool = typer.Option(False, "--overwrite",
@@ -258,6 +259,8 @@ def index_cmd(
     With --kind auto it is kept only if it reaches the target and is not slower than exact search;
     otherwise the store gets an exact (flat) index. Parameters, recall, speeds and the reasons are saved
     in <store>/index/index.json; --plan prints the plan and, once built, the decision and its reasons.
+    Stores of 200,000+ rows first probe the planned index on a 65,536-row sample: when even that says it
+    cannot beat exact search, the build goes straight to the exact index (--plan runs the probe too).
 
     Example: cmcr store index stores/ulip2-3d --memory-budget 4GiB
     """
@@ -280,7 +283,14 @@ def index_cmd(
             return
         console.print(f"plan: {plan['kind']} [bold]{plan['factory']}[/] {plan['params']}, "
                       f"~{_human_bytes(plan['estimated_memory_bytes'])}: {plan['reason']}", highlight=False)
+        probe = None
         if kind == "auto" and plan["kind"] != "flat":
+            from cmcr.stores import index as index_mod
+
+            if store.num_rows >= index_mod.PROBE_MIN_ROWS:  # the same probe the build runs first (seconds)
+                probe = index_mod.probe_plan(store, plan, target_recall=target_recall, seed=seed,
+                                             probe_queries=min(sample_queries, index_mod.PROBE_QUERIES))
+                console.print(f"probe: {probe['reason']}", highlight=False)
             console.print(f"the build measures recall@10 on {sample_queries} store rows and times it against exact "
                           f"search (batch and single queries); it is kept only if recall@10 >= {target_recall} "
                           "and it is not slower than exact search, else the store gets an exact (flat) index",

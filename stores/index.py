@@ -96,6 +96,14 @@ FLAT_TIMING_ROWS = 65536
 #: Queries answered one by one when timing single-query search; A/B repeats of the speed check.
 SPEED_SINGLE_QUERIES = 50
 SPEED_REPEATS = 3
+#: Auto builds of stores with at least this many rows first probe the planned kind on a sample
+#: (:func:`probe_plan`) and go straight to exact search when it cannot beat it.
+PROBE_MIN_ROWS = 200_000
+#: Rows of the probe sample, and (at most) sample rows used as its queries: as many as the build's
+#: batch check, since flat search's BLAS product gains most from large batches (measured on 65,536
+#: uniform rows: IVF scanning every list ran 1.5x flat's speed for 200 queries, 0.28x for 1000).
+PROBE_ROWS = 65536
+PROBE_QUERIES = 1000
 
 
 @dataclass(frozen=True)
@@ -410,6 +418,130 @@ def _index_provenance(fingerprint: str, settings: dict[str, Any]) -> dict[str, A
     return {"store_fingerprint": fingerprint, "build_settings": settings}
 
 
+def _scan_speedup_model(kind: str, rows: int, nlist: int, fraction: float) -> float:
+    """Modelled speed-up over flat search of an index scanning ``fraction`` of ``rows``: IVF
+    compares a query with ``nlist`` centroids, then with ``fraction·rows`` listed rows; HNSW
+    visits ~``fraction``-proportional nodes per level of a ``log(rows)``-deep graph."""
+    if kind == "ivf":
+        return rows / max(nlist + fraction * rows, 1.0)
+    return rows / max(fraction * math.log2(max(rows, 2)), 1e-9)
+
+
+def probe_plan(
+    store: Store,
+    plan: dict[str, Any],
+    *,
+    target_recall: float = DEFAULT_TARGET_RECALL,
+    seed: int = 0,
+    batch_rows: int = 65536,
+    probe_rows: int | None = None,
+    probe_queries: int | None = None,
+) -> dict[str, Any]:
+    """Try the planned approximate index on a random sample of the store and predict whether, built
+    over every row, it can beat exact search at the target recall — before paying for the full build.
+
+    Steps: draw ``probe_rows`` rows (``seed``), build the same kind on them (IVF: the planner's
+    ``nlist`` for the sample size, same code; HNSW: same factory), compute the exact top-11 of
+    ``probe_queries`` sample rows over the sample, then walk the planned knob's grid (``nprobe`` /
+    ``efSearch``) measuring leave-one-out recall@10 and the batch time against exact search over
+    the sample, side by side. Each step's speed-up is extrapolated to the full store by a scan
+    model (:func:`_scan_speedup_model`: IVF costs ``nlist + fraction·N`` row comparisons per query,
+    flat ``N``), which favours the index at scale; the walk stops at the first setting reaching
+    the target, or as soon as even the extrapolated speed-up is below 1 (a larger setting only
+    scans more). The recall a fraction of lists reaches does not rise with N on hard (uniform)
+    data, so a probe that cannot win predicts a full index that cannot win either.
+
+    Args:
+        store: the store; plan: a non-flat plan from :func:`plan_index`.
+        target_recall, seed, batch_rows: as in :func:`build_index`.
+        probe_rows, probe_queries: sample size and queries drawn from it (default
+            :data:`PROBE_ROWS`, :data:`PROBE_QUERIES`).
+
+    Returns:
+        ``{"rows", "queries", "factory", "knob", "steps": [{knob, recall_at_10, probe_speedup,
+        predicted_speedup}], "reached", "predicted_speedup", "beats_flat": bool, "seconds", "reason"}``
+        (``predicted_speedup`` at the chosen step; ``beats_flat`` false means the full build
+        should go straight to exact search).
+
+    Raises:
+        ValueError: ``plan`` is flat.
+    """
+    if plan["kind"] == "flat":
+        raise ValueError("probe_plan needs an approximate (hnsw / ivf) plan")
+    t0 = time.perf_counter()
+    n, dim = store.num_rows, store.dim
+    rng = np.random.default_rng(seed + 7919)
+    m = int(min(PROBE_ROWS if probe_rows is None else probe_rows, n))
+    rows = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
+    x = _gather_rows(store, rows, batch_rows)
+    if store.metric == "cosine":
+        x = _prepare_queries(x, dim, normalize=True)
+    nq = int(min(PROBE_QUERIES if probe_queries is None else probe_queries, m))
+    qpos = np.sort(rng.choice(m, size=nq, replace=False))
+    queries = np.ascontiguousarray(x[qpos])
+    if plan["kind"] == "ivf":
+        sub = plan_index(m, dim, plan.get("memory_budget_bytes", DEFAULT_MEMORY_BUDGET), kind="ivf")
+        nlist = int(sub["params"]["nlist"])
+        factory = f"IVF{nlist}," + plan["factory"].split(",", 1)[1]
+        sub = {**sub, "factory": factory, "params": {**sub["params"], "nlist": nlist}}
+        knob, grid = "nprobe", [v for v in _NPROBE_GRID if v <= nlist] + ([nlist] if nlist not in _NPROBE_GRID else [])
+        full_nlist = int(plan["params"].get("nlist", nlist))
+    else:
+        sub, nlist, full_nlist = plan, 0, 0
+        knob, grid = "efSearch", list(_EF_GRID)
+    index = _new_index(sub, dim, store.metric)
+    if not index.is_trained:
+        nt = int(min(m, max(IVF_TRAIN_PER_LIST * nlist, 10_000)))
+        index.train(x[:nt] if nt < m else x)
+    index.add(x)
+    flat = faiss.IndexFlat(dim, _faiss_metric(store.metric))
+    flat.add(x)
+    k_eval = min(RECALL_K + 1, m)
+    _, exact = flat.search(queries, k_eval)
+    flat_s = min(_timed_search(flat, queries, RECALL_K, single=False) for _ in range(2))
+    steps: list[dict[str, Any]] = []
+    reached, beats, chosen = False, False, None
+    for value in grid:
+        _set_search_param(index, plan["kind"], max(value, k_eval) if knob == "efSearch" else value)
+        _, approx = index.search(queries, k_eval)
+        sec = _timed_search(index, queries, RECALL_K, single=False)
+        r = _leave_one_out_recall(approx, exact, qpos, RECALL_K)
+        sp = flat_s / max(sec, 1e-9)
+        if knob == "nprobe":
+            frac = value / max(nlist, 1)
+            pred = sp * _scan_speedup_model("ivf", n, full_nlist, frac) / _scan_speedup_model("ivf", m, nlist, frac)
+        else:
+            pred = sp * _scan_speedup_model("hnsw", n, 0, 1.0) / _scan_speedup_model("hnsw", m, 0, 1.0)
+        chosen = {knob: int(value), "recall_at_10": round(r, 4), "probe_speedup": round(sp, 3),
+                  "predicted_speedup": round(pred, 3)}
+        steps.append(chosen)
+        if r >= target_recall:
+            reached, beats = True, pred >= 1.0
+            break
+        if pred < 1.0:
+            break
+    assert chosen is not None
+    where = f"probe of {plan['factory']} on {m:,} sampled rows ({sub['factory']}, {nq} queries)"
+    if reached and beats:
+        reason = (f"{where}: recall@10 {chosen['recall_at_10']:.3f} >= {target_recall} at {knob}={chosen[knob]}, "
+                  f"{chosen['probe_speedup']:.1f}x exact search on the sample, ~{chosen['predicted_speedup']:.1f}x "
+                  f"extrapolated to {n:,} rows: building it")
+    elif reached:
+        reason = (f"{where}: recall@10 {chosen['recall_at_10']:.3f} reached at {knob}={chosen[knob]} but only "
+                  f"~{chosen['predicted_speedup']:.2f}x exact search extrapolated to {n:,} rows: cannot beat it")
+    elif chosen["predicted_speedup"] < 1.0:
+        reason = (f"{where}: recall@10 {chosen['recall_at_10']:.3f} < {target_recall} at {knob}={chosen[knob]} while "
+                  f"already ~{chosen['predicted_speedup']:.2f}x exact search extrapolated to {n:,} rows "
+                  f"({chosen['probe_speedup']:.2f}x on the sample); a larger {knob} only scans more: "
+                  "no setting can beat exact search")
+    else:
+        reason = (f"{where}: recall@10 {chosen['recall_at_10']:.3f} < {target_recall} even at the largest "
+                  f"{knob}={chosen[knob]}: no setting reaches the target")
+    return {"rows": m, "queries": nq, "factory": sub["factory"], "knob": knob, "steps": steps,
+            "reached": reached, "predicted_speedup": chosen["predicted_speedup"], "beats_flat": bool(beats),
+            "seconds": round(time.perf_counter() - t0, 3), "reason": reason}
+
+
 def _recorded_index(folder: Path) -> dict[str, Any] | None:
     """The provenance ``index.json`` in ``folder`` records (``None``: no usable index there)."""
     try:
@@ -423,7 +555,7 @@ def _recorded_index(folder: Path) -> dict[str, Any] | None:
 
 #: What :func:`execute_index_plan` returns (names of :func:`build_index`'s locals, in this order).
 _EXECUTED = ("index", "chosen_plan", "params", "recall", "reached", "tuning", "speed", "candidate", "reasons", "q",
-             "qps", "n_train", "train_seconds", "add_seconds", "tune_seconds", "kept_below", "t0")
+             "qps", "n_train", "train_seconds", "add_seconds", "tune_seconds", "kept_below", "t0", "probe")
 
 
 def execute_index_plan(store: Store, plan: dict[str, Any], *, forced: bool, budget: int, sample_queries: int,
@@ -443,6 +575,16 @@ def execute_index_plan(store: Store, plan: dict[str, Any], *, forced: bool, budg
     index = _new_index(plan, dim, store.metric)
     params = dict(plan["params"])
     reasons: list[str] = [f"planned {plan['factory']}: {plan['reason']}"]
+    probe = None
+    if not forced and plan["kind"] != "flat" and n >= PROBE_MIN_ROWS:  # cheap check before the full build
+        probe = probe_plan(store, plan, target_recall=target_recall, seed=seed, batch_rows=batch_rows,
+                           probe_queries=min(sample_queries, PROBE_QUERIES))
+        reasons.append(probe["reason"])
+        log.info("%s: %s", store.path, probe["reason"])
+        if not probe["beats_flat"]:
+            plan = _flat_plan(n, dim, budget, f"the probe predicts no approximate index beats it ({plan['factory']})")
+            index = _new_index(plan, dim, store.metric)
+            params = {}
 
     # -- one read for the training sample and the query rows
     q = int(min(sample_queries, n))
@@ -588,16 +730,19 @@ def execute_index_plan(store: Store, plan: dict[str, Any], *, forced: bool, budg
         params, recall, reached, tuning = {}, 1.0, True, tuning
         speed = {**speed, "index_batch_qps": speed["flat_batch_qps"], "index_single_qps": speed["flat_single_qps"],
                  "batch_speedup": 1.0, "single_speedup": 1.0} if speed else None
+    # an exact index over a big store: 100 queries suffice for its speed (1000 took 517 s of a 1M-row
+    # uniform build at load 20, after the probe had already decided)
+    nq = q if chosen_plan["kind"] != "flat" or n <= FLAT_MAX_ROWS else min(q, 100)
     tq = time.perf_counter()
-    index.search(queries, RECALL_K)
-    qps = q / max(time.perf_counter() - tq, 1e-9)
+    index.search(queries[:nq], RECALL_K)
+    qps = nq / max(time.perf_counter() - tq, 1e-9)
     tune_seconds = time.perf_counter() - t
     kept_below = bool(not reached and keep_below_target)
 
     return {"index": index, "chosen_plan": chosen_plan, "params": params, "recall": recall, "reached": reached,
             "tuning": tuning, "speed": speed, "candidate": candidate, "reasons": reasons, "q": q, "qps": qps,
             "n_train": n_train, "train_seconds": train_seconds, "add_seconds": add_seconds,
-            "tune_seconds": tune_seconds, "kept_below": kept_below, "t0": t0}
+            "tune_seconds": tune_seconds, "kept_below": kept_below, "t0": t0, "probe": probe}
 
 
 def publish_index(store: Store, index: faiss.Index, info: dict[str, Any]) -> dict[str, Any]:
@@ -703,7 +848,7 @@ def build_index(
                                target_recall=target_recall, batch_rows=batch_rows, progress=progress,
                                keep_below_target=keep_below_target)
     (index, chosen_plan, params, recall, reached, tuning, speed, candidate, reasons, q, qps, n_train, train_seconds,
-     add_seconds, tune_seconds, kept_below, t0) = (built[k] for k in _EXECUTED)
+     add_seconds, tune_seconds, kept_below, t0, probe) = (built[k] for k in _EXECUTED)
     fname = f"{chosen_plan['kind']}-{fingerprint}.faiss"
     info = {
         "format": INDEX_FORMAT,
@@ -729,7 +874,7 @@ def build_index(
         "tuning_margin_steps": TUNING_MARGIN_STEPS.get(plan["kind"], 0),
         "tuning": tuning,
         "speed": speed,
-        "decision": {"forced": forced, "candidate": candidate, "reasons": reasons},
+        "decision": {"forced": forced, "candidate": candidate, "reasons": reasons, "probe": probe},
         "queries_per_second": round(qps, 1),
         "train_rows": n_train,
         "seed": seed,
@@ -901,4 +1046,4 @@ def describe_index(store: Store) -> dict[str, Any] | None:
 
 
 __all__: Sequence[str] = ("Hit", "StoreIndex", "build_index", "describe_index", "open_index", "plan_index",
-                          "read_index_info")
+                          "probe_plan", "read_index_info")

@@ -707,12 +707,19 @@ class MemoryQueue:
         capacity: rows held (clipped to the store size).
         device: torch device.
         seed: shuffling seed (recorded by the trainer).
-        read_rows: rows read from the store per refill read.
+        read_rows: rows read from the store per refill read (shuffled within the read; one read
+            block waits as float32 until the queue has taken it).
         chunk_rows: queue rows per chunk of :meth:`complete` (RAM: batch x chunk_rows x 4 bytes of logits).
+
+    RAM: the queue, ``capacity x D x 4`` bytes (128 MiB at the default 65,536 x 512), plus one read
+    block of ``read_rows x D x 4`` bytes and its shuffled copy while it is taken (32 MiB each at
+    16,384 x 512), plus the ``batch x chunk_rows`` logits of :meth:`complete`. Before issue 11's
+    fix the read block was 65,536 rows and the first fill concatenated the whole capacity once
+    more: ~400 MB over exact completion for the two sides.
     """
 
     def __init__(self, store: Store, capacity: int, *, device: str | torch.device = "cpu", seed: int = 0,
-                 read_rows: int = 65536, chunk_rows: int = 8192):
+                 read_rows: int = 16384, chunk_rows: int = 8192):
         if store.num_rows == 0:
             raise StoreValidationError(f"{store.path}: the memory store is empty")
         if capacity <= 0:
@@ -728,7 +735,11 @@ class MemoryQueue:
         self._pending: np.ndarray | None = None
         self.tensor = torch.empty((self.capacity, store.dim), dtype=torch.float32, device=self.device)
         self._head = 0  # index of the oldest row
-        self.tensor[:] = torch.from_numpy(self._take(self.capacity)).to(self.device)
+        filled = 0
+        while filled < self.capacity:  # block by block: no second capacity-sized copy
+            block = self._take(min(self.read_rows, self.capacity - filled))
+            self.tensor[filled:filled + len(block)] = torch.from_numpy(np.ascontiguousarray(block)).to(self.device)
+            filled += len(block)
         self.rows_served = self.capacity
 
     def _rows(self) -> Iterator[np.ndarray]:

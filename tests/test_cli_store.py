@@ -114,3 +114,22 @@ def test_parse_bytes():
     assert _parse_bytes("512MB") == 512 * 1000**2
     assert _parse_bytes("1.5G") == int(1.5 * 1024**3)
     assert _parse_bytes("1000") == 1000
+
+
+def test_index_plan_runs_the_probe_and_says_why(tmp_path, capsys, monkeypatch):
+    # issue 11: `cmcr store index --plan` says why a big store would get an exact index
+    import cmcr.stores.index as ix
+    from cmcr.stores.store import Store
+
+    monkeypatch.setattr(ix, "PROBE_MIN_ROWS", 2000)
+    monkeypatch.setattr(ix, "PROBE_ROWS", 2000)
+    x = np.random.default_rng(1).standard_normal((2500, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    store = Store.create(tmp_path / "u", modality="image", encoder={"family": "t"}, dim=16)
+    store.append_part([f"u{i}" for i in range(len(x))], x)
+    # a 100 KB budget rules out flat and HNSW: the plan is IVF64,SQ8
+    args = ["store", "index", str(store.path), "--plan", "--memory-budget", "100KB", "--sample-queries", "50"]
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "plan: ivf IVF64,SQ8" in text and "probe: probe of IVF64,SQ8" in text and "on 2,000 sampled rows" in text
+    assert "built: none yet" in text and not (store.path / "index").exists()

@@ -244,3 +244,53 @@ def test_measure_speed_vs_flat_scales_the_flat_sample():
     sp = measure_speed_vs_flat(full, sample, rows=2000, queries=x[:64], single_queries=8, repeats=2)
     assert sp["single_queries"] == 8 and sp["flat_rows_timed"] == 500
     assert "scaled to 2000 rows" in sp["method"]
+
+
+def test_probe_sends_a_hopeless_plan_straight_to_exact_search(tmp_path, monkeypatch):
+    # issue 11: on data where no approximate index can win, the auto build must find out on a sample
+    # (the probe) instead of training, filling and tuning the full candidate first
+    import cmcr.stores.index as ix
+
+    monkeypatch.setattr(ix, "PROBE_MIN_ROWS", 4000)
+    monkeypatch.setattr(ix, "PROBE_ROWS", 3000)
+    store = _uniform_store(tmp_path)
+    # 2 x 4-bit PQ codes (cheap to train) of uniform rows never reach recall@10 0.95
+    plan = {**plan_index(store.num_rows, store.dim, 10 * 1024**2, kind="ivf"), "factory": "IVF64,PQ2x4",
+            "params": {"nlist": 64, "nprobe": 1, "code": "PQ", "pq_m": 2}}
+    info = build_index(store, plan=plan, sample_queries=100, progress=False)
+    probe = info["decision"]["probe"]
+    assert probe["rows"] == 3000 and probe["queries"] == 100 and probe["factory"].endswith(",PQ2x4")
+    assert not probe["beats_flat"] and not probe["reached"] and probe["steps"]
+    assert all(s["recall_at_10"] < 0.95 for s in probe["steps"])
+    assert info["kind"] == "flat" and info["recall_at_10"] == 1.0 and info["train_rows"] == 0
+    assert info["tuning"] == [] and info["speed"] is None  # the full candidate was never built
+    assert any(r.startswith("probe of IVF64,PQ2x4 on 3,000 sampled rows") for r in info["decision"]["reasons"])
+    assert "no setting" in info["plan"]["reason"] or "probe predicts" in info["plan"]["reason"]
+    assert open_index(store).search_arrays(store.embeddings(np.float32)[:2], k=1)[1][:, 0].tolist() == [0, 1]
+
+
+def test_probe_is_skipped_for_small_stores_and_forced_kinds(tmp_path, monkeypatch):
+    import cmcr.stores.index as ix
+
+    store = _uniform_store(tmp_path, n=3000)
+    info = build_index(store, kind="ivf", sample_queries=50, progress=False, keep_below_target=True)
+    assert info["decision"]["probe"] is None  # forced
+    monkeypatch.setattr(ix, "PROBE_MIN_ROWS", 10_000)
+    info = build_index(store, plan=plan_index(3000, 32, kind="ivf"), sample_queries=50, progress=False)
+    assert info["decision"]["probe"] is None  # below PROBE_MIN_ROWS
+
+
+def test_probe_plan_reports_its_walk(store_factory):
+    from cmcr.stores.index import probe_plan
+
+    store = store_factory(n=3000, dim=32)
+    pr = probe_plan(store, plan_index(3000, 32, kind="ivf"), probe_rows=2000, probe_queries=100)
+    assert pr["rows"] == 2000 and pr["knob"] == "nprobe" and pr["factory"].startswith("IVF")
+    nprobes = [s["nprobe"] for s in pr["steps"]]
+    assert nprobes == sorted(nprobes) and nprobes[0] == 1
+    last = pr["steps"][-1]
+    # the walk ends at the first setting reaching the target, or once even the extrapolation loses
+    assert last["recall_at_10"] >= 0.95 or last["predicted_speedup"] < 1.0 or last["nprobe"] == 32
+    assert pr["beats_flat"] == (pr["reached"] and pr["predicted_speedup"] >= 1.0)
+    with pytest.raises(ValueError):
+        probe_plan(store, plan_index(3000, 32, kind="flat"))

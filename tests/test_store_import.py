@@ -199,9 +199,9 @@ def test_import_round_trip_property(tmp_path_factory, n, d, part_rows, parquet):
     np.testing.assert_allclose(s.embeddings(), x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
 
 
-def test_embeddings_are_a_plain_npy_and_keys_dictionary_encoded(tmp_path):
+def test_embeddings_are_a_plain_npy_and_keys_plain_encoded(tmp_path):
     """Format 2: a part's embeddings are a plain .npy (what numpy.load reads); keys and metadata
-    stay in Parquet with dictionary encoding and statistics."""
+    stay in Parquet with statistics, keys without a dictionary (they are unique)."""
     x = clustered_embeddings(3000, 64)
     np.save(tmp_path / "e.npy", x)
     s = import_embeddings(tmp_path / "e.npy", tmp_path / "s", modality="image", encoder={"family": "x"},
@@ -212,7 +212,7 @@ def test_embeddings_are_a_plain_npy_and_keys_dictionary_encoded(tmp_path):
     meta = pq.ParquetFile(tmp_path / "s" / s.parts[0].file).metadata
     assert meta.schema.names == ["key"]
     key = meta.row_group(0).column(0)
-    assert "RLE_DICTIONARY" in key.encodings and key.is_stats_set
+    assert "RLE_DICTIONARY" not in key.encodings and "PLAIN" in key.encodings and key.is_stats_set
 
 
 def test_format1_embedding_column_is_plain_encoded(tmp_path):

@@ -607,6 +607,7 @@ class _Reporter:
         self.comp_bar: Any = None
         self.comp_tasks: dict[str, Any] = {}
         self.completion_sides = 2  # bars to show before the completion display stops (set by the loop)
+        self.comp_started: dict[str, tuple[float, float]] = {}  # side -> (start, last plain line)
         if progress is True:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -624,7 +625,6 @@ class _Reporter:
         if self.bar is None:
             return
         if self.comp_bar is None:
-            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -642,11 +642,23 @@ class _Reporter:
 
             self.comp_bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      QueriesPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=Console(stderr=True))
+                                     **progress_options())
             self.comp_bar.start()
         if side not in self.comp_tasks:
             self.comp_tasks[side] = self.comp_bar.add_task(f"completion {side}", total=total)
+            self.comp_started[side] = (time.perf_counter(), 0.0)
         self.comp_bar.update(self.comp_tasks[side], completed=done, total=total)
+        if not self.comp_bar.console.is_terminal and not self.comp_bar.disable:
+            # stderr is a log file or a pipe: rich draws nothing until the end, so print a plain line
+            # at most every 10 s and at the end of each side
+            t0, last = self.comp_started[side]
+            now = time.perf_counter()
+            if now - last >= 10.0 or done >= total:
+                self.comp_started[side] = (t0, now)
+                rate = done / max(now - t0, 1e-9)
+                self.comp_bar.console.print(
+                    f"completion {side}: {done:,}/{total:,} queries ({100 * done / max(total, 1):.0f} %), "
+                    f"{rate:,.0f} queries/s, {now - t0:.0f} s elapsed", highlight=False, soft_wrap=True)
         if all(t.finished for t in self.comp_bar.tasks) and len(self.comp_tasks) >= self.completion_sides:
             self.comp_bar.stop()
 
