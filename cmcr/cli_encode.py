@@ -148,6 +148,10 @@ def encode(
     max_sample_bytes: int | None = typer.Option(
         None, "--max-sample-bytes", min=1, envvar="CMCR_MAX_SAMPLE_BYTES",
         help="Largest tar sample (all its members) read into memory (default 536870912 = 512 MiB)."),
+    fail_fast: bool = typer.Option(
+        False, "--fail-fast",
+        help="Stop at the first shard with a failed sample (exit 1 naming it), after recording its failures and "
+             "writing its good rows; a rerun resumes. Default: record each failure and go on."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (stdout); no progress bar."),
 ) -> None:
     """Embed shards into a store: one atomic part per shard, failures in the store's failure table.
@@ -173,7 +177,8 @@ def encode(
         report = _run(shards, encoder, modality, store, batch_size=batch_size, num_workers=num_workers,
                       device=device, precision=precision, dtype=dtype, overwrite=overwrite, tokenizer=tokenizer,
                       threads=threads, progress=progress and not as_json, engine=engine, address=address,
-                      replicas=replicas, gpus_per_replica=gpus_per_replica, command=command, pointcloud=pointcloud)
+                      replicas=replicas, gpus_per_replica=gpus_per_replica, command=command, pointcloud=pointcloud,
+                      fail_fast=fail_fast)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted — the store holds {_complete_parts(store)} complete parts; rerun the "
                       f"same command to resume[/]", highlight=False)
@@ -219,9 +224,12 @@ def _complete_parts(store: Path) -> int:
 def _run(shards: list[str], encoder: str, modality: str, store: Path, *, batch_size: int, num_workers: int,
          device: str, precision: str, dtype: str, overwrite: bool, tokenizer: str | None, threads: int | None,
          progress: bool, engine: str, address: str | None, replicas: int, gpus_per_replica: float | None,
-         command: str, pointcloud=None):  # noqa: ANN001
+         command: str, pointcloud=None, fail_fast: bool = False):  # noqa: ANN001
     """Run one engine; returns its report."""
     from cmcr.errors import ConfigError
+    from cmcr.pipeline import encode as encode_mod
+
+    handler = encode_mod.fail_fast if fail_fast else encode_mod.record_and_continue
 
     if engine == "ray":
         from cmcr.pipeline.ray_engine import encode_shards_ray
@@ -230,7 +238,7 @@ def _run(shards: list[str], encoder: str, modality: str, store: Path, *, batch_s
                                    overwrite=overwrite, start_over=overwrite, progress=progress, dtype=dtype,
                                    command=command, device=device, precision=precision, clap_tokenizer=tokenizer,
                                    address=address, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                                   pointcloud=pointcloud)
+                                   pointcloud=pointcloud, handler=handler)
     elif engine == "local":
         from cmcr.pipeline.encode import encode_shards
         from cmcr.pipeline.encoders import load_encoder
@@ -238,7 +246,8 @@ def _run(shards: list[str], encoder: str, modality: str, store: Path, *, batch_s
         enc = load_encoder(encoder, device=device, precision=precision, clap_tokenizer=tokenizer)
         report = encode_shards(shards, enc, modality, store, batch_size=batch_size, num_workers=num_workers,
                                overwrite=overwrite, start_over=overwrite, progress=progress, dtype=dtype,
-                               command=command, torch_threads=threads or None, pointcloud=pointcloud)
+                               command=command, torch_threads=threads or None, pointcloud=pointcloud,
+                               handler=handler)
     else:
         raise ConfigError(f"--engine must be local or ray, got {engine!r}")
     return report

@@ -851,9 +851,39 @@ class EncodeReport:
         return d
 
 
+#: A failure policy: called by :func:`finish_shard` with a shard's failure records once they are recorded
+#: (in the store's failure table and the report) and the shard's good rows are written. It returns to go
+#: on or raises to stop the run (the webdataset ``handler=`` idea).
+FailureHandler = Callable[[Sequence[Mapping[str, Any]]], None]
+
+
+def record_and_continue(failures: Sequence[Mapping[str, Any]]) -> None:
+    """The default failure policy: a failed sample is one recorded failure; the run goes on."""
+    return None
+
+
+def fail_fast(failures: Sequence[Mapping[str, Any]]) -> None:
+    """The ``--fail-fast`` failure policy: stop the run at the first shard with a failed sample.
+
+    The failures are already in the store's failure table and the shard's good rows in its part (nothing
+    is lost; a rerun resumes after the shards written so far and retries an unreadable one).
+
+    Raises:
+        InputDataError: naming the first failure's source, key, stage and error.
+    """
+    if failures:
+        f = failures[0]
+        more = f" (+{len(failures) - 1} more in this shard)" if len(failures) > 1 else ""
+        raise InputDataError(
+            f"{f.get('source')}: sample {f.get('key')!r} failed at stage {f.get('stage')}: {f.get('error')}{more}. "
+            f"Stopped by --fail-fast after recording it; the parts written so far are kept. Fix or remove the "
+            f"input and rerun the same command to resume (or drop --fail-fast to record failures and go on)")
+
+
 def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: str,
                  batches: Sequence[tuple[Prepared, np.ndarray, np.ndarray, list[dict[str, Any]]]],
-                 read_error: str | None, report: EncodeReport) -> None:
+                 read_error: str | None, report: EncodeReport,
+                 handler: FailureHandler = record_and_continue) -> None:
     """Write one complete shard (every engine ends a shard here) and count it in ``report``.
 
     Args:
@@ -862,6 +892,8 @@ def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: s
             embed failure records)`` as returned by :func:`embed_items`.
         read_error: why the tar could not be read to the end, or ``None``. Then no part is written
             (a rerun retries the shard): only a ``read`` failure plus the batches' failure records.
+        handler: the failure policy (:func:`record_and_continue`, :func:`fail_fast`), called last with
+            the shard's failure records when there are any.
     """
     result = ShardResult(source=shard_source(shard), part_source=identity)
     for batch in batches:
@@ -876,6 +908,7 @@ def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: s
         report.failures += 1 + len(result.failures)
         report.failure_examples += [fail, *result.failures][:5]
         log.error("%s: %s; no part written (fix or remove the shard, then rerun)", shard, read_error)
+        handler([fail, *result.failures])
         return
     tw = time.perf_counter()
     report.rows += write_part(store, modality, result, dim)
@@ -883,6 +916,8 @@ def finish_shard(store: Store, modality: str, dim: int, shard: Path, identity: s
     report.failures += len(result.failures)
     report.failure_examples += result.failures[: max(0, 10 - len(report.failure_examples))]
     report.shards_done += 1
+    if result.failures:
+        handler(result.failures)
 
 
 def progress_bar(enabled: bool):
@@ -912,6 +947,7 @@ def encode_shards(
     torch_threads: int | None = None,
     start_over: bool = False,
     pointcloud: PointCloudDecoding | None = None,
+    handler: FailureHandler = record_and_continue,
 ) -> EncodeReport:
     """Encode webdataset shards into a store: one atomic part per shard; reruns resume.
 
@@ -932,6 +968,9 @@ def encode_shards(
             oversubscribes), else torch's setting as is.
         pointcloud: decode settings of 3d samples (mesh sampling, size limits; defaults of
             :class:`~cmcr.pipeline.pointcloud.PointCloudDecoding`); ignored for other modalities.
+        handler: the failure policy, called with each shard's failure records after they are recorded
+            and its good rows written: :func:`record_and_continue` (default) or :func:`fail_fast`
+            (``--fail-fast``: raises :class:`InputDataError` at the first shard with a failure).
 
     Returns:
         An :class:`EncodeReport` (rows, failures and where the time went; ``torch_threads`` used).
@@ -967,7 +1006,7 @@ def encode_shards(
     torch.set_num_threads(report.torch_threads)
     try:
         _run_local(todo, idents, encoder, modality, store, report, t0, batch_size=batch_size, nw=nw,
-                   prefetch_factor=prefetch_factor, progress=progress, pointcloud=pointcloud)
+                   prefetch_factor=prefetch_factor, progress=progress, pointcloud=pointcloud, handler=handler)
     finally:
         torch.set_num_threads(before)
     report.wall_s = time.perf_counter() - t0
@@ -1001,7 +1040,8 @@ def default_torch_threads(num_workers: int) -> int:
 
 def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: str, store: Store,
                report: EncodeReport, t0: float, *, batch_size: int, nw: int, prefetch_factor: int,
-               progress: bool, pointcloud: PointCloudDecoding | None = None) -> None:
+               progress: bool, pointcloud: PointCloudDecoding | None = None,
+               handler: FailureHandler = record_and_continue) -> None:
     """The DataLoader loop of :func:`encode_shards` (writes each shard once all its batches are in)."""
     if modality == "3d" and nw:
         import trimesh  # noqa: F401  (imported once here, inherited by the forked workers: ~1-4 s each otherwise)
@@ -1046,7 +1086,8 @@ def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: 
                 st["error"] = st["error"] or msg["error"]
             if st["ends"] == n_workers and len(st["batches"]) >= (st["n"] or 0):
                 batches = [st["batches"][b] for b in range(st["n"])]
-                finish_shard(store, modality, encoder.dim, todo[i], idents[i], batches, st["error"], report)
+                finish_shard(store, modality, encoder.dim, todo[i], idents[i], batches, st["error"], report,
+                             handler)
                 del pending[i]
                 elapsed = time.perf_counter() - t0
                 bar.update(task, advance=1, samples=report.samples, rate=report.samples / max(elapsed, 1e-9),

@@ -56,6 +56,7 @@ from cmcr.pipeline.encode import (
     media_roots_of_shards,
     open_store,
     progress_bar,
+    record_and_continue,
     shard_name,
     shard_source,
     shards_to_do,
@@ -231,6 +232,7 @@ def encode_shards_ray(
     driver_encoder: Encoder | None = None,
     actor_class: type = EncoderActor,
     pointcloud: Any = None,
+    handler: Any = record_and_continue,
 ) -> RayEncodeReport:
     """Encode webdataset shards into a store on Ray Data (see the module docstring).
 
@@ -308,7 +310,7 @@ def encode_shards_ray(
                       num_workers=num_workers, progress=progress, device=device, precision=precision,
                       clap_tokenizer=clap_tokenizer, address=address, gpus_per_replica=gpus_per_replica,
                       cpus_per_replica=cpus_per_replica, max_retries=max_retries, actor_class=actor_class,
-                      started_here=started_here, pointcloud=pointcloud)
+                      started_here=started_here, pointcloud=pointcloud, handler=handler)
     finally:
         report.wall_s = time.perf_counter() - t0
         if started_here:
@@ -337,7 +339,7 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
                   report: RayEncodeReport, *, batch_size: int, num_workers: int, progress: bool, device: str,
                   precision: str, clap_tokenizer: str | None, address: str | None, gpus_per_replica: float | None,
                   cpus_per_replica: float, max_retries: int, actor_class: type, started_here: bool,
-                  pointcloud: Any = None) -> None:
+                  pointcloud: Any = None, handler: Any = record_and_continue) -> None:
     """Build and drain the Ray Data pipeline; write each shard's part as soon as it is complete."""
     from ray.data import DataContext, TaskPoolStrategy
 
@@ -418,7 +420,8 @@ def _run_pipeline(ray: Any, todo: list[Path], idents: list[str], enc: Encoder, s
                     st["error"] = pickle.loads(row["payload"])
                 if st["n"] is not None and len(st["batches"]) >= st["n"]:
                     batches = [st["batches"][b] for b in range(st["n"])]
-                    finish_shard(store, modality, enc.dim, todo[i], idents[i], batches, st["error"], report)
+                    finish_shard(store, modality, enc.dim, todo[i], idents[i], batches, st["error"], report,
+                                 handler)
                     del pending[i]
                     written.add(i)
                     elapsed = time.perf_counter() - t_start

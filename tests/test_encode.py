@@ -333,3 +333,30 @@ def test_open_clip_root_logger_messages_go_to_debug(caplog):
         load_encoder(TINY_CLIP, device="cpu")
     assert not [r for r in caplog.records if r.name == "root" and r.levelno >= logging.WARNING]
     assert any(r.levelno == logging.DEBUG and "No pretrained weights" in r.getMessage() for r in caplog.records)
+
+
+def test_fail_fast_stops_at_the_first_failed_shard_and_a_rerun_resumes(tiny_clip, messy_images, tmp_path, capsys):
+    """The failure policy is a handler (issue 13): record-and-continue by default, ``--fail-fast`` stops
+    after the first shard with a failure -- its failures recorded, its good rows written, nothing lost."""
+    from cmcr.errors import InputDataError
+    from cmcr.pipeline.encode import fail_fast
+
+    shards = _image_shards(messy_images, tmp_path)
+    with pytest.raises(InputDataError, match=r"failed at stage (decode|read).*--fail-fast.*rerun") as e:
+        encode_shards(shards, tiny_clip, "image", tmp_path / "store", num_workers=0, progress=False,
+                      handler=fail_fast)
+    assert any(p.name in str(e.value) for p in shards)  # names the shard holding the failed sample
+    stopped = Store.open(tmp_path / "store")
+    assert 1 <= len(stopped.parts) < len(shards)  # stopped early, the failing shard's part written
+    assert stopped.failures().num_rows >= 1
+    rerun = encode_shards(shards, tiny_clip, "image", tmp_path / "store", num_workers=0, progress=False)
+    assert rerun.shards_skipped == len(stopped.parts)
+    full = encode_shards(shards, tiny_clip, "image", tmp_path / "clean", num_workers=0, progress=False)
+    s, c = Store.open(tmp_path / "store", validate="full"), Store.open(tmp_path / "clean")
+    assert s.keys() == c.keys() and s.num_rows == full.rows == 9
+    assert sorted(s.failures().column("key").to_pylist()) == sorted(c.failures().column("key").to_pylist())
+    # the CLI flag: exit 1 with the one-paragraph message
+    argv = ["encode", str(shards[0].parent), "--encoder", TINY_CLIP, "-m", "image", "--store", str(tmp_path / "cli"),
+            "-j", "0", "--no-progress", "--fail-fast"]
+    assert main(argv) == 1
+    assert "--fail-fast" in capsys.readouterr().err
