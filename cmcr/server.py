@@ -108,12 +108,9 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
             raise HTTPException(404 if body.key is not None else 400, str(e)) from e
         return _answer(q, info, body.gallery, body.k, started)
 
-    @app.post("/api/search/media")
-    async def search_media(file: UploadFile = File(..., description="image, audio or point-cloud file"),
-                           gallery: str = Form(...), k: int = Form(10, ge=1, le=MAX_K),
-                           side: str | None = Form(None)) -> dict[str, Any]:
-        """Search a gallery with an uploaded media file (the modality comes from the file extension)."""
-        started = time.perf_counter()
+    async def read_upload(file: UploadFile, gallery: str) -> tuple[bytes, str]:
+        """An upload's bytes and name, checked once for every upload route: the gallery exists (404), the size
+        limit (413), not empty and an audio file within the duration limit (422)."""
         if gallery not in service.galleries:
             raise HTTPException(404, f"no gallery {gallery!r}; known: {', '.join(service.galleries)}")
         data = await file.read(max_upload_bytes + 1)
@@ -123,11 +120,23 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
         if not data:
             raise HTTPException(422, f"{file.filename}: empty file")
         name = file.filename or "upload"
-        try:
-            from cmcr.service import modality_of_filename
+        from cmcr.service import modality_of_filename
 
+        try:
             if modality_of_filename(name) == "audio":
                 _check_audio_duration(data, name, max_audio_seconds)
+        except InputDataError as e:
+            raise HTTPException(422, str(e)) from e
+        return data, name
+
+    @app.post("/api/search/media")
+    async def search_media(file: UploadFile = File(..., description="image, audio or point-cloud file"),
+                           gallery: str = Form(...), k: int = Form(10, ge=1, le=MAX_K),
+                           side: str | None = Form(None)) -> dict[str, Any]:
+        """Search a gallery with an uploaded media file (the modality comes from the file extension)."""
+        started = time.perf_counter()
+        data, name = await read_upload(file, gallery)
+        try:
             import anyio
 
             q, info = await anyio.to_thread.run_sync(lambda: service.embed_media(data, name, side=side))
@@ -140,19 +149,8 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
                        gallery: str = Form(..., description="a gallery of images"),
                        key: str = Form(..., description="the image row to localise the sound in")) -> Any:
         """Where the uploaded sound comes from in one gallery image: a PNG (image + colour map + colour bar)."""
-        if gallery not in service.galleries:
-            raise HTTPException(404, f"no gallery {gallery!r}; known: {', '.join(service.galleries)}")
-        data = await file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"{file.filename}: larger than the {max_upload_bytes} bytes this server accepts")
-        if not data:
-            raise HTTPException(422, f"{file.filename}: empty file")
-        name = file.filename or "upload"
+        data, name = await read_upload(file, gallery)
         try:
-            from cmcr.service import modality_of_filename
-
-            if modality_of_filename(name) == "audio":
-                _check_audio_duration(data, name, max_audio_seconds)
             import anyio
 
             png, info = await anyio.to_thread.run_sync(lambda: service.localize(data, name, gallery, key))
