@@ -62,7 +62,7 @@ _RULE = re.compile(r"^─+ .* ─+$")  # rich section rules ("──── 2/7 s
 _BORDER = re.compile(r"^[\s┏┓┗┛┡┩└┘┳┻╇┴┬├┤━─┼╋]+$")  # table border lines
 _PROGRESS = re.compile(r"(━━━|\d+/\d+ shards|queries/s|pairs/s)")
 _LINE_STARTS = ("audio ", "caption ", "image ", "text ", "3d ", "report:", "browse it:", "RANDOM WEIGHTS",
-                "shards:", "WARNING", "warning", "Note", "note")
+                "shards:", "WARNING", "warning", "Note", "note", "where is ")
 
 
 def clean_output(raw: str, hits: int = 1) -> str:

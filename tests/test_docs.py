@@ -195,6 +195,11 @@ def test_cleaning_the_demo_output() -> None:
     assert search == ["audio dog/sounds_dog_bark (label dog) → images → elephant/coco_000000519208 (elephant, "
                       "0.012), ..."]  # a wrapped search line joined, cut to its first hit
     assert lines[-1] == "RANDOM WEIGHTS: NOT MEANINGFUL: the encoders were random-init; see the notes above."
+    # a line of its own after a search line is not a wrapped continuation of it (the localisation lines)
+    loc = "where is the dog sound? dog/sounds_dog_bark in dog/photo: peak at (x=1, y=2) -> localization/dog.png"
+    raw = "caption 'a dog' (CLIP text) → audio clips → crow/caw (crow, 0.040), dog/bark (dog, 0.03)\n" + loc + "\n"
+    cut = "caption 'a dog' (CLIP text) → audio clips → crow/caw (crow, 0.040), ..."
+    assert m.clean_output(raw).splitlines() == [cut, loc]
     try:
         m.rewrite("no markers here", "demo", out)
     except KeyError as e:
