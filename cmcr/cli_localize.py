@@ -11,9 +11,13 @@ from pathlib import Path
 import typer
 
 from cmcr.console import out_console
-from cmcr.errors import InputDataError
+from cmcr.errors import ConfigError, InputDataError
 
 console = out_console()
+
+#: Largest dense input side in pixels (``--size``): 2048 px is a 64 x 64 grid for ViT-B-32; the ViT's memory
+#: grows with the fourth power of the side, and 100000 px exhausted a 24 GiB machine.
+MAX_DENSE_SIZE = 2048
 
 _CLAP_TOKENIZER_HELP = ("Folder with RoBERTa vocab.json + merges.txt for a CLAP encoder (env CMCR_CLAP_TOKENIZER; "
                         "only read for text).")
@@ -30,7 +34,7 @@ def localize(
                                              help="Spec of the CLIP side (default: rebuilt from the connector when "
                                                   "it names a pretrained tag or random weights)."),
     audio_encoder: str | None = typer.Option(None, "--audio-encoder", help="Spec of the audio side (same default)."),
-    size: int | None = typer.Option(None, "--size", min=1,
+    size: int | None = typer.Option(None, "--size", min=32, max=MAX_DENSE_SIZE,
                                     help="Dense input size in pixels, a multiple of the patch size (default: the "
                                          "model's, e.g. 224 -> 7x7 patches for ViT-B-32; 448 -> 14x14)."),
     dense_path: str = typer.Option("value", "--dense-path",
@@ -56,7 +60,9 @@ def localize(
     from cmcr.stores.files import atomic_write_json
 
     if (image is None) == (images is None):
-        raise InputDataError("give exactly one of --image FILE or --images FOLDER")
+        raise ConfigError("give exactly one of --image FILE or --images FOLDER")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the overlays and heatmaps")
     if not audio.is_file():
         raise InputDataError(f"--audio {audio}: file not found")
     if image is not None and not image.is_file():
@@ -107,7 +113,8 @@ def eval_localization(
     audio: Path | None = typer.Option(None, "--audio", help="Folder of audio clips, file stem = sample key."),
     image_encoder: str | None = typer.Option(None, "--image-encoder", help="Spec of the CLIP side (see localize)."),
     audio_encoder: str | None = typer.Option(None, "--audio-encoder", help="Spec of the audio side."),
-    size: int | None = typer.Option(None, "--size", min=1, help="Dense input size (see localize)."),
+    size: int | None = typer.Option(None, "--size", min=32, max=MAX_DENSE_SIZE,
+                                    help="Dense input size (see localize)."),
     dense_path: str = typer.Option("value", "--dense-path", help="value | value+residual (see localize)."),
     threshold: str = typer.Option("0.5", "--threshold",
                                   help="Active-pixel threshold tau on the min-max normalised heatmap (0.5, Senocak "

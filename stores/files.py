@@ -175,9 +175,16 @@ def output_lock(folder: str | os.PathLike, what: str | None = None, *, beside: b
             (e.g. the demo running ``connect`` into its own subfolder, or nested calls) is allowed.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output folder {folder} is a file, not a folder; pass a folder path (a new one, or an "
+                          f"earlier output of the same command)")
     lock_file = lock_file_of(folder, beside=beside)
     created = not lock_file.parent.exists()
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ConfigError(f"output folder {folder}: cannot create {lock_file.parent} ({e.strerror}: a file is in "
+                          f"the way); pass a folder path") from e
     key = str(lock_file.resolve())
     with _held_guard:
         if key in _held:
@@ -192,8 +199,6 @@ def output_lock(folder: str | os.PathLike, what: str | None = None, *, beside: b
             with _held_guard:
                 _held[key] -= 1
         return
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"output folder {folder} is a file; pass a folder")
     f = _acquire(lock_file, folder, shared)
     try:
         if not shared:  # shared holders leave the file as is (several of them hold it at once)

@@ -165,3 +165,32 @@ def test_connect_device_cuda_without_cuda_is_a_clear_error(tiny_synthetic: dict[
                  "--device", "cuda"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "CUDA is not available" in err and "Traceback" not in err
+
+
+def test_an_output_path_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    """A file where an output folder belongs (or in its path) is a usage error naming it, not a traceback."""
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    for folder in (f, f / "sub"):
+        with pytest.raises(ConfigError, match="notes.txt"):
+            with output_lock(folder):
+                pass
+    assert f.read_text() == "x"  # untouched
+    from PIL import Image
+
+    from cmcr.pipeline.shards import write_shards
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    shards = write_shards(tmp_path / "imgs", tmp_path / "shards").shards["image"]
+    code = main(["encode", str(shards[0]), "-e", "open_clip:cmcr-tiny-clip@random", "-m", "image", "-s", str(f),
+                 "-j", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file" in err and "Traceback" not in err
+
+
+def test_localize_size_is_bounded_before_anything_loads(capsys) -> None:
+    """--size 100000 once exhausted a 24 GiB machine: it is refused as a usage error up front."""
+    assert main(["localize", "-c", "nowhere", "--audio", "a.wav", "--image", "i.jpg", "--out", "o",
+                 "--size", "100000"]) == 2
+    assert "--size" in capsys.readouterr().err

@@ -311,8 +311,9 @@ def plan_training_run(
     if existing and not resume:
         if not overwrite:
             raise TrainingError(
-                f"{out} already holds checkpoints of a training run ({existing[-1].name}); pass resume=True "
-                f"(--resume) to continue it or overwrite=True (--overwrite) to start over"
+                f"{out} already holds a training run with these settings (last checkpoint {existing[-1].name}); "
+                f"pass --resume to continue it or --overwrite to start over "
+                f"(library: resume=True / overwrite=True)"
             )
         # a run from before run.json was recorded: the claim had nothing to start over
         shutil.rmtree(out / CHECKPOINT_DIR)
