@@ -183,3 +183,13 @@ def test_shuffled_joins_by_key_not_by_row(paired, tmp_path):
     lp = shuffled_pairs(sa, mixed, negatives=1, seed=3)
     pos = lp.labels
     assert [sa.keys()[a] for a in lp.audio_rows[pos]] == [mixed.keys()[i] for i in lp.image_rows[pos]]
+
+
+def test_stores_of_one_modality_or_without_labelled_rows_are_named(paired, tmp_path):
+    sa, si = paired
+    with pytest.raises(ConfigError, match="both hold image embeddings"):
+        evaluate_counterfactual(si, si, protocol="label")
+    captions = write_store(tmp_path / "captions", unit_rows(np.random.default_rng(3), 6, 8), modality="text",
+                           encoder=ENC, keys=[f"c{k}" for k in range(6)], metadata={"label": [None] * 6})
+    with pytest.raises(InputDataError, match=r"captions \(text\) has a `label` value"):
+        evaluate_counterfactual(captions, si, protocol="label")

@@ -321,6 +321,10 @@ def label_pairs(audio: Store, image: Store, *, label_column: str = "label",
     (a_codes, i_codes), names = _class_codes(a_lab, i_lab)
     a_rows = np.flatnonzero(a_codes >= 0)
     i_rows = np.flatnonzero(i_codes >= 0)
+    empty = [f"{s.path} ({s.modality})" for s, rows in ((audio, a_rows), (image, i_rows)) if not len(rows)]
+    if empty:
+        raise InputDataError(f"--protocol label: no row of {', '.join(empty)} has a `{label_column}` value (a caption "
+                             f"store has none); give the two labelled stores to compare, e.g. audio and images")
     if len(a_rows) * len(i_rows) > max_pairs:
         raise ConfigError(f"--protocol label would score {len(a_rows)} x {len(i_rows)} = {len(a_rows) * len(i_rows)} "
                           f"pairs (limit {max_pairs}); use --protocol shuffled (stores with shared keys) or "
@@ -498,6 +502,9 @@ def evaluate_counterfactual(
     conn = None
     if connector is not None:
         conn = connector if isinstance(connector, Connector) else Connector.load(connector)
+    if a.modality == i.modality:
+        raise ConfigError(f"{a.path} and {i.path} both hold {a.modality} embeddings; counterfactual recognition "
+                          f"scores pairs of two modalities (e.g. an audio store and an image store)")
     _check_space(a, i, conn)
     skipped: dict[str, Any] = {}
     if protocol == "pairs":
