@@ -144,20 +144,20 @@ def eval_localization(
         try:
             tau = float(threshold)
         except ValueError as e:
-            raise InputDataError(f"--threshold {threshold!r}: give a number in [0, 1] or 'median'") from e
+            raise ConfigError(f"--threshold {threshold!r}: give a number in [0, 1] or 'median'") from e
         if not 0.0 <= tau <= 1.0:
-            raise InputDataError(f"--threshold {threshold}: give a number in [0, 1] or 'median'")
+            raise ConfigError(f"--threshold {threshold}: give a number in [0, 1] or 'median'")
     ann = read_box_annotations(annotations)
     random = False
     failures: list[dict[str, str]] = []
     if heatmaps is not None:
         if connector or images or audio:
-            raise InputDataError("give --heatmaps, or --connector with --images and --audio, not both")
+            raise ConfigError("give --heatmaps, or --connector with --images and --audio, not both")
         maps = _read_heatmaps(heatmaps)
         random = _heatmaps_were_random(heatmaps)
     else:
         if not (connector and images and audio):
-            raise InputDataError("give --heatmaps FOLDER, or --connector with --images FOLDER and --audio FOLDER")
+            raise ConfigError("give --heatmaps FOLDER, or --connector with --images FOLDER and --audio FOLDER")
         maps, random, failures = _compute_heatmaps(
             connector, images, audio, set(ann), image_encoder=image_encoder, audio_encoder=audio_encoder, size=size,
             dense_path=dense_path, device=device, out=out,

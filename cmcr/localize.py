@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cmcr.errors import ConnectorError, EncoderError, InputDataError
+from cmcr.errors import ConfigError, ConnectorError, EncoderError, InputDataError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Localizer:
         from cmcr.pipeline.openclip_encoder import DENSE_PATHS
 
         if path not in DENSE_PATHS:
-            raise EncoderError(f"unknown dense path {path!r}; use one of {', '.join(DENSE_PATHS)}")
+            raise ConfigError(f"unknown dense path {path!r}; use one of {', '.join(DENSE_PATHS)}")
         self.image_encoder = image_encoder
         self.image_side = connector.side_for(image_encoder.identity(), "image")
         self.pre = image_encoder.dense_preprocessor(size)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from cmcr.errors import EncoderError
+from cmcr.errors import ConfigError, EncoderError
 from cmcr.pipeline.audio import SampleError
 from cmcr.stores.files import resolve_device  # noqa: F401 - the one device helper, re-exported
 
@@ -136,7 +136,7 @@ class Encoder:
 
     def __init__(self, device: str = "cpu", precision: str = "fp32"):
         if precision not in PRECISIONS:
-            raise EncoderError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = device
         self.precision = precision
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmcr.errors import ConnectorError, EncoderError, InputDataError
+from cmcr.errors import ConfigError, ConnectorError, EncoderError, InputDataError
 from tests.fixtures_localize_helpers import TINY_CLAP, TINY_CLIP, linear_connector
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -197,7 +197,7 @@ def test_connector_without_a_clip_side_and_wrong_encoders_are_refused(tmp_path, 
         Localizer(conn, clap, clip)
     with pytest.raises(ConnectorError, match="other side"):
         Localizer(conn, clip, clip)
-    with pytest.raises(EncoderError, match="unknown dense path"):
+    with pytest.raises(ConfigError, match="unknown dense path"):
         Localizer(conn, clip, clap, path="keys")
     linear_connector(tmp_path / "c2", clap.identity(), clap.identity())  # no open_clip side at all
     with pytest.raises(ConnectorError, match="no open_clip image side"):
@@ -261,7 +261,7 @@ def test_cli_localize_and_eval_localization_on_bundled_images_random_weights(tmp
     assert r2["per_sample"] == r["per_sample"]  # the same heatmaps as `cmcr localize` wrote
 
     assert main(["eval", "localization", "--heatmaps", str(out), "--annotations", str(boxes),
-                 "--threshold", "2"]) == 1
+                 "--threshold", "2"]) == 2  # a usage error
     assert "--threshold" in capsys.readouterr().err
 
 
