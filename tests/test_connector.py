@@ -92,6 +92,8 @@ def test_project_store_and_evaluate(trained, tiny_synthetic, tmp_path):
         evaluate_retrieval(aud, tiny_synthetic["eval_image_a"])
     with pytest.raises(StoreMismatchError):
         project_store(conn, tiny_synthetic["eval_image_a"], tmp_path / "aud")
+    with pytest.raises(ConnectorError, match="already in a connected space"):  # projecting a projected store
+        project_store(conn, tmp_path / "aud", tmp_path / "twice")
     cls = Store.open(tiny_synthetic["classes_text_b"])
     zc = conn.project("B", cls.embeddings(np.float32), identity=cls.encoder, modality="text")
     zs = evaluate_zeroshot(aud, zc, cls.keys())

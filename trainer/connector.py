@@ -240,6 +240,11 @@ class Connector:
             return matches[0]
         accepted = "; ".join(f"side {s} ({i.mcr}): {i.modalities} of {i.describe_accepted()}"
                              for s, i in self.sides.items())
+        if not matches and is_projected(identity):
+            raise ConnectorError(
+                f"these {modality!r} embeddings are already in a connected space (a store written by `cmcr project`, "
+                f"encoder {ident}); project the raw store the connector was trained on instead, or use this one "
+                f"as it is (search / eval take projected stores)")
         if not matches:
             raise ConnectorError(
                 f"connector {self.path or self.fingerprint} has no side for {modality!r} embeddings of encoder "
