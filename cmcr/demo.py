@@ -417,7 +417,8 @@ def execute_demo(opts: DemoOptions, out: Path, console: Console, stage: Callable
     localization = _localization(clip, clap, connector, out, random_weights)
     for row in localization:
         console.print(f"[bold]where is the {row['label']} sound?[/] {row['audio']} in {row['image']}: peak at "
-                      f"(x={row['peak_xy'][0]}, y={row['peak_xy'][1]}) -> {row['png']}", highlight=False)
+                      f"(x={row['peak_xy'][0]}, y={row['peak_xy'][1]}) -> {row['png']}",
+                      highlight=False, soft_wrap=True)
     seconds["search"] = time.perf_counter() - t
 
     synthetic: list[dict[str, Any]] = []
