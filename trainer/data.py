@@ -256,7 +256,8 @@ def load_pairs(stores: ConnectStores, cfg: TrainConfig, work_dir: str | Path,
         cfg: uses ``use_completion``, ``completion``, ``memory_temperature``, ``completion_topk``,
             ``device``, ``centric``, ``centric_weights`` (and the held-out split settings).
         work_dir: completions go to ``work_dir/completions/{A,B}`` and, per memory-centric source,
-            ``work_dir/completions/centric-<role>/`` (reused when up to date, recomputed otherwise).
+            ``work_dir/completions/centric-<role>/`` (reused when up to date; other settings are refused,
+            :func:`~cmcr.stores.files.claim_output`).
         progress: optional ``progress(side, done_rows, total_rows)`` (``side``: ``A``, ``B``, or a
             label of a memory-centric step such as ``audio-centric``).
 
