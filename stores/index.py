@@ -555,7 +555,7 @@ def _recorded_index(folder: Path) -> dict[str, Any] | None:
 
 #: What :func:`execute_index_plan` returns (names of :func:`build_index`'s locals, in this order).
 _EXECUTED = ("index", "chosen_plan", "params", "recall", "reached", "tuning", "speed", "candidate", "reasons", "q",
-             "qps", "n_train", "train_seconds", "add_seconds", "tune_seconds", "kept_below", "t0", "probe")
+             "qps", "n_train", "train_seconds", "add_seconds", "tune_seconds", "kept_below", "t0", "probe", "plan")
 
 
 def execute_index_plan(store: Store, plan: dict[str, Any], *, forced: bool, budget: int, sample_queries: int,
@@ -742,7 +742,7 @@ def execute_index_plan(store: Store, plan: dict[str, Any], *, forced: bool, budg
     return {"index": index, "chosen_plan": chosen_plan, "params": params, "recall": recall, "reached": reached,
             "tuning": tuning, "speed": speed, "candidate": candidate, "reasons": reasons, "q": q, "qps": qps,
             "n_train": n_train, "train_seconds": train_seconds, "add_seconds": add_seconds,
-            "tune_seconds": tune_seconds, "kept_below": kept_below, "t0": t0, "probe": probe}
+            "tune_seconds": tune_seconds, "kept_below": kept_below, "t0": t0, "probe": probe, "plan": plan}
 
 
 def publish_index(store: Store, index: faiss.Index, info: dict[str, Any]) -> dict[str, Any]:
@@ -848,7 +848,7 @@ def build_index(
                                target_recall=target_recall, batch_rows=batch_rows, progress=progress,
                                keep_below_target=keep_below_target)
     (index, chosen_plan, params, recall, reached, tuning, speed, candidate, reasons, q, qps, n_train, train_seconds,
-     add_seconds, tune_seconds, kept_below, t0, probe) = (built[k] for k in _EXECUTED)
+     add_seconds, tune_seconds, kept_below, t0, probe, plan) = (built[k] for k in _EXECUTED)
     fname = f"{chosen_plan['kind']}-{fingerprint}.faiss"
     info = {
         "format": INDEX_FORMAT,

@@ -264,6 +264,7 @@ def test_probe_sends_a_hopeless_plan_straight_to_exact_search(tmp_path, monkeypa
     assert all(s["recall_at_10"] < 0.95 for s in probe["steps"])
     assert info["kind"] == "flat" and info["recall_at_10"] == 1.0 and info["train_rows"] == 0
     assert info["tuning"] == [] and info["speed"] is None  # the full candidate was never built
+    assert info["tuning_margin_steps"] == 0  # recorded for the plan the probe left (flat), not the first one
     assert any(r.startswith("probe of IVF64,PQ2x4 on 3,000 sampled rows") for r in info["decision"]["reasons"])
     assert "no setting" in info["plan"]["reason"] or "probe predicts" in info["plan"]["reason"]
     assert open_index(store).search_arrays(store.embeddings(np.float32)[:2], k=1)[1][:, 0].tolist() == [0, 1]
