@@ -95,6 +95,28 @@ def build(work: Path, rows: int) -> tuple[Path, Path, str]:
     return conn_dir, gal_dir, spec
 
 
+def hnsw_copy(gal_dir: Path) -> Path:
+    """The gallery's rows under a second store folder (hard links, no copy) with a forced HNSW index
+    (``cmcr store index --kind hnsw``: recall@10 measured and saved); reused when present."""
+    import shutil
+
+    from cmcr.stores.index import build_index, read_index_info
+
+    dst = gal_dir.with_name(gal_dir.name + "-hnsw")
+    try:
+        if read_index_info(dst)["kind"] == "hnsw":
+            return dst
+    except Exception:  # noqa: BLE001 - missing or stale copy: rebuild it
+        pass
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(gal_dir, dst, copy_function=os.link, ignore=shutil.ignore_patterns("index"))
+    t = time.perf_counter()
+    info = build_index(dst, kind="hnsw", progress=False)
+    print(f"setup: {info['factory']} {info['params']} index of the gallery copy in {time.perf_counter() - t:.1f} s, "
+          f"recall@10 {info['recall_at_10']:.3f}", flush=True)
+    return dst
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,12 +209,13 @@ def _ab(name: str, fa, fb, pairs: int) -> dict:  # noqa: ANN001
             "ratio_min": min(ta) / min(tb), "a_cpu_med": statistics.median(ca), "b_cpu_med": statistics.median(cb)}
 
 
-def in_process(conn_dir: Path, gal_dir: Path, spec: str, pairs: int) -> tuple[list[dict], dict]:
+def in_process(conn_dir: Path, gal_dir: Path, hnsw_dir: Path, spec: str, pairs: int) -> tuple[list[dict], dict]:
     """In-process A/B pairs of the serving options (see the module docstring) and the int8 agreement."""
     import itertools
 
     from cmcr.pipeline.openclip_encoder import Int8TextTower
-    from cmcr.service import SearchService, set_threads
+    from cmcr.service import SearchService, open_gallery, set_threads
+    from cmcr.stores.store import Store
 
     svc = SearchService(conn_dir, [gal_dir], encoders=[spec], cache_size=0, threads=1)
     name = next(iter(svc.galleries))
@@ -200,6 +223,7 @@ def in_process(conn_dir: Path, gal_dir: Path, spec: str, pairs: int) -> tuple[li
     enc = svc.encoders[0][0]
     int8 = Int8TextTower(enc.model)
     shortlist = g.shortlist
+    hg = open_gallery(Store.open(hnsw_dir))
     ctr = itertools.count(10**6)
 
     def fwd(texts: list[str], q8: bool = False, threads: int = 1):  # noqa: ANN202
@@ -207,11 +231,12 @@ def in_process(conn_dir: Path, gal_dir: Path, spec: str, pairs: int) -> tuple[li
         enc._int8_text = int8 if q8 else None
         return enc.encode("text", texts)
 
-    def query(threads: int, short: bool, q8: bool) -> None:
+    def query(threads: int, short: bool, q8: bool, hnsw: bool = False) -> None:
         set_threads(threads)
         enc._int8_text = int8 if q8 else None
         g.shortlist = shortlist if short else None
-        svc.search(svc.embed_text(caption(next(ctr)))[0], name, 10)
+        q = svc.embed_text(caption(next(ctr)))[0]
+        hg.search(q, 10) if hnsw else svc.search(q, name, 10)
 
     qs = [svc.embed_text(caption(i))[0] for i in range(pairs)]
 
@@ -229,11 +254,18 @@ def in_process(conn_dir: Path, gal_dir: Path, spec: str, pairs: int) -> tuple[li
             lambda i: fwd([caption(next(ctr)), caption(next(ctr))]), pairs),
         _ab(f"search {g.store.num_rows} rows, k=10: flat index (A) vs certified fp16 shortlist (B)",
             lambda i: search(i, False), lambda i: search(i, True), pairs),
+        _ab(f"search {g.store.num_rows} rows, k=10: certified fp16 shortlist (A) vs HNSW index (B)",
+            lambda i: search(i, True), lambda i: hg.search(qs[i], 10), pairs),
         _ab("whole query: before (2 threads, flat) (A) vs now (1 thread, shortlist) (B)",
             lambda i: query(2, False, False), lambda i: query(1, True, False), pairs),
         _ab("whole query: now float32 (A) vs now int8 text (B)",
             lambda i: query(1, True, False), lambda i: query(1, True, True), pairs),
+        _ab("whole query, int8 text: exact shortlist (A) vs HNSW index (B)",
+            lambda i: query(1, True, True), lambda i: query(1, True, True, hnsw=True), pairs),
     ]
+    exact_hits = [{h["row"] for h in g.search(q, 10)} for q in qs]
+    hnsw_recall = float(np.mean([len(e & {h["row"] for h in hg.search(q, 10)}) / 10
+                                 for q, e in zip(qs, exact_hits, strict=True)]))
     caps = [caption(i) for i in range(64)]
     ref, q8 = fwd(caps), fwd(caps, q8=True)
     cos = (ref * q8).sum(axis=1)
@@ -245,12 +277,15 @@ def in_process(conn_dir: Path, gal_dir: Path, spec: str, pairs: int) -> tuple[li
         overlap.append(len(ha & {h["row"] for h in g.search(pb, 10)}) / 10)
     g.shortlist, enc._int8_text = shortlist, None
     agree = {"captions": len(caps), "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
-             "top10_overlap_mean": float(np.mean(overlap)), "top10_overlap_min": float(np.min(overlap))}
+             "top10_overlap_mean": float(np.mean(overlap)), "top10_overlap_min": float(np.min(overlap)),
+             "hnsw_recall_at_10": hnsw_recall, "hnsw_queries": len(qs)}
     return rows, agree
 
 
 SERVERS = {"before": ["--threads", "2", "--max-batch", "1", "--no-shortlist", "--query-cache", "0"],
-           "now": [], "now-int8": ["--quantize-text", "int8"]}
+           "now": [], "now-int8": ["--quantize-text", "int8"], "hnsw": [], "hnsw-int8": ["--quantize-text", "int8"]}
+#: servers whose gallery is the HNSW-indexed copy (:func:`hnsw_copy`) instead of the exact one
+HNSW_SERVERS = ("hnsw", "hnsw-int8")
 
 
 def start_server(conn_dir: Path, gal_dir: Path, spec: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
@@ -288,15 +323,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of one phase")
     ap.add_argument("--rounds", type=int, default=2, help="alternated text phases per server")
     ap.add_argument("--pairs", type=int, default=15, help="A/B pairs per in-process comparison")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="which of before,now,now-int8 to load-test")
+    ap.add_argument("--servers", default=",".join(SERVERS), help="which of " + ",".join(SERVERS) + " to load-test")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cmcr-bench-serve"))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     conn_dir, gal_dir, spec = build(args.work, args.rows)
+    hnsw_dir = hnsw_copy(gal_dir)
     print(f"setup: connector + {args.rows}-row gallery in {time.perf_counter() - t:.1f} s ({gal_dir}); "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
-    ab_rows, agree = in_process(conn_dir, gal_dir, spec, args.pairs)
+    ab_rows, agree = in_process(conn_dir, gal_dir, hnsw_dir, spec, args.pairs)
     print(f"\nin process (one caller, distinct captions, {args.pairs} A/B pairs each, load average "
           f"{os.getloadavg()[0]:.1f}):")
     print(f"{'comparison (wall ms; CPU ms = process CPU time, median)':<78}{'A min':>8}{'A med':>8}{'B min':>8}"
@@ -311,7 +347,8 @@ def main() -> None:
           f"min {agree['top10_overlap_min']:.2f} (random-init weights)", flush=True)
 
     names = [n for n in args.servers.split(",") if n]
-    servers = {n: start_server(conn_dir, gal_dir, spec, SERVERS[n]) for n in names}
+    gals = {n: hnsw_dir if n in HNSW_SERVERS else gal_dir for n in names}
+    servers = {n: start_server(conn_dir, gals[n], spec, SERVERS[n]) for n in names}
     ctr = itertools.count()
     text: dict[str, list[dict]] = {n: [] for n in names}
     media: dict[str, dict] = {}
@@ -321,15 +358,14 @@ def main() -> None:
             wait_up(proc, url)
             print(f"server {n} up in {time.perf_counter() - t:.1f} s (pid {proc.pid}, RSS {rss_mb(proc.pid):.0f} MB)",
                   flush=True)
-        gallery = gal_dir.name
-        for proc, url in servers.values():  # warm-up, not counted: first forwards, index pages, threads
-            phase(url, lambda c, i, k: c.post("/api/search", json={"text": caption(next(ctr)), "gallery": gallery,
-                                                                   "k": 10}), args.clients, 2.0, proc.pid)
+        for n, (proc, url) in servers.items():  # warm-up, not counted: first forwards, index pages, threads
+            phase(url, lambda c, i, k, g=gals[n].name: c.post("/api/search", json={
+                "text": caption(next(ctr)), "gallery": g, "k": 10}), args.clients, 2.0, proc.pid)
         for r in range(args.rounds):
             for n in names[r % len(names):] + names[:r % len(names)]:
                 proc, url = servers[n]
-                text[n].append(phase(url, lambda c, i, k: c.post("/api/search", json={
-                    "text": caption(next(ctr)), "gallery": gallery, "k": 10}), args.clients, args.seconds, proc.pid))
+                text[n].append(phase(url, lambda c, i, k, g=gals[n].name: c.post("/api/search", json={
+                    "text": caption(next(ctr)), "gallery": g, "k": 10}), args.clients, args.seconds, proc.pid))
                 print(f"  round {r + 1} {n:<9} text p50 {text[n][-1]['p50_ms']:.1f} ms, load {text[n][-1]['load']}",
                       flush=True)
         from PIL import Image
@@ -338,8 +374,8 @@ def main() -> None:
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buf, "JPEG")
         jpeg = buf.getvalue()
         for n, (proc, url) in servers.items():
-            media[n] = phase(url, lambda c, i, k: c.post("/api/search/media", files={"file": ("q.jpg", jpeg)},
-                                                         data={"gallery": gallery, "k": "10"}),
+            media[n] = phase(url, lambda c, i, k, g=gals[n].name: c.post(
+                "/api/search/media", files={"file": ("q.jpg", jpeg)}, data={"gallery": g, "k": "10"}),
                              args.clients, args.seconds, proc.pid)
     finally:
         for proc, _ in servers.values():

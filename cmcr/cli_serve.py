@@ -67,6 +67,8 @@ def serve(
     for g in service.describe()["galleries"]:
         console.print(f"gallery {g['name']}: {g['rows']} {g['modality']} rows (side {g['side']}, {g['mcr']})"
                       f"{'' if g['media'] else ', no media root'}", highlight=False)
+    for hint in service.hints():
+        console.print(f"hint: {hint}", highlight=False)
     if quantize_text:
         console.print(f"text queries: {quantize_text} text tower (approximate embeddings; stores are never "
                       f"written by this service)", highlight=False)

@@ -85,6 +85,12 @@ class Gallery:
     def modality(self) -> str:
         return self.store.modality
 
+    @property
+    def search_kind(self) -> str:
+        """How a query is searched: the approximate index's kind (``"hnsw"``, ``"ivf"``), else ``"exact"``
+        (a flat index, the rows in memory or the certified :class:`ExactShortlist`: the exact top-k)."""
+        return "exact" if self.index is None or self.index.kind == "flat" else str(self.index.kind)
+
     def table(self) -> Any:
         """Keys and metadata columns of every row (a pyarrow Table, read once and kept)."""
         if self._table is None:
@@ -251,8 +257,7 @@ def open_gallery(store: Any, name: str | None = None, media_roots: Sequence[str 
     roots = [Path(r) for r in media_roots] if media_roots else media_roots_of(store)
     g = Gallery(name=name or _safe_name(Path(store.path).name), store=store, index=index,
                 side=str(store.encoder.get("side", "")), media_roots=roots)
-    exact = index is None or index.kind == "flat"
-    if shortlist and exact and store.metric == "cosine" and store.num_rows >= SHORTLIST_MIN_ROWS:
+    if shortlist and g.search_kind == "exact" and store.metric == "cosine" and store.num_rows >= SHORTLIST_MIN_ROWS:
         g.shortlist = ExactShortlist(g.exact_rows())
     return g
 
@@ -499,7 +504,7 @@ class SearchService:
                                     for s, i in self.connector.sides.items()}},
             "galleries": [{"name": g.name, "path": str(g.store.path), "rows": g.store.num_rows,
                            "modality": g.modality, "side": g.side, "mcr": self.connector.sides[g.side].mcr,
-                           "index": g.index is not None, "media": bool(g.media_roots)}
+                           "index": g.index is not None, "search": g.search_kind, "media": bool(g.media_roots)}
                           for g in self.galleries.values()],
             "query_modalities": self.query_modalities(),
             "localize": self.localizer() is not None,
@@ -510,6 +515,16 @@ class SearchService:
                         "shortlist": [g.name for g in self.galleries.values() if g.shortlist is not None]},
             "random_weights": bool(self.random_weights()),
         }
+
+    def hints(self) -> list[str]:
+        """Serving advice printed by ``cmcr serve`` at start: one line per exact-search gallery of at least
+        :data:`SHORTLIST_MIN_ROWS` rows, naming the command that gives it an HNSW index (sub-millisecond
+        search at a measured recall@10 instead of a scan of every row per query: about 16 ms vs 1 ms at
+        100k × 512 on one core, docs/serve.md#performance)."""
+        return [f"gallery {g.name}: exact search over {g.store.num_rows:,} rows per query; for faster queries "
+                f"index it (approximate, recall@10 measured and saved): cmcr store index {g.store.path} --kind hnsw"
+                for g in self.galleries.values()
+                if g.search_kind == "exact" and g.store.num_rows >= SHORTLIST_MIN_ROWS]
 
     def gallery(self, name: str) -> Gallery:
         """The gallery called ``name``. Raises :class:`InputDataError` naming the known ones."""

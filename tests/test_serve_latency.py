@@ -184,3 +184,38 @@ def test_serve_refuses_an_unknown_quantisation_before_loading_anything(capsys, t
 
     assert main(["serve", "-c", str(tmp_path / "none"), "-g", str(tmp_path / "none"), "--quantize-text", "int4"]) != 0
     assert "the only quantised text path is int8" in capsys.readouterr().err
+
+
+def test_hnsw_gallery_is_searched_by_its_index_and_exact_big_galleries_get_the_hint(service_dirs, tmp_path,
+                                                                                    monkeypatch):
+    """An HNSW-indexed gallery answers through its index (recall@10 against exact search ≥ 0.9 here, the
+    saved recall is what `cmcr store index` measured); an exact gallery at or above SHORTLIST_MIN_ROWS gets
+    the start-up hint naming the command that indexes it, an indexed one does not."""
+    import shutil
+
+    from cmcr import service as svc_mod
+    from cmcr.stores.index import build_index
+
+    conn, gal = service_dirs
+    hnsw = tmp_path / "gallery-hnsw"
+    shutil.copytree(gal, hnsw, ignore=shutil.ignore_patterns("index"))
+    info = build_index(hnsw, kind="hnsw", progress=False)
+    assert info["kind"] == "hnsw"
+    monkeypatch.setattr(svc_mod, "SHORTLIST_MIN_ROWS", 1000)
+    from cmcr.service import SearchService
+
+    svc = SearchService(conn, [gal, hnsw], encoders=[TINY])
+    kinds = {g["name"]: g["search"] for g in svc.describe()["galleries"]}
+    assert kinds == {"gallery": "exact", "gallery-hnsw": "hnsw"}
+    hints = svc.hints()
+    assert len(hints) == 1 and f"cmcr store index {gal} --kind hnsw" in hints[0] and "3,000 rows" in hints[0]
+    assert svc.galleries["gallery"].shortlist is not None and svc.galleries["gallery-hnsw"].shortlist is None
+    recall = []
+    for text in CAPTIONS:
+        q, _ = svc.embed_text(text)
+        exact = [h["key"] for h in svc.search(q, "gallery", 10)]
+        approx = [h["key"] for h in svc.search(q, "gallery-hnsw", 10)]
+        recall.append(len(set(exact) & set(approx)) / 10)
+    assert np.mean(recall) >= 0.9, recall
+    monkeypatch.setattr(svc_mod, "SHORTLIST_MIN_ROWS", 10_000)
+    assert svc.hints() == []
