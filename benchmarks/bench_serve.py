@@ -317,6 +317,8 @@ def _q(lat: list[float], p: float) -> float:
 def main() -> None:
     import itertools
 
+    from cmcr.stores.index import read_index_info
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--clients", type=int, default=2)
@@ -345,6 +347,9 @@ def main() -> None:
     print(f"int8 vs float32 text embeddings over {agree['captions']} captions: cos min {agree['cos_min']:.4f}, "
           f"mean {agree['cos_mean']:.4f}; top-10 hits shared: mean {agree['top10_overlap_mean']:.2f}, "
           f"min {agree['top10_overlap_min']:.2f} (random-init weights)", flush=True)
+    print(f"HNSW gallery index vs exact search: recall@10 {agree['hnsw_recall_at_10']:.3f} over "
+          f"{agree['hnsw_queries']} text queries (the index's own, saved: {read_index_info(hnsw_dir)['recall_at_10']})",
+          flush=True)
 
     names = [n for n in args.servers.split(",") if n]
     gals = {n: hnsw_dir if n in HNSW_SERVERS else gal_dir for n in names}
