@@ -47,6 +47,7 @@ from cmcr.stores.store import (
     DTYPES,
     INPUT_NORM_TOLERANCE,
     MANIFEST,
+    NpyDigest,
     Store,
     _screen_rows,
     canonical_json,
@@ -652,17 +653,26 @@ def execute_import(
             if source in done:
                 bar.advance(task, n)
                 continue
-            rows, keep, failures = _clean_rows(chunk, dtype=np.dtype(DTYPES[dtype]), normalize=normalize,
-                                               need_unit=need_unit, skip_bad_rows=skip_bad_rows)
-            meta = chunk.metadata
-            kept_keys = chunk.keys
-            if len(keep) != n:
-                take = np.asarray(keep, dtype=np.int64)
-                rows = rows[take]
-                meta = meta.take(pa.array(take)) if meta is not None else None
-                kept_keys = [chunk.keys[i] for i in keep]
-            store.append_part(kept_keys, rows, metadata=meta, source=source,
-                              failures=failures, check_rows=False)  # _clean_rows checked these rows
+            # rows already in the store dtype (a memory-mapped .npy) are written as they are: their
+            # .npy digest starts now, overlapping the row screen and the write (append_part uses it
+            # only if these very rows are written)
+            digest = (NpyDigest(chunk.emb) if store.version >= 2 and not normalize and chunk.emb.flags.c_contiguous
+                      and chunk.emb.dtype == np.dtype(DTYPES[dtype]) else None)
+            try:
+                rows, keep, failures = _clean_rows(chunk, dtype=np.dtype(DTYPES[dtype]), normalize=normalize,
+                                                   need_unit=need_unit, skip_bad_rows=skip_bad_rows)
+                meta = chunk.metadata
+                kept_keys = chunk.keys
+                if len(keep) != n:
+                    take = np.asarray(keep, dtype=np.int64)
+                    rows = rows[take]
+                    meta = meta.take(pa.array(take)) if meta is not None else None
+                    kept_keys = [chunk.keys[i] for i in keep]
+                store.append_part(kept_keys, rows, metadata=meta, source=source, failures=failures,
+                                  check_rows=False, digest=digest)  # _clean_rows checked these rows
+            finally:
+                if digest is not None:
+                    digest.cancel()  # a no-op once finished
             bar.advance(task, n)
     if store.num_rows == 0 and total:
         raise StoreValidationError(f"every row of {[str(f) for f in files]} was rejected; see {tmp}/failures.parquet")

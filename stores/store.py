@@ -753,6 +753,7 @@ class Store:
         source: str | None = None,
         failures: Sequence[Mapping[str, Any]] = (),
         check_rows: bool = True,
+        digest: NpyDigest | None = None,
     ) -> PartInfo:
         """Validate rows and append them as one new part, atomically.
 
@@ -771,6 +772,10 @@ class Store:
                 were rejected.
             check_rows: check NaN/Inf and norms (default). ``False`` is for callers that have just
                 checked the very same rows (``store import``); keys are always checked.
+            digest: the sha256 of these rows' ``.npy`` bytes, already being computed
+                (:class:`NpyDigest`, started by a caller before its own row check); used only if it
+                :meth:`~NpyDigest.covers` the rows written (else cancelled, and the digest is computed
+                here). Format 2 hashes the rows in a thread during the checks and the write either way.
 
         What is written is read back before the manifest lists it: row count, schema (metadata
         columns keep their real Arrow types: structs, lists, dictionaries...) and values of the
@@ -797,22 +802,35 @@ class Store:
         emb = emb.reshape(n, self.dim)
         tol = NORM_TOLERANCE["float16"] if emb.dtype == np.float16 else INPUT_NORM_TOLERANCE
         origin = f" from {source}" if source else ""
-        key_set = set(keys)  # one C-level pass serves the empty, duplicate and clash checks
-        if "" in key_set:
-            raise StoreValidationError(f"{self.path}: row {keys.index('')} has an empty key; every row needs a "
-                                       "unique key")
-        if len(key_set) != n:
-            dup = _first_duplicate(keys)
-            raise StoreValidationError(f"{self.path}: key {dup!r} appears twice in the rows being appended")
         cast = np.ascontiguousarray(emb, dtype=DTYPES[self.dtype])
-        # format 2: the .npy digest is computed from memory in a thread while the rows are checked
-        hashing = _start_npy_digest(cast) if self.version >= 2 else None
+        if digest is not None and (self.version < 2 or not digest.covers(cast)):
+            digest.cancel()
+            digest = None
+        # format 2: the .npy digest is computed from memory in a thread while the keys and rows are
+        # checked and written (waited for after the .npy's fsync)
+        if self.version >= 2 and digest is None:
+            digest = NpyDigest(cast)
         try:
+            key_set = set(keys)  # one C-level pass serves the empty, duplicate and clash checks
+            if "" in key_set:
+                raise StoreValidationError(f"{self.path}: row {keys.index('')} has an empty key; every row needs a "
+                                           "unique key")
+            if len(key_set) != n:
+                dup = _first_duplicate(keys)
+                raise StoreValidationError(f"{self.path}: key {dup!r} appears twice in the rows being appended")
             if check_rows:
                 _check_rows(emb, keys, self.normalized, tol, f"{self.path} (rows being appended{origin})")
+            return self._append_checked(keys, key_set, cast, metadata, source, failures, digest)
         finally:
-            digest = hashing() if hashing is not None else None
-        emb = cast
+            if digest is not None:
+                digest.cancel()  # a no-op once finished; stops it when the append failed
+
+    def _append_checked(
+        self, keys: list[str], key_set: set[str], emb: np.ndarray, metadata: Mapping[str, Sequence[Any]] | pa.Table
+        | None, source: str | None, failures: Sequence[Mapping[str, Any]], digest: NpyDigest | None,
+    ) -> PartInfo:
+        """:meth:`append_part` once the rows are checked: ``emb`` in the store dtype, C order."""
+        n = len(keys)
         table = self._build_table(keys, emb if self.version == 1 else None, metadata)
 
         with _lock(self.path):
@@ -1403,39 +1421,68 @@ def _readinto(f: Any, dest: np.ndarray, where: Any) -> None:
         pos += n
 
 
-def _start_npy_digest(emb: np.ndarray) -> Any:
-    """Start hashing the ``.npy`` bytes of C-contiguous ``emb`` in a thread (hashlib releases the
-    GIL); returns a function that waits and gives the sha256 hex digest."""
-    import threading
+class NpyDigest:
+    """The sha256 of the ``.npy`` bytes (header + data) of a C-contiguous ``(N, D)`` array, computed in
+    a thread (hashlib releases the GIL), so that it overlaps the row checks and the file write.
 
-    result: list[str] = []
-    header = _npy_header(emb.shape, emb.dtype)
+    Start it as soon as the rows that will be written exist (:meth:`Store.append_part` does; ``store
+    import`` starts it before its own row screen and hands it over). :meth:`covers` tells whether it
+    is the digest of a given array (same memory, shape and dtype); :meth:`cancel` stops it early
+    (within one 64 MiB block) when its rows will not be written.
+    """
 
-    def run() -> None:
-        h = hashlib.sha256(header)
-        h.update(_bytes_view(emb))
-        result.append(h.hexdigest())
+    _BLOCK = 64 << 20
 
-    th = threading.Thread(target=run, name="cmcr-npy-sha256", daemon=True)
-    th.start()
+    def __init__(self, emb: np.ndarray):
+        import threading
 
-    def wait() -> str:
-        th.join()
-        return result[0]
+        if not emb.flags.c_contiguous:
+            raise ValueError("NpyDigest needs a C-contiguous array")
+        self._emb = emb
+        self._result: list[str] = []
+        self._error: list[BaseException] = []
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cmcr-npy-sha256", daemon=True)
+        self._thread.start()
 
-    return wait
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256(_npy_header(self._emb.shape, self._emb.dtype))
+            data = _bytes_view(self._emb)
+            for s in range(0, len(data), self._BLOCK):
+                if self._cancelled.is_set():
+                    return
+                h.update(data[s:s + self._BLOCK])
+            self._result.append(h.hexdigest())
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+            self._error.append(e)
+
+    def covers(self, emb: np.ndarray) -> bool:
+        """Whether this is the digest of ``emb``'s bytes (the same memory, shape and dtype, C order)."""
+        return (not self._cancelled.is_set() and emb.flags.c_contiguous and emb.shape == self._emb.shape
+                and emb.dtype == self._emb.dtype
+                and emb.__array_interface__["data"][0] == self._emb.__array_interface__["data"][0])
+
+    def cancel(self) -> None:
+        """Stop hashing (the rows will not be written); a no-op once finished."""
+        self._cancelled.set()
+
+    def wait(self) -> str:
+        """Wait for the thread; the sha256 hex digest."""
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
+        if not self._result:
+            raise RuntimeError("NpyDigest was cancelled")
+        return self._result[0]
 
 
-def _write_npy(path: Path, emb: np.ndarray, digest: str | None = None) -> tuple[str, int]:
+def _write_npy(path: Path, emb: np.ndarray, digest: NpyDigest | None = None) -> tuple[str, int]:
     """Write C-contiguous ``emb`` as a ``.npy`` atomically (temp file, fsync, rename). ``digest``:
-    the sha256 of those bytes when already known (:func:`_start_npy_digest`), else computed here.
-    Returns (sha256 hex, file size)."""
+    the sha256 of those bytes being computed in a thread (:class:`NpyDigest`; waited for after the
+    write, which it overlaps), else computed here. Returns (sha256 hex, file size)."""
     header = _npy_header(emb.shape, emb.dtype)
     data = _bytes_view(np.ascontiguousarray(emb))
-    if digest is None:
-        h = hashlib.sha256(header)
-        h.update(data)
-        digest = h.hexdigest()
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(header)
@@ -1444,7 +1491,13 @@ def _write_npy(path: Path, emb: np.ndarray, digest: str | None = None) -> tuple[
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-    return digest, len(header) + len(data)
+    if digest is None:
+        h = hashlib.sha256(header)
+        h.update(data)
+        sha = h.hexdigest()
+    else:
+        sha = digest.wait()
+    return sha, len(header) + len(data)
 
 
 def _screen_rows(emb: np.ndarray, normalized: bool, tol: float) -> bool:
