@@ -352,8 +352,8 @@ def _keys_digest(keys: Sequence[str] | None) -> str | None:
     if keys is None:
         return None
     h = hashlib.sha256()
-    for s in range(0, len(keys), 65536):
-        h.update(("\n".join(map(str, keys[s:s + 65536])) + "\n").encode())
+    for s in range(0, len(keys), 1 << 20):  # "\n".join(keys) + "\n", in blocks (bounded memory)
+        h.update(("\n".join(keys[s:s + (1 << 20)]) + "\n").encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -668,11 +668,15 @@ def execute_import(
                     rows = rows[take]
                     meta = meta.take(pa.array(take)) if meta is not None else None
                     kept_keys = [chunk.keys[i] for i in keep]
+                # _clean_rows checked these rows; plan_import checked every key of the import (non-empty,
+                # unique) and this temp store holds only keys of this import (a resume needs the same
+                # keys digest), so the part's keys cannot repeat
                 store.append_part(kept_keys, rows, metadata=meta, source=source, failures=failures,
-                                  check_rows=False, digest=digest)  # _clean_rows checked these rows
-            finally:
+                                  check_rows=False, check_keys=False, digest=digest)
+            except BaseException:
                 if digest is not None:
-                    digest.cancel()  # a no-op once finished
+                    digest.cancel()  # the rows were not written: stop hashing them
+                raise
             bar.advance(task, n)
     if store.num_rows == 0 and total:
         raise StoreValidationError(f"every row of {[str(f) for f in files]} was rejected; see {tmp}/failures.parquet")

@@ -753,6 +753,7 @@ class Store:
         source: str | None = None,
         failures: Sequence[Mapping[str, Any]] = (),
         check_rows: bool = True,
+        check_keys: bool = True,
         digest: NpyDigest | None = None,
     ) -> PartInfo:
         """Validate rows and append them as one new part, atomically.
@@ -771,7 +772,11 @@ class Store:
             failures: records ``{"key", "source", "stage", "error"}`` of inputs of this source that
                 were rejected.
             check_rows: check NaN/Inf and norms (default). ``False`` is for callers that have just
-                checked the very same rows (``store import``); keys are always checked.
+                checked the very same rows (``store import``).
+            check_keys: check the keys non-empty, unique and not yet in the store (default). ``False``
+                is for ``store import`` only: it has checked every key of the import (non-empty,
+                unique) before writing, into a store only it writes (its temp store, resumed only
+                when the keys' digest is the same), so no key can repeat.
             digest: the sha256 of these rows' ``.npy`` bytes, already being computed
                 (:class:`NpyDigest`, started by a caller before its own row check); used only if it
                 :meth:`~NpyDigest.covers` the rows written (else cancelled, and the digest is computed
@@ -811,25 +816,28 @@ class Store:
         if self.version >= 2 and digest is None:
             digest = NpyDigest(cast)
         try:
-            key_set = set(keys)  # one C-level pass serves the empty, duplicate and clash checks
-            if "" in key_set:
+            key_set = set(keys) if check_keys else None  # one C-level pass: empty, duplicate and clash checks
+            if key_set is not None and "" in key_set:
                 raise StoreValidationError(f"{self.path}: row {keys.index('')} has an empty key; every row needs a "
                                            "unique key")
-            if len(key_set) != n:
+            if key_set is not None and len(key_set) != n:
                 dup = _first_duplicate(keys)
                 raise StoreValidationError(f"{self.path}: key {dup!r} appears twice in the rows being appended")
             if check_rows:
                 _check_rows(emb, keys, self.normalized, tol, f"{self.path} (rows being appended{origin})")
             return self._append_checked(keys, key_set, cast, metadata, source, failures, digest)
-        finally:
+        except BaseException:
             if digest is not None:
-                digest.cancel()  # a no-op once finished; stops it when the append failed
+                digest.cancel()  # the rows are not written: stop hashing them
+            raise
 
     def _append_checked(
-        self, keys: list[str], key_set: set[str], emb: np.ndarray, metadata: Mapping[str, Sequence[Any]] | pa.Table
-        | None, source: str | None, failures: Sequence[Mapping[str, Any]], digest: NpyDigest | None,
+        self, keys: list[str], key_set: set[str] | None, emb: np.ndarray,
+        metadata: Mapping[str, Sequence[Any]] | pa.Table | None, source: str | None,
+        failures: Sequence[Mapping[str, Any]], digest: NpyDigest | None,
     ) -> PartInfo:
-        """:meth:`append_part` once the rows are checked: ``emb`` in the store dtype, C order."""
+        """:meth:`append_part` once the rows are checked: ``emb`` in the store dtype, C order;
+        ``key_set``: the set of ``keys`` (``None``: their checks are the caller's)."""
         n = len(keys)
         table = self._build_table(keys, emb if self.version == 1 else None, metadata)
 
@@ -840,8 +848,8 @@ class Store:
                 raise StoreValidationError(
                     f"{self.path}: source {source!r} already has a part; skip it (a rerun resumes) or use --overwrite"
                 )
-            existing = self._keys_set()
-            clash = None if existing.isdisjoint(key_set) else next(k for k in keys if k in existing)
+            existing = self._keys_set() if key_set is not None else None
+            clash = None if existing is None or existing.isdisjoint(key_set) else next(k for k in keys if k in existing)
             if clash is not None:
                 raise StoreValidationError(
                     f"{self.path}: key {clash!r} (row {keys.index(clash)} of the rows being appended"
@@ -886,8 +894,9 @@ class Store:
             manifest["updated_at"] = _now()
             atomic_write_json(self.path / MANIFEST, manifest)
             self.manifest = manifest
-            existing.update(key_set)
-            self._key_set_rows = self.num_rows
+            if existing is not None:
+                existing.update(key_set)
+                self._key_set_rows = self.num_rows  # else the cached key set is rebuilt when next needed
             self._mark_verified([(f, sha) for f, sha, _ in part.files()])
         return part
 
@@ -1464,16 +1473,20 @@ class NpyDigest:
                 and emb.__array_interface__["data"][0] == self._emb.__array_interface__["data"][0])
 
     def cancel(self) -> None:
-        """Stop hashing (the rows will not be written); a no-op once finished."""
+        """Stop hashing (the rows will not be written); the digest is no longer usable."""
         self._cancelled.set()
 
     def wait(self) -> str:
-        """Wait for the thread; the sha256 hex digest."""
+        """Wait for the thread; the sha256 hex digest.
+
+        Raises:
+            RuntimeError: the digest was cancelled.
+        """
         self._thread.join()
         if self._error:
             raise self._error[0]
-        if not self._result:
-            raise RuntimeError("NpyDigest was cancelled")
+        if self._cancelled.is_set():
+            raise RuntimeError("NpyDigest was cancelled: its rows were not written")
         return self._result[0]
 
 
