@@ -161,7 +161,7 @@ def main() -> None:
     keys_txt = work / "keys.txt"
     keys_txt.write_text("".join(k + "\n" for k in keys))
     import_src = work / "import-src.npy"
-    np.save(import_src, x)
+    save_fsync(import_src, x)  # flushed now: its write-back must not land inside the timed pairs
     save_s, append_s, import_s = [], [], []
     for rep in range(args.repeat):
         for what in (("numpy", "append", "import") if rep % 2 == 0 else ("import", "append", "numpy")):

@@ -47,6 +47,7 @@ from cmcr.stores.store import (
     DTYPES,
     INPUT_NORM_TOLERANCE,
     MANIFEST,
+    NpyDigest,
     Store,
     _screen_rows,
     canonical_json,
@@ -351,8 +352,8 @@ def _keys_digest(keys: Sequence[str] | None) -> str | None:
     if keys is None:
         return None
     h = hashlib.sha256()
-    for s in range(0, len(keys), 65536):
-        h.update(("\n".join(map(str, keys[s:s + 65536])) + "\n").encode())
+    for s in range(0, len(keys), 1 << 20):  # "\n".join(keys) + "\n", in blocks (bounded memory)
+        h.update(("\n".join(keys[s:s + (1 << 20)]) + "\n").encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -652,17 +653,30 @@ def execute_import(
             if source in done:
                 bar.advance(task, n)
                 continue
-            rows, keep, failures = _clean_rows(chunk, dtype=np.dtype(DTYPES[dtype]), normalize=normalize,
-                                               need_unit=need_unit, skip_bad_rows=skip_bad_rows)
-            meta = chunk.metadata
-            kept_keys = chunk.keys
-            if len(keep) != n:
-                take = np.asarray(keep, dtype=np.int64)
-                rows = rows[take]
-                meta = meta.take(pa.array(take)) if meta is not None else None
-                kept_keys = [chunk.keys[i] for i in keep]
-            store.append_part(kept_keys, rows, metadata=meta, source=source,
-                              failures=failures, check_rows=False)  # _clean_rows checked these rows
+            # rows already in the store dtype (a memory-mapped .npy) are written as they are: their
+            # .npy digest starts now, overlapping the row screen and the write (append_part uses it
+            # only if these very rows are written)
+            digest = (NpyDigest(chunk.emb) if store.version >= 2 and not normalize and chunk.emb.flags.c_contiguous
+                      and chunk.emb.dtype == np.dtype(DTYPES[dtype]) else None)
+            try:
+                rows, keep, failures = _clean_rows(chunk, dtype=np.dtype(DTYPES[dtype]), normalize=normalize,
+                                                   need_unit=need_unit, skip_bad_rows=skip_bad_rows)
+                meta = chunk.metadata
+                kept_keys = chunk.keys
+                if len(keep) != n:
+                    take = np.asarray(keep, dtype=np.int64)
+                    rows = rows[take]
+                    meta = meta.take(pa.array(take)) if meta is not None else None
+                    kept_keys = [chunk.keys[i] for i in keep]
+                # _clean_rows checked these rows; plan_import checked every key of the import (non-empty,
+                # unique) and this temp store holds only keys of this import (a resume needs the same
+                # keys digest), so the part's keys cannot repeat
+                store.append_part(kept_keys, rows, metadata=meta, source=source, failures=failures,
+                                  check_rows=False, check_keys=False, digest=digest)
+            except BaseException:
+                if digest is not None:
+                    digest.cancel()  # the rows were not written: stop hashing them
+                raise
             bar.advance(task, n)
     if store.num_rows == 0 and total:
         raise StoreValidationError(f"every row of {[str(f) for f in files]} was rejected; see {tmp}/failures.parquet")

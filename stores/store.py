@@ -753,6 +753,8 @@ class Store:
         source: str | None = None,
         failures: Sequence[Mapping[str, Any]] = (),
         check_rows: bool = True,
+        check_keys: bool = True,
+        digest: NpyDigest | None = None,
     ) -> PartInfo:
         """Validate rows and append them as one new part, atomically.
 
@@ -770,7 +772,15 @@ class Store:
             failures: records ``{"key", "source", "stage", "error"}`` of inputs of this source that
                 were rejected.
             check_rows: check NaN/Inf and norms (default). ``False`` is for callers that have just
-                checked the very same rows (``store import``); keys are always checked.
+                checked the very same rows (``store import``).
+            check_keys: check the keys non-empty, unique and not yet in the store (default). ``False``
+                is for ``store import`` only: it has checked every key of the import (non-empty,
+                unique) before writing, into a store only it writes (its temp store, resumed only
+                when the keys' digest is the same), so no key can repeat.
+            digest: the sha256 of these rows' ``.npy`` bytes, already being computed
+                (:class:`NpyDigest`, started by a caller before its own row check); used only if it
+                :meth:`~NpyDigest.covers` the rows written (else cancelled, and the digest is computed
+                here). Format 2 hashes the rows in a thread during the checks and the write either way.
 
         What is written is read back before the manifest lists it: row count, schema (metadata
         columns keep their real Arrow types: structs, lists, dictionaries...) and values of the
@@ -797,22 +807,38 @@ class Store:
         emb = emb.reshape(n, self.dim)
         tol = NORM_TOLERANCE["float16"] if emb.dtype == np.float16 else INPUT_NORM_TOLERANCE
         origin = f" from {source}" if source else ""
-        key_set = set(keys)  # one C-level pass serves the empty, duplicate and clash checks
-        if "" in key_set:
-            raise StoreValidationError(f"{self.path}: row {keys.index('')} has an empty key; every row needs a "
-                                       "unique key")
-        if len(key_set) != n:
-            dup = _first_duplicate(keys)
-            raise StoreValidationError(f"{self.path}: key {dup!r} appears twice in the rows being appended")
         cast = np.ascontiguousarray(emb, dtype=DTYPES[self.dtype])
-        # format 2: the .npy digest is computed from memory in a thread while the rows are checked
-        hashing = _start_npy_digest(cast) if self.version >= 2 else None
+        if digest is not None and (self.version < 2 or not digest.covers(cast)):
+            digest.cancel()
+            digest = None
+        # format 2: the .npy digest is computed from memory in a thread while the keys and rows are
+        # checked and written (waited for after the .npy's fsync)
+        if self.version >= 2 and digest is None:
+            digest = NpyDigest(cast)
         try:
+            key_set = set(keys) if check_keys else None  # one C-level pass: empty, duplicate and clash checks
+            if key_set is not None and "" in key_set:
+                raise StoreValidationError(f"{self.path}: row {keys.index('')} has an empty key; every row needs a "
+                                           "unique key")
+            if key_set is not None and len(key_set) != n:
+                dup = _first_duplicate(keys)
+                raise StoreValidationError(f"{self.path}: key {dup!r} appears twice in the rows being appended")
             if check_rows:
                 _check_rows(emb, keys, self.normalized, tol, f"{self.path} (rows being appended{origin})")
-        finally:
-            digest = hashing() if hashing is not None else None
-        emb = cast
+            return self._append_checked(keys, key_set, cast, metadata, source, failures, digest)
+        except BaseException:
+            if digest is not None:
+                digest.cancel()  # the rows are not written: stop hashing them
+            raise
+
+    def _append_checked(
+        self, keys: list[str], key_set: set[str] | None, emb: np.ndarray,
+        metadata: Mapping[str, Sequence[Any]] | pa.Table | None, source: str | None,
+        failures: Sequence[Mapping[str, Any]], digest: NpyDigest | None,
+    ) -> PartInfo:
+        """:meth:`append_part` once the rows are checked: ``emb`` in the store dtype, C order;
+        ``key_set``: the set of ``keys`` (``None``: their checks are the caller's)."""
+        n = len(keys)
         table = self._build_table(keys, emb if self.version == 1 else None, metadata)
 
         with _lock(self.path):
@@ -822,8 +848,8 @@ class Store:
                 raise StoreValidationError(
                     f"{self.path}: source {source!r} already has a part; skip it (a rerun resumes) or use --overwrite"
                 )
-            existing = self._keys_set()
-            clash = None if existing.isdisjoint(key_set) else next(k for k in keys if k in existing)
+            existing = self._keys_set() if key_set is not None else None
+            clash = None if existing is None or existing.isdisjoint(key_set) else next(k for k in keys if k in existing)
             if clash is not None:
                 raise StoreValidationError(
                     f"{self.path}: key {clash!r} (row {keys.index(clash)} of the rows being appended"
@@ -868,8 +894,9 @@ class Store:
             manifest["updated_at"] = _now()
             atomic_write_json(self.path / MANIFEST, manifest)
             self.manifest = manifest
-            existing.update(key_set)
-            self._key_set_rows = self.num_rows
+            if existing is not None:
+                existing.update(key_set)
+                self._key_set_rows = self.num_rows  # else the cached key set is rebuilt when next needed
             self._mark_verified([(f, sha) for f, sha, _ in part.files()])
         return part
 
@@ -1403,39 +1430,72 @@ def _readinto(f: Any, dest: np.ndarray, where: Any) -> None:
         pos += n
 
 
-def _start_npy_digest(emb: np.ndarray) -> Any:
-    """Start hashing the ``.npy`` bytes of C-contiguous ``emb`` in a thread (hashlib releases the
-    GIL); returns a function that waits and gives the sha256 hex digest."""
-    import threading
+class NpyDigest:
+    """The sha256 of the ``.npy`` bytes (header + data) of a C-contiguous ``(N, D)`` array, computed in
+    a thread (hashlib releases the GIL), so that it overlaps the row checks and the file write.
 
-    result: list[str] = []
-    header = _npy_header(emb.shape, emb.dtype)
+    Start it as soon as the rows that will be written exist (:meth:`Store.append_part` does; ``store
+    import`` starts it before its own row screen and hands it over). :meth:`covers` tells whether it
+    is the digest of a given array (same memory, shape and dtype); :meth:`cancel` stops it early
+    (within one 64 MiB block) when its rows will not be written.
+    """
 
-    def run() -> None:
-        h = hashlib.sha256(header)
-        h.update(_bytes_view(emb))
-        result.append(h.hexdigest())
+    _BLOCK = 64 << 20
 
-    th = threading.Thread(target=run, name="cmcr-npy-sha256", daemon=True)
-    th.start()
+    def __init__(self, emb: np.ndarray):
+        import threading
 
-    def wait() -> str:
-        th.join()
-        return result[0]
+        if not emb.flags.c_contiguous:
+            raise ValueError("NpyDigest needs a C-contiguous array")
+        self._emb = emb
+        self._result: list[str] = []
+        self._error: list[BaseException] = []
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cmcr-npy-sha256", daemon=True)
+        self._thread.start()
 
-    return wait
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256(_npy_header(self._emb.shape, self._emb.dtype))
+            data = _bytes_view(self._emb)
+            for s in range(0, len(data), self._BLOCK):
+                if self._cancelled.is_set():
+                    return
+                h.update(data[s:s + self._BLOCK])
+            self._result.append(h.hexdigest())
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+            self._error.append(e)
+
+    def covers(self, emb: np.ndarray) -> bool:
+        """Whether this is the digest of ``emb``'s bytes (the same memory, shape and dtype, C order)."""
+        return (not self._cancelled.is_set() and emb.flags.c_contiguous and emb.shape == self._emb.shape
+                and emb.dtype == self._emb.dtype
+                and emb.__array_interface__["data"][0] == self._emb.__array_interface__["data"][0])
+
+    def cancel(self) -> None:
+        """Stop hashing (the rows will not be written); the digest is no longer usable."""
+        self._cancelled.set()
+
+    def wait(self) -> str:
+        """Wait for the thread; the sha256 hex digest.
+
+        Raises:
+            RuntimeError: the digest was cancelled.
+        """
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
+        if self._cancelled.is_set():
+            raise RuntimeError("NpyDigest was cancelled: its rows were not written")
+        return self._result[0]
 
 
-def _write_npy(path: Path, emb: np.ndarray, digest: str | None = None) -> tuple[str, int]:
+def _write_npy(path: Path, emb: np.ndarray, digest: NpyDigest | None = None) -> tuple[str, int]:
     """Write C-contiguous ``emb`` as a ``.npy`` atomically (temp file, fsync, rename). ``digest``:
-    the sha256 of those bytes when already known (:func:`_start_npy_digest`), else computed here.
-    Returns (sha256 hex, file size)."""
+    the sha256 of those bytes being computed in a thread (:class:`NpyDigest`; waited for after the
+    write, which it overlaps), else computed here. Returns (sha256 hex, file size)."""
     header = _npy_header(emb.shape, emb.dtype)
     data = _bytes_view(np.ascontiguousarray(emb))
-    if digest is None:
-        h = hashlib.sha256(header)
-        h.update(data)
-        digest = h.hexdigest()
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(header)
@@ -1444,7 +1504,13 @@ def _write_npy(path: Path, emb: np.ndarray, digest: str | None = None) -> tuple[
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-    return digest, len(header) + len(data)
+    if digest is None:
+        h = hashlib.sha256(header)
+        h.update(data)
+        sha = h.hexdigest()
+    else:
+        sha = digest.wait()
+    return sha, len(header) + len(data)
 
 
 def _screen_rows(emb: np.ndarray, normalized: bool, tol: float) -> bool:

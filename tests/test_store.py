@@ -120,6 +120,40 @@ def test_append_rejects_duplicate_and_empty_keys(tmp_path):
     assert store.keys() == ["a", "b"]
 
 
+def test_append_without_key_checks_keeps_the_key_cache_right(tmp_path):
+    """``check_keys=False`` (store import, whose keys were checked beforehand) skips the key set; the
+    cached set of store keys must then be rebuilt, so a later checked append still sees every key."""
+    store = new_store(tmp_path / "s")
+    store.append_part(["a", "b"], unit_rows(2, 8))
+    store.append_part(["c", "d"], unit_rows(2, 8), check_keys=False)
+    with pytest.raises(StoreValidationError, match="'d'.*already in the store"):
+        store.append_part(["e", "d"], unit_rows(2, 8))
+    assert store.keys() == ["a", "b", "c", "d"]
+
+
+def test_npy_digest_handed_over_only_when_it_covers_the_rows(tmp_path):
+    """A digest started by the caller (:class:`NpyDigest`) is used only for the very rows written;
+    any other is cancelled and the part's sha256 computed from its own rows."""
+    import hashlib
+
+    from cmcr.stores.store import NpyDigest
+
+    x = unit_rows(300, 8).astype(np.float16)
+    other = NpyDigest(unit_rows(300, 8, seed=1).astype(np.float16))
+    assert not other.covers(x) and not NpyDigest(x).covers(x.copy()) and NpyDigest(x).covers(x)
+    store = new_store(tmp_path / "s")
+    part = store.append_part([f"k{i}" for i in range(300)], x, digest=other)
+    data = (tmp_path / "s" / part.embeddings_file).read_bytes()
+    assert part.embeddings_sha256 == hashlib.sha256(data).hexdigest()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        other.wait()
+    mine = NpyDigest(x[:100])
+    part = store.append_part([f"m{i}" for i in range(100)], x[:100], digest=mine)
+    assert part.embeddings_sha256 == mine.wait() == hashlib.sha256(
+        (tmp_path / "s" / part.embeddings_file).read_bytes()).hexdigest()
+    assert store.validate()["ok"]
+
+
 def test_append_rejects_second_part_of_same_source(tmp_path):
     store = new_store(tmp_path / "s")
     store.append_part(["a"], unit_rows(1, 8), source="shard-0")

@@ -259,3 +259,42 @@ def test_resume_after_keys_file_changed_starts_over(tmp_path, monkeypatch):
     assert s.keys() == [f"new-{i:03d}" for i in range(40)]
     assert s.manifest["extra"]["import"]["keys_sha256"].startswith("sha256:")
     s.validate()
+
+
+def test_float16_npy_rows_hashed_once_beside_the_screen(tmp_path, monkeypatch):
+    """A float16 .npy of unit rows is written as it is: one sha256 per part, started before the row
+    screen and handed to append_part (it used to hash after the screen, serially); a float32 input
+    (cast for the store) is hashed by append_part from the cast rows. Either way the recorded digests
+    are those of the written files."""
+    from cmcr.stores import store as store_module
+
+    started = []
+
+    class Counting(store_module.NpyDigest):
+        def __init__(self, emb):  # noqa: ANN001
+            started.append(len(emb))
+            super().__init__(emb)
+
+    monkeypatch.setattr(store_module, "NpyDigest", Counting)
+    monkeypatch.setattr(importing, "NpyDigest", Counting)
+    x = clustered_embeddings(250, 16)
+    np.save(tmp_path / "h.npy", x.astype(np.float16))
+    np.save(tmp_path / "f.npy", x.astype(np.float32))
+    kw = {"modality": "image", "encoder": {"family": "x"}, "row_keys": True, "part_rows": 100, "progress": False}
+    s = import_embeddings(tmp_path / "h.npy", tmp_path / "h", **kw)
+    assert started == [100, 100, 50] and s.validate()["ok"]
+    started.clear()
+    s = import_embeddings(tmp_path / "f.npy", tmp_path / "f", **kw)
+    assert started == [100, 100, 50] and s.validate()["ok"]
+    np.testing.assert_array_equal(s.embeddings(), x.astype(np.float16))
+
+
+def test_keys_digest_is_the_sha256_of_the_keys_lines():
+    """The keys digest recorded by earlier imports (resume and reuse compare it) is unchanged: the sha256
+    of the keys joined by newlines, newline-terminated, whatever the block size used to hash them."""
+    import hashlib
+
+    for n in (0, 1, 65537, (1 << 20) + 3):
+        keys = [f"k{i}" for i in range(n)]
+        want = hashlib.sha256("".join(k + "\n" for k in keys).encode()).hexdigest()
+        assert importing._keys_digest(keys) == "sha256:" + want
