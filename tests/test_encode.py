@@ -12,10 +12,13 @@ import cmcr.pipeline.encode as encode_mod
 from cmcr.cli import main
 from cmcr.errors import StoreMismatchError
 from cmcr.pipeline.encode import (
+    AutoThreads,
     KeyClashError,
+    Prepared,
     default_torch_threads,
     encode_shards,
     shard_identity,
+    threads_for_decode_share,
 )
 from cmcr.pipeline.encoders import load_encoder
 from cmcr.pipeline.shards import write_shards
@@ -225,6 +228,89 @@ def test_default_torch_threads_leave_cores_to_the_workers(monkeypatch):
         assert default_torch_threads(0) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_for_decode_share_gives_the_forward_the_cores_decoding_leaves():
+    # 2 cores: both threads while decoding costs at most a third of the forward pass (share <= 25 %)
+    assert threads_for_decode_share(2, 2, 0.0, 10.0) == 2
+    assert threads_for_decode_share(2, 2, 1.5, 13.6) == 2  # ViT-B-32 on 640x480 JPEGs (~10 %)
+    assert threads_for_decode_share(2, 2, 1.0, 3.0) == 2  # share 25 %: 1.5 cores, halves round up
+    assert threads_for_decode_share(2, 2, 1.0, 2.0) == 1  # share 33 %
+    assert threads_for_decode_share(2, 2, 9.0, 1.0) == 1  # decode-bound: still at least one
+    # more cores: the cores the decode does not need, never above the cap (torch's setting)
+    assert threads_for_decode_share(8, 8, 1.0, 1.0) == 4
+    assert threads_for_decode_share(8, 8, 1.0, 7.0) == 7
+    assert threads_for_decode_share(8, 4, 0.1, 10.0) == 4
+    assert threads_for_decode_share(2, 1, 0.0, 10.0) == 1
+    assert threads_for_decode_share(4, 8, 0.0, 1.0) == 4  # a cap above the CPUs: the CPUs
+    # nothing measured yet: the most allowed
+    assert threads_for_decode_share(2, 2, 0.0, 0.0) == 2
+
+
+def _batch_from(worker, cpu_s, samples, n=4):
+    return Prepared(keys=[str(i) for i in range(n)], items=[0] * n, worker=worker, worker_cpu_s=cpu_s,
+                    worker_samples=samples)
+
+
+def test_auto_threads_follow_the_measured_decode_load():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        auto = AutoThreads(2, cap=2, cpus=2)
+        assert auto.threads == 1 and auto.decode_share is None  # start: CPUs - workers (the prefetch burst)
+        # cheap decode (0.025 s per sample against a forward pass of 12.5 core-s per sample): both cores
+        assert auto.observe(_batch_from(0, 0.1, 4), forward_s=50.0) == 2
+        assert torch.get_num_threads() == 2
+        # the first forward pass (one-off set-up costs) is dropped once a second one is in
+        assert auto.observe(_batch_from(1, 0.2, 4), forward_s=4.0) == 2
+        assert auto.decode_share == pytest.approx(0.3 / 8 / (0.3 / 8 + 4.0 * 2 / 4))
+        # decoding turns expensive (e.g. larger images): the workers get a core back
+        assert auto.observe(_batch_from(0, 40.0, 8), forward_s=1.0) == 1
+        assert torch.get_num_threads() == 1
+        assert auto.history == [(0, 1), (1, 2), (3, 1)]
+        # a batch whose samples all failed has no forward pass to measure
+        assert auto.observe(Prepared(worker=1, worker_cpu_s=0.3, worker_samples=6), forward_s=0.0) == 1
+        assert auto.history == [(0, 1), (1, 2), (3, 1)]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_encode_sizes_threads_from_worker_load_unless_set(tiny_clip, messy_images, tmp_path, monkeypatch):
+    import torch
+
+    shards = _image_shards(messy_images, tmp_path)
+    monkeypatch.setattr(encode_mod, "usable_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    seen = []
+    real = AutoThreads.observe
+
+    def spy(self, prepared, forward_s):
+        seen.append((prepared.worker, prepared.worker_samples, prepared.worker_cpu_s))
+        return real(self, prepared, forward_s)
+
+    monkeypatch.setattr(AutoThreads, "observe", spy)
+    try:
+        torch.set_num_threads(2)
+        rep = encode_shards(shards, tiny_clip, "image", tmp_path / "a", batch_size=2, num_workers=2, progress=False)
+        assert rep.thread_changes[0] == [0, 1]  # 2 CPUs - 2 workers while they fill the prefetch queue
+        assert rep.torch_threads == rep.thread_changes[-1][1] and 1 <= rep.torch_threads <= 2
+        assert rep.decode_share is not None and 0 < rep.decode_share < 1
+        assert {w for w, _, _ in seen} == {0, 1}  # every batch says which worker made it, and its load
+        assert all(n > 0 and cpu > 0 for _, n, cpu in seen)
+        assert torch.get_num_threads() == 2  # restored
+        # an explicit setting is used as is; without workers torch's setting (no measuring)
+        fixed = encode_shards(shards, tiny_clip, "image", tmp_path / "b", batch_size=2, num_workers=2,
+                              progress=False, torch_threads=2)
+        assert (fixed.torch_threads, fixed.thread_changes, fixed.decode_share) == (2, [], None)
+        inline = encode_shards(shards, tiny_clip, "image", tmp_path / "c", batch_size=2, num_workers=0,
+                               progress=False)
+        assert (inline.torch_threads, inline.thread_changes) == (2, [])
+        assert inline.to_json()["decode_share"] is None
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(Store.open(tmp_path / "a").embeddings(np.float32),
+                               Store.open(tmp_path / "c").embeddings(np.float32), atol=2e-3)
 
 
 def _encode_argv(shards, store, modality="text", *extra):
