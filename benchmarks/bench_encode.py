@@ -11,11 +11,12 @@ run:
 Both arms run ``--repeats`` rounds, alternated (pipeline, plain; then plain, pipeline; ...), warm
 against warm. Printed per modality and round: samples/s of each arm, the pipeline's forward busy
 fraction (model seconds / wall seconds), its torch threads (AutoThreads' ``[batch, threads]``
-choices) and measured decode share, the pipeline/plain ratio; then where the pipeline's time went
-per stage (read, decode, preprocess, collate, forward, write as shares of all stage seconds; wait as
-a share of the wall); a summary with min / median over the rounds. ``--compare-threads N`` adds a
-third arm: the pipeline with N fixed torch threads. Then a resume check: a ``cmcr encode`` subprocess is killed
-(SIGKILL) after its first parts, rerun, and compared with the clean run (rows and vectors).
+choices), the decode share and other processes' load it measured, the pipeline/plain ratio; then
+where the pipeline's time went per stage (read, decode, preprocess, collate, forward, write as
+shares of all stage seconds; wait as a share of the wall); a summary with min / median over the
+rounds. ``--compare-threads N`` adds a third arm: the pipeline with N fixed torch threads. Then a
+resume check: a ``cmcr encode`` subprocess is killed (SIGKILL) after its first parts, rerun, and
+compared with the clean run (rows and vectors).
 
 Default run is short (~2-3 min on 2 cores); reference sizes: ``--images 1000 --audio 200 --texts 5000``.
 
@@ -235,12 +236,14 @@ def _fmt(xs: list[float], spec: str) -> str:
 def _print_modality(modality: str, spec: str, runs: dict, compare: int | None) -> None:
     """Per-round lines of one modality, then its per-stage time shares."""
     print(f"\n{modality} ({spec}), {len(runs['plain'])} round(s), samples/s per arm "
-          f"(forward busy; pipeline: torch threads [batch, threads] changes, decode share of CPU work)")
+          f"(forward busy; pipeline: torch threads [batch, threads] changes, decode share of CPU work, "
+          f"other processes' load in cores)")
     for k, p in enumerate(runs["plain"]):
         r = runs["pipeline"][k]
         line = (f"  round {k + 1}: pipeline {r.samples / r.wall_s:7.1f} ({r.model_busy:.0%}; "
                 f"{r.thread_changes or r.torch_threads}, decode share "
-                f"{'-' if r.decode_share is None else f'{r.decode_share:.1%}'})  "
+                f"{'-' if r.decode_share is None else f'{r.decode_share:.1%}'}, other load "
+                f"{'-' if r.other_load is None else f'{r.other_load:.2f}'})  "
                 f"plain {p['samples'] / p['wall_s']:7.1f} ({p['model_s'] / p['wall_s']:.0%})  "
                 f"ratio {r.samples / r.wall_s / (p['samples'] / p['wall_s']):.2f}")
         if compare:

@@ -812,7 +812,8 @@ class EncodeReport:
         torch_threads: torch intra-op threads of the forward pass (main process / each actor; with
         :class:`AutoThreads` the last choice); thread_changes: ``[batch, threads]`` of each choice
         of :class:`AutoThreads` (empty without it); decode_share: the decode workers' share of the
-        CPU work per sample that :class:`AutoThreads` measured (``None`` without it);
+        CPU work per sample that :class:`AutoThreads` measured, other_load: the cores other
+        processes kept busy meanwhile, as it last measured them (both ``None`` without it);
         empty_shards: shards of this run that held no sample (reported, not failures).
     """
 
@@ -834,6 +835,7 @@ class EncodeReport:
     torch_threads: int = 0
     thread_changes: list[list[int]] = field(default_factory=list)
     decode_share: float | None = None
+    other_load: float | None = None
     failure_examples: list[dict[str, Any]] = field(default_factory=list)
     empty_shards: list[str] = field(default_factory=list)
 
@@ -983,8 +985,8 @@ def encode_shards(
         dtype: storage dtype of a new store (``float16`` or ``float32``).
         torch_threads: torch threads of the forward pass in this process, restored afterwards (an
             explicit value is used as is for the whole run). ``None``: on a CPU encoder with decode
-            workers :class:`AutoThreads` (starts at CPUs minus workers, then after the first batches
-            the cores the measured decode load leaves free, :func:`threads_for_decode_share`; never
+            workers :class:`AutoThreads` (from the second batch on the cores that the measured
+            decode load and other processes leave free, :func:`threads_for_decode_share`; never
             more than torch's current setting); on a CPU encoder without workers torch's current
             setting (at most the CPUs); on a GPU torch's setting as is.
         pointcloud: decode settings of 3d samples (mesh sampling, size limits; defaults of
@@ -1024,10 +1026,10 @@ def encode_shards(
     auto = None
     if torch_threads is None and encoder.device == "cpu":
         if nw:
-            auto = AutoThreads(nw)
+            auto = AutoThreads()
             torch_threads = auto.threads
-        else:
-            torch_threads = default_torch_threads(0)
+        else:  # decoding and the forward pass take turns: all cores to each
+            torch_threads = max(1, min(before, usable_cpus()))
     report.torch_threads = int(torch_threads or before)
     torch.set_num_threads(report.torch_threads)
     try:
@@ -1040,6 +1042,7 @@ def encode_shards(
             report.torch_threads = auto.threads
             report.thread_changes = [list(h) for h in auto.history]
             report.decode_share = auto.decode_share
+            report.other_load = auto.last_others
     report.wall_s = time.perf_counter() - t0
     return report
 
@@ -1056,6 +1059,13 @@ def check_run_settings(*, batch_size: int, num_workers: int = 0) -> None:
         raise ConfigError(f"number of workers must be >= 0 (0 = decode in the main process), got {num_workers}")
 
 
+def _niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return 0
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
     try:
@@ -1064,28 +1074,22 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_torch_threads(num_workers: int) -> int:
-    """torch threads for a CPU forward pass next to ``num_workers`` busy decode workers:
-    ``max(1, CPUs - num_workers)`` (:func:`usable_cpus`), never more than torch's current setting
-    (its default is one per physical core; a lower value set by the caller is kept).
+def threads_for_decode_share(cpus: int, cap: int, decode_cpu_s: float, forward_cpu_s: float,
+                             others: float = 0.0) -> int:
+    """torch threads of a CPU forward pass that shares ``cpus`` cores with decode workers (and with
+    ``others`` cores' worth of other processes' work).
 
-    This is where :class:`AutoThreads` starts, while the workers fill the prefetch queue (then all
-    of them decode at once); after the first batches it sizes the threads from the measured decode
-    load (:func:`threads_for_decode_share`)."""
-    return max(1, min(torch.get_num_threads(), usable_cpus() - max(0, int(num_workers))))
-
-
-def threads_for_decode_share(cpus: int, cap: int, decode_cpu_s: float, forward_cpu_s: float) -> int:
-    """torch threads of a CPU forward pass that shares ``cpus`` cores with decode workers.
-
-    The rule: give the forward pass the cores the decode does not need. Of the CPU work per sample,
-    the decode workers' share is ``s = decode / (decode + forward)``, so at full speed they keep
-    ``cpus * s`` cores busy and the forward pass gets ``round(cpus * (1 - s))`` threads (halves round
-    up), at least 1 and at most ``cap``. On 2 cores: 2 threads while the decode costs at most a
-    third of the forward pass (ViT-B-32 on 640x480 JPEGs: ~15 %, text and CLAP audio < 5 %), 1
-    thread when decoding costs more. Measured on an idle 2-core machine (docs/encode.md#performance),
-    the forward pass with one thread next to two mostly idle workers ran at ~0.5-0.85x a plain
-    decode-then-forward loop with two threads.
+    The rule: give the forward pass the cores that neither the decode nor other processes need. Of
+    the CPU work per sample, the decode workers' share is ``s = decode / (decode + forward)``; of the
+    ``cpus - others`` cores left to this run they keep a share ``s`` busy, and the forward pass gets
+    ``round((cpus - others) * (1 - s))`` threads (halves round up), at least 1 and at most ``cap``.
+    On an idle 2-core machine: 2 threads while the decode costs at most a third of the forward pass
+    (ViT-B-32 on 640x480 JPEGs, CLAP audio and text: < 15 %), 1 thread when decoding costs more or
+    when another process keeps more than about half a core busy. Measured on 2 cores
+    (docs/encode.md#performance): idle, one thread next to two mostly idle workers ran at
+    ~0.5-0.85x a plain decode-then-forward loop with two threads; with another process holding a
+    core, one thread was ~1.3x faster than two (the two threads wait for each other at every
+    parallel region while one of them waits for a core).
 
     Args:
         cpus: cores the process may use (:func:`usable_cpus`); cap: the most threads to use (torch's
@@ -1093,40 +1097,103 @@ def threads_for_decode_share(cpus: int, cap: int, decode_cpu_s: float, forward_c
         decode_cpu_s: CPU seconds of the decode workers (read, decode, preprocess, collate) for some
             samples; forward_cpu_s: core seconds of the forward pass (wall seconds x threads) for the
             same number of samples (any common unit: only the ratio matters).
+        others: cores kept busy by other processes (:meth:`AutoThreads.others`), clipped to ``[0, cpus - 1]``.
 
     Returns:
-        The number of threads, in ``[1, min(cap, cpus)]``; ``min(cap, cpus)`` when nothing is measured yet.
+        The number of threads, in ``[1, min(cap, cpus)]``; with nothing measured (zeros) ``min(cap, cpus)``.
     """
     top = max(1, min(int(cap), int(cpus)))
+    free = cpus - min(max(0.0, float(others)), cpus - 1.0)
     total = max(0.0, decode_cpu_s) + max(0.0, forward_cpu_s)
-    if not total > 0:
-        return top
-    share = max(0.0, decode_cpu_s) / total
-    return max(1, min(top, math.floor(cpus * (1.0 - share) + 0.5)))
+    share = max(0.0, decode_cpu_s) / total if total > 0 else 0.0
+    return max(1, min(top, math.floor(free * (1.0 - share) + 0.5)))
+
+
+def _busy_cpu_seconds(cpus: set[int], count_nice: bool) -> float | None:
+    """Seconds the CPUs ``cpus`` have been busy since boot, from ``/proc/stat`` (user, system, irq,
+    softirq and steal time; niced user time only with ``count_nice``: niced work yields to ours).
+    ``None`` where it cannot be read (not Linux)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = 0
+        for line in lines:
+            name, *vals = line.split()
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+                continue
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in vals[:8])
+            busy += user + system + irq + softirq + steal + (nice if count_nice else 0)
+        return busy / hz
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _own_cpu_seconds() -> float | None:
+    """CPU seconds of this process (all its threads) plus those of its child processes (the decode
+    workers: live ones from ``/proc/<pid>/stat``, exited ones from ``os.times``). ``None`` where
+    ``/proc`` cannot tell (not Linux)."""
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        pids = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+        own = time.process_time() + os.times().children_user + os.times().children_system
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+            own += (int(fields[11]) + int(fields[12])) / hz
+        return own
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 class AutoThreads:
     """The default torch threads of a CPU forward pass next to DataLoader decode workers (the local
     engine of :func:`encode_shards` when ``torch_threads`` is not given).
 
-    Starts at :func:`default_torch_threads` (CPUs minus workers: at the start all workers decode
-    at once to fill the prefetch queue). After every embedded batch it recomputes
+    Starts at the most threads allowed, ``min(cap, cpus)``, as if decoding were cheap (a real
+    model's forward pass on a CPU usually dwarfs it; otherwise only the first batch pays). After
+    every embedded batch it recomputes
     :func:`threads_for_decode_share` from the measured decode load — the workers' CPU seconds per
     sample (their ``time.process_time``, so a worker waiting for a core is not counted as
     decoding) against the forward pass's core seconds
     per sample (wall seconds x threads; the first batch's forward pass, which pays one-off set-up
     costs, counts only until the second one is in) — and sets torch's threads when the answer
-    changes, so a run uses the chosen threads from its second batch on.
-    ``threads`` is the current choice, ``history`` the ``(batch, threads)`` changes.
+    changes, so a run uses measured threads from its second batch on. Other processes' load
+    (:meth:`others`: the machine's busy CPU seconds from ``/proc/stat`` minus those of this process
+    and its workers, per wall second since the run started; niced work not counted) takes cores
+    away first. ``threads`` is the current choice, ``history`` the ``(batch, threads)`` changes.
     """
 
-    def __init__(self, num_workers: int, cap: int | None = None, cpus: int | None = None):
+    def __init__(self, cap: int | None = None, cpus: int | None = None):
         self.cpus = usable_cpus() if cpus is None else int(cpus)
         self.cap = torch.get_num_threads() if cap is None else int(cap)
-        self.threads = max(1, min(self.cap, self.cpus - max(0, int(num_workers))))
+        self.threads = threads_for_decode_share(self.cpus, self.cap, 0.0, 0.0)
         self.history: list[tuple[int, int]] = [(0, self.threads)]
+        self.last_others: float | None = None
         self._workers: dict[int, tuple[float, int]] = {}
         self._forward_cpu_s, self._forward_n, self._batches = 0.0, 0, 0
+        try:
+            self._cpuset = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self._cpuset = set(range(self.cpus))
+        self._count_nice = _niceness() > 0
+        self._clock0 = self._clock()
+
+    def _clock(self) -> tuple[float, float, float] | None:
+        busy, own = _busy_cpu_seconds(self._cpuset, self._count_nice), _own_cpu_seconds()
+        return None if busy is None or own is None else (time.perf_counter(), busy, own)
+
+    def others(self) -> float:
+        """Cores' worth of CPU time other processes used since the run started (0 where unknown);
+        niced processes count only when this one is niced too."""
+        now = self._clock()
+        if now is None or self._clock0 is None:
+            return 0.0
+        wall = now[0] - self._clock0[0]
+        if wall <= 0.0:
+            return 0.0
+        return max(0.0, ((now[1] - self._clock0[1]) - (now[2] - self._clock0[2])) / wall)
 
     @property
     def decode_share(self) -> float | None:
@@ -1156,7 +1223,8 @@ class AutoThreads:
         self._forward_n += n
         d, f = self._per_sample()
         if f > 0:
-            new = threads_for_decode_share(self.cpus, self.cap, d, f)
+            self.last_others = self.others()
+            new = threads_for_decode_share(self.cpus, self.cap, d, f, self.last_others)
             if new != self.threads:
                 self.threads = new
                 self.history.append((self._batches, new))
