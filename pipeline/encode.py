@@ -1059,13 +1059,6 @@ def check_run_settings(*, batch_size: int, num_workers: int = 0) -> None:
         raise ConfigError(f"number of workers must be >= 0 (0 = decode in the main process), got {num_workers}")
 
 
-def _niceness() -> int:
-    try:
-        return os.getpriority(os.PRIO_PROCESS, 0)
-    except (AttributeError, OSError):
-        return 0
-
-
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
     try:
@@ -1109,10 +1102,11 @@ def threads_for_decode_share(cpus: int, cap: int, decode_cpu_s: float, forward_c
     return max(1, min(top, math.floor(free * (1.0 - share) + 0.5)))
 
 
-def _busy_cpu_seconds(cpus: set[int], count_nice: bool) -> float | None:
-    """Seconds the CPUs ``cpus`` have been busy since boot, from ``/proc/stat`` (user, system, irq,
-    softirq and steal time; niced user time only with ``count_nice``: niced work yields to ours).
-    ``None`` where it cannot be read (not Linux)."""
+def _busy_cpu_seconds(cpus: set[int]) -> float | None:
+    """Seconds the CPUs ``cpus`` have been busy since boot, from ``/proc/stat`` (user, nice, system,
+    irq, softirq and steal time). Niced work counts: with the scheduler's autogroups (the Linux
+    default) a niced process in another session gets as much of a core as ours. ``None`` where it
+    cannot be read (not Linux)."""
     try:
         lines = Path("/proc/stat").read_text().splitlines()
         hz = os.sysconf("SC_CLK_TCK")
@@ -1122,7 +1116,7 @@ def _busy_cpu_seconds(cpus: set[int], count_nice: bool) -> float | None:
             if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
                 continue
             user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in vals[:8])
-            busy += user + system + irq + softirq + steal + (nice if count_nice else 0)
+            busy += user + nice + system + irq + softirq + steal
         return busy / hz
     except (OSError, ValueError, AttributeError):
         return None
@@ -1153,16 +1147,15 @@ class AutoThreads:
 
     Starts at the most threads allowed, ``min(cap, cpus)``, as if decoding were cheap (a real
     model's forward pass on a CPU usually dwarfs it; otherwise only the first batch pays). After
-    every embedded batch it recomputes
-    :func:`threads_for_decode_share` from the measured decode load — the workers' CPU seconds per
-    sample (their ``time.process_time``, so a worker waiting for a core is not counted as
-    decoding) against the forward pass's core seconds
-    per sample (wall seconds x threads; the first batch's forward pass, which pays one-off set-up
-    costs, counts only until the second one is in) — and sets torch's threads when the answer
-    changes, so a run uses measured threads from its second batch on. Other processes' load
-    (:meth:`others`: the machine's busy CPU seconds from ``/proc/stat`` minus those of this process
-    and its workers, per wall second since the run started; niced work not counted) takes cores
-    away first. ``threads`` is the current choice, ``history`` the ``(batch, threads)`` changes.
+    every embedded batch it recomputes :func:`threads_for_decode_share` from the measured decode
+    load — the workers' CPU seconds per sample (their ``time.process_time``, so a worker waiting
+    for a core is not counted as decoding) against the forward pass's core seconds per sample
+    (wall seconds x threads; the first batch's forward pass, which pays one-off set-up costs,
+    counts only until the second one is in) — and from other processes' load (:meth:`others`: the
+    machine's busy CPU seconds from ``/proc/stat`` minus those of this process and its workers, per
+    wall second since the run started), and sets torch's threads when the answer changes, so a run
+    uses measured threads from its second batch on. ``threads`` is the current choice, ``history``
+    the ``(batch, threads)`` changes, ``last_others`` the last other load (cores).
     """
 
     def __init__(self, cap: int | None = None, cpus: int | None = None):
@@ -1177,16 +1170,14 @@ class AutoThreads:
             self._cpuset = set(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             self._cpuset = set(range(self.cpus))
-        self._count_nice = _niceness() > 0
         self._clock0 = self._clock()
 
     def _clock(self) -> tuple[float, float, float] | None:
-        busy, own = _busy_cpu_seconds(self._cpuset, self._count_nice), _own_cpu_seconds()
+        busy, own = _busy_cpu_seconds(self._cpuset), _own_cpu_seconds()
         return None if busy is None or own is None else (time.perf_counter(), busy, own)
 
     def others(self) -> float:
-        """Cores' worth of CPU time other processes used since the run started (0 where unknown);
-        niced processes count only when this one is niced too."""
+        """Cores' worth of CPU time other processes used since the run started (0 where unknown)."""
         now = self._clock()
         if now is None or self._clock0 is None:
             return 0.0
