@@ -18,7 +18,7 @@ rounds. ``--compare-threads N`` adds a third arm: the pipeline with N fixed torc
 resume check: a ``cmcr encode`` subprocess is killed (SIGKILL) after its first parts, rerun, and
 compared with the clean run (rows and vectors).
 
-Default run is short (~2-3 min on 2 cores); reference sizes: ``--images 1000 --audio 200 --texts 5000``.
+Default run is short (2 rounds, ~4-6 min on 2 cores); reference sizes: ``--images 1000 --audio 200 --texts 5000``.
 
     python benchmarks/bench_encode.py
     python benchmarks/bench_encode.py --images 1000 --audio 200 --texts 5000 --workers 2

@@ -1080,9 +1080,9 @@ def threads_for_decode_share(cpus: int, cap: int, decode_cpu_s: float, forward_c
     (ViT-B-32 on 640x480 JPEGs, CLAP audio and text: < 15 %), 1 thread when decoding costs more or
     when another process keeps more than about half a core busy. Measured on 2 cores
     (docs/encode.md#performance): idle, one thread next to two mostly idle workers ran at
-    ~0.5-0.85x a plain decode-then-forward loop with two threads; with another process holding a
-    core, one thread was ~1.3x faster than two (the two threads wait for each other at every
-    parallel region while one of them waits for a core).
+    ~0.5-0.86x a plain decode-then-forward loop with two threads; with other processes holding a
+    core, one thread was 1.4-2.4x faster than two for images and text (the two threads wait for
+    each other at every parallel region while one of them waits for a core).
 
     Args:
         cpus: cores the process may use (:func:`usable_cpus`); cap: the most threads to use (torch's
