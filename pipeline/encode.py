@@ -1122,13 +1122,22 @@ def _busy_cpu_seconds(cpus: set[int]) -> float | None:
         return None
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # a thread that ended meanwhile
+        return ""
+
+
 def _own_cpu_seconds() -> float | None:
     """CPU seconds of this process (all its threads) plus those of its child processes (the decode
-    workers: live ones from ``/proc/<pid>/stat``, exited ones from ``os.times``). ``None`` where
-    ``/proc`` cannot tell (not Linux)."""
+    workers, forked by whichever thread: live ones from ``/proc/<pid>/stat``, exited ones from
+    ``os.times``). ``None`` where ``/proc`` cannot tell (not Linux)."""
     try:
         hz = os.sysconf("SC_CLK_TCK")
-        pids = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+        if not Path(f"/proc/self/task/{os.getpid()}/children").exists():  # kernel without CONFIG_PROC_CHILDREN
+            return None
+        pids = {pid for task in Path("/proc/self/task").iterdir() for pid in _read(task / "children").split()}
         own = time.process_time() + os.times().children_user + os.times().children_system
         for pid in pids:
             try:

@@ -298,15 +298,29 @@ def test_auto_threads_follow_the_measured_decode_load():
 def test_own_cpu_seconds_count_live_child_processes():
     import subprocess
     import sys
+    import threading
 
-    child = subprocess.Popen([sys.executable, "-c", "import time\nwhile time.process_time() < 0.5: pass\n"
-                              "print('busy', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    started, done = [], threading.Event()
+
+    def spawn():  # a child of another thread than the main one (a DataLoader run in a server thread)
+        started.append(subprocess.Popen(
+            [sys.executable, "-c", "import time\nwhile time.process_time() < 0.5: pass\nprint('busy', flush=True)\n"
+             "time.sleep(60)"], stdout=subprocess.PIPE, text=True))
+        done.wait(60)
+
+    t = threading.Thread(target=spawn)
+    t.start()
+    while not started:
+        time.sleep(0.01)
+    child = started[0]
     try:
         assert child.stdout.readline().strip() == "busy"  # the child has burnt 0.5 s of CPU and now sleeps
         own = encode_mod._own_cpu_seconds()
         assert own is not None and own >= time.process_time() + 0.45
         assert encode_mod._busy_cpu_seconds({0}) > 0
     finally:
+        done.set()
+        t.join()
         child.kill()
         child.wait()
 
