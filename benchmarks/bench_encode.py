@@ -8,17 +8,23 @@ run:
   writes store parts);
 * **plain**: decode + preprocess in the main process, batch, forward (no store writing).
 
-Printed per modality: samples/s, forward busy fraction (model seconds / wall seconds), the
-pipeline/plain throughput ratio, and where the pipeline's time went per stage (read, decode,
-preprocess, collate, forward, write, wait). Then a resume check: a ``cmcr encode`` subprocess is killed
-(SIGKILL) after its first parts, rerun, and compared with the clean run (rows and vectors).
+Both arms run ``--repeats`` rounds, alternated (pipeline, plain; then plain, pipeline; ...), warm
+against warm. Printed per modality and round: samples/s of each arm, the pipeline's forward busy
+fraction (model seconds / wall seconds), its torch threads (AutoThreads' ``[batch, threads]``
+choices), the decode share and other processes' load it measured, the pipeline/plain ratio; then
+where the pipeline's time went per stage (read, decode, preprocess, collate, forward, write as
+shares of all stage seconds; wait as a share of the wall); a summary with min / median over the
+rounds. ``--compare-threads N`` adds a third arm: the pipeline with N fixed torch threads. Then a
+resume check: a ``cmcr encode`` subprocess is killed (SIGKILL) after its first parts, rerun, and
+compared with the clean run (rows and vectors).
 
-Default run is short (~2-3 min on 2 cores); reference sizes: ``--images 1000 --audio 200 --texts 5000``.
+Default run is short (2 rounds, ~4-6 min on 2 cores); reference sizes: ``--images 1000 --audio 200 --texts 5000``.
 
     python benchmarks/bench_encode.py
     python benchmarks/bench_encode.py --images 1000 --audio 200 --texts 5000 --workers 2
     python benchmarks/bench_encode.py --tiny      # tiny test models (smoke run, seconds)
     python benchmarks/bench_encode.py --threads 2 # the forward pass with torch's default threads (2 cores)
+    python benchmarks/bench_encode.py --compare-threads 1  # AutoThreads vs the old CPUs-minus-workers rule
 """
 
 from __future__ import annotations
@@ -123,6 +129,21 @@ def resume_check(shards_dir: Path, spec: str, modality: str, clean_store: Path, 
             f"vectors identical: {same_vec}")
 
 
+def _stats(xs: list[float]) -> tuple[float, float]:
+    """(min, median) of a list."""
+    return float(np.min(xs)), float(np.median(xs))
+
+
+def _stage_shares(reports) -> str:
+    """Where the pipeline's time went, summed over the repeats: each stage's share of all stage seconds
+    (read / decode / preprocess / collate: worker CPU seconds; forward / write: main-process wall), then
+    the main process's waiting for data as a share of the wall."""
+    tot = {k: sum(r.stages[k] for r in reports) for k in reports[0].stages}
+    wait, wall = tot.pop("wait"), sum(r.wall_s for r in reports)
+    work = sum(tot.values()) or 1.0
+    return "  ".join(f"{k} {v / work:.1%}" for k, v in tot.items()) + f"  | wait {wait / max(wall, 1e-9):.1%} of wall"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=96)
@@ -132,12 +153,16 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--samples-per-shard", type=int, default=32)
     ap.add_argument("--modalities", default="image,audio,text")
+    ap.add_argument("--repeats", type=int, default=2, help="A/B rounds per modality (order alternates per round)")
     ap.add_argument("--tiny", action="store_true", help="tiny test models instead of ViT-B-32 / HTSAT-tiny")
     ap.add_argument("--no-resume-check", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of the pipeline's forward pass (default: encode_shards' choice, on CPU "
-                         "CPUs - workers; pass the core count to see torch's default)")
+                         "AutoThreads: sized from the measured decode load)")
+    ap.add_argument("--compare-threads", type=int, default=None, metavar="N",
+                    help="add a third arm to each round: the pipeline with N fixed torch threads (e.g. 1, the "
+                         "CPUs-minus-workers rule on 2 cores with 2 workers)")
     args = ap.parse_args()
 
     import torch
@@ -150,7 +175,8 @@ def main() -> int:
     clap_spec = "clap:cmcr-tiny-clap@random" if args.tiny else "clap:HTSAT-tiny@random"
     specs = {"image": clip_spec, "text": clip_spec, "audio": clap_spec}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"cuda {torch.cuda.is_available()}, workers {args.workers}, batch {args.batch_size}")
+          f"cuda {torch.cuda.is_available()}, workers {args.workers}, batch {args.batch_size}, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="cmcr-bench-") as tmp:
         work = Path(tmp)
         t = time.perf_counter()
@@ -158,7 +184,7 @@ def main() -> int:
         rep = write_shards([work / "corpus" / "images", work / "corpus" / "audio", work / "corpus" / "captions.txt"],
                            work / "shards", args.samples_per_shard)
         print(f"corpus + shards: {rep.counts} in {time.perf_counter() - t:.1f} s")
-        rows = []
+        results = []
         encoders = {}
         for modality in args.modalities.split(","):
             spec = specs[modality]
@@ -170,31 +196,63 @@ def main() -> int:
             shards = rep.shards[modality]
             enc.embed(modality, enc.collate(modality, [enc.preprocessor(modality)(
                 next(iter(_first_payload(shards[0], modality))))[0]]))  # warm-up
-            r = encode_shards(shards, enc, modality, work / f"store-{modality}", batch_size=args.batch_size,
-                              num_workers=args.workers, progress=False, torch_threads=args.threads)
-            p = plain_loop(shards, enc, modality, args.batch_size)
-            pipe_sps, plain_sps = r.samples / r.wall_s, p["samples"] / p["wall_s"]
-            rows.append((modality, spec, r.samples, pipe_sps, r.model_busy, plain_sps, p["model_s"] / p["wall_s"],
-                         pipe_sps / plain_sps, r))
+            arms = ["pipeline", "plain"] + (["fixed"] if args.compare_threads else [])
+            runs: dict[str, list] = {a: [] for a in arms}
+            for k in range(max(1, args.repeats)):
+                for arm in arms if k % 2 == 0 else arms[::-1]:  # A/B alternated: ABC, CBA, ABC ...
+                    if arm == "plain":
+                        runs[arm].append(plain_loop(shards, enc, modality, args.batch_size))
+                        continue
+                    threads = args.compare_threads if arm == "fixed" else args.threads
+                    runs[arm].append(encode_shards(shards, enc, modality, work / f"store-{modality}-{arm}-{k}",
+                                                   batch_size=args.batch_size, num_workers=args.workers,
+                                                   progress=False, torch_threads=threads))
+            results.append((modality, spec, runs))
+            _print_modality(modality, spec, runs, args.compare_threads)
         print()
-        print(f"{'modality':8} {'encoder':34} {'n':>5} {'pipeline/s':>10} {'busy':>6} {'plain/s':>9} {'busy':>6} "
-              f"{'ratio':>6}   pipeline seconds: decode(cpu) wait model write wall (torch threads)")
-        for m, spec, n, ps, pb, ls, lb, ratio, r in rows:
-            print(f"{m:8} {spec:34} {n:5d} {ps:10.1f} {pb:6.0%} {ls:9.1f} {lb:6.0%} {ratio:6.2f}   "
-                  f"{r.decode_s:.1f} {r.wait_s:.1f} {r.model_s:.1f} {r.write_s:.1f} {r.wall_s:.1f} ({r.torch_threads})")
-        print()
-        print("where the pipeline's time went, per stage (s): read / decode / preprocess / collate are CPU seconds "
-              "summed over the decode workers (in parallel with the main process); forward / write / wait are "
-              "main-process wall seconds")
-        for m, _spec, _n, _ps, _pb, _ls, _lb, _ratio, r in rows:
-            st = r.stages
-            print(f"{m:8} " + "  ".join(f"{k} {v:.2f}" for k, v in st.items()) + f"  | wall {r.wall_s:.2f}, "
-                  f"forward busy {r.model_busy:.0%}")
+        print("summary (min / median over the rounds; ratio: pipeline/plain of the same round)")
+        print(f"{'modality':8} {'n':>5} {'pipeline/s':>13} {'plain/s':>13} {'ratio':>11} {'busy':>9} threads")
+        for modality, _spec, runs in results:
+            pipe, plain = runs["pipeline"], runs["plain"]
+            ps = [r.samples / r.wall_s for r in pipe]
+            ls = [p["samples"] / p["wall_s"] for p in plain]
+            ratio = [a / b for a, b in zip(ps, ls, strict=True)]
+            busy = [r.model_busy for r in pipe]
+            print(f"{modality:8} {pipe[0].samples:5d} {_fmt(ps, '.1f'):>13} {_fmt(ls, '.1f'):>13} "
+                  f"{_fmt(ratio, '.2f'):>11} {_fmt(busy, '.0%'):>9} {pipe[-1].torch_threads}")
         if not args.no_resume_check and "image" in args.modalities.split(","):
             print()
-            print(resume_check(work / "shards" / "image", specs["image"], "image", work / "store-image", work,
-                               args.batch_size, args.workers))
+            print(resume_check(work / "shards" / "image", specs["image"], "image", work / "store-image-pipeline-0",
+                               work, args.batch_size, args.workers))
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
+
+
+def _fmt(xs: list[float], spec: str) -> str:
+    lo, med = _stats(xs)
+    return f"{lo:{spec}}/{med:{spec}}"
+
+
+def _print_modality(modality: str, spec: str, runs: dict, compare: int | None) -> None:
+    """Per-round lines of one modality, then its per-stage time shares."""
+    print(f"\n{modality} ({spec}), {len(runs['plain'])} round(s), samples/s per arm "
+          f"(forward busy; pipeline: torch threads [batch, threads] changes, decode share of CPU work, "
+          f"other processes' load in cores)")
+    for k, p in enumerate(runs["plain"]):
+        r = runs["pipeline"][k]
+        line = (f"  round {k + 1}: pipeline {r.samples / r.wall_s:7.1f} ({r.model_busy:.0%}; "
+                f"{r.thread_changes or r.torch_threads}, decode share "
+                f"{'-' if r.decode_share is None else f'{r.decode_share:.1%}'}, other load "
+                f"{'-' if r.other_load is None else f'{r.other_load:.2f}'})  "
+                f"plain {p['samples'] / p['wall_s']:7.1f} ({p['model_s'] / p['wall_s']:.0%})  "
+                f"ratio {r.samples / r.wall_s / (p['samples'] / p['wall_s']):.2f}")
+        if compare:
+            f = runs["fixed"][k]
+            line += f"  | {compare} thread(s) fixed {f.samples / f.wall_s:7.1f} ({f.model_busy:.0%})"
+        print(line)
+    print(f"  pipeline stage shares: {_stage_shares(runs['pipeline'])}")
+    if compare:
+        print(f"  {compare}-thread stage shares: {_stage_shares(runs['fixed'])}")
 
 
 def _first_payload(shard: Path, modality: str):

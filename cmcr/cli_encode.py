@@ -115,8 +115,9 @@ def encode(
         None, envvar="CMCR_CLAP_TOKENIZER",
         help="Folder with RoBERTa vocab.json + merges.txt for CLAP text (env CMCR_CLAP_TOKENIZER)."),
     threads: int | None = typer.Option(
-        None, min=1, help="torch threads of the forward pass (default on CPU: CPUs minus --num-workers, at least 1; "
-                   "on a GPU torch's default)."),
+        None, min=1, help="torch threads of the forward pass, fixed for the run (default on CPU with workers: "
+                   "CPUs minus --num-workers for the first batch, then the cores the measured decode load leaves "
+                   "free; without workers or on a GPU torch's default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     mesh_samples: int = typer.Option(10_000, "--mesh-samples", min=1,
                                      help="-m 3d: points sampled uniformly on a mesh's surface (recorded in the "
@@ -272,7 +273,10 @@ def _print_report(report, modality: str, store: Path, engine: str) -> None:
     t.add_row("writing parts (s)", f"{report.write_s:.2f}")
     t.add_row("wall (s)", f"{report.wall_s:.2f}")
     t.add_row("model busy", f"{100 * report.model_busy:.0f}%" if report.wall_s else "-")
-    t.add_row("torch threads (forward pass)", str(report.torch_threads or "-"))
+    threads = str(report.torch_threads or "-")
+    if report.decode_share is not None:
+        threads += f" (auto: decode {100 * report.decode_share:.0f}% of the CPU work)"
+    t.add_row("torch threads (forward pass)", threads)
     if engine == "ray":
         t.add_row("Ray replicas x GPUs", f"{report.replicas} x {report.gpus_per_replica:g}")
         t.add_row("Ray start-up: init / first result (s)", f"{report.ray_init_s:.2f} / {report.first_result_s:.2f}")

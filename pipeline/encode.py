@@ -342,7 +342,11 @@ class Prepared:
         preprocessor; metas: N per-sample metadata dicts from the shard; failures: records of samples
         that failed; decode_s: seconds spent decoding + preprocessing; decoder_s: the part of it spent
         in the decoders (:mod:`cmcr.pipeline.stageclock`); read_s: seconds reading the samples from
-        the tar; collate_s: seconds collating the batch.
+        the tar; collate_s: seconds collating the batch; worker: the DataLoader worker that made
+        the batch (-1: the main process); worker_cpu_s / worker_samples: that worker's CPU seconds
+        (``time.process_time``: reading, decoding, preprocessing, collating, also of the batches it
+        skipped) and samples prepared since it started iterating, up to and including this batch —
+        the decode load :class:`AutoThreads` sizes the forward pass's threads from.
     """
 
     keys: list[str] = field(default_factory=list)
@@ -354,6 +358,9 @@ class Prepared:
     decoder_s: float = 0.0
     read_s: float = 0.0
     collate_s: float = 0.0
+    worker: int = -1
+    worker_cpu_s: float = 0.0
+    worker_samples: int = 0
 
 
 def sample_meta(sample: dict[str, Any]) -> dict[str, Any]:
@@ -734,10 +741,13 @@ class ShardBatches(IterableDataset):
         self.modality = modality
         self.batch_size = batch_size
         self.pointcloud = pointcloud
+        self._wid, self._cpu0, self._prepared = -1, 0.0, 0  # this process's decode load (reset per iteration)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._wid = wid if info is not None else -1
+        self._cpu0, self._prepared = time.process_time(), 0
         for i, shard in enumerate(self.shards):
             source = shard_source(shard)
             stride, slot = nw, wid
@@ -776,6 +786,10 @@ class ShardBatches(IterableDataset):
             except Exception:  # mismatched shapes: the main process embeds one by one
                 collated = None
             prepared.collate_s = time.perf_counter() - tc
+        self._prepared += len(samples)
+        prepared.worker = self._wid
+        prepared.worker_cpu_s = time.process_time() - self._cpu0
+        prepared.worker_samples = self._prepared
         return {"kind": "batch", "shard": i, "batch": b, "prepared": prepared, "collated": collated}
 
 
@@ -795,7 +809,11 @@ class EncodeReport:
         batches (both summed over workers);
         wait_s: seconds the main process waited for data (the decode bottleneck, in wall time);
         model_s: seconds in the forward pass; write_s: seconds writing parts; wall_s: total;
-        torch_threads: torch intra-op threads of the forward pass (main process / each actor);
+        torch_threads: torch intra-op threads of the forward pass (main process / each actor; with
+        :class:`AutoThreads` the last choice); thread_changes: ``[batch, threads]`` of each choice
+        of :class:`AutoThreads` (empty without it); decode_share: the decode workers' share of the
+        CPU work per sample that :class:`AutoThreads` measured, other_load: the cores other
+        processes kept busy meanwhile, as it last measured them (both ``None`` without it);
         empty_shards: shards of this run that held no sample (reported, not failures).
     """
 
@@ -815,6 +833,9 @@ class EncodeReport:
     write_s: float = 0.0
     wall_s: float = 0.0
     torch_threads: int = 0
+    thread_changes: list[list[int]] = field(default_factory=list)
+    decode_share: float | None = None
+    other_load: float | None = None
     failure_examples: list[dict[str, Any]] = field(default_factory=list)
     empty_shards: list[str] = field(default_factory=list)
 
@@ -962,10 +983,12 @@ def encode_shards(
             resumed). Without it a store made the same way is resumed, another one is refused.
         start_over: the same as ``overwrite``.
         dtype: storage dtype of a new store (``float16`` or ``float32``).
-        torch_threads: torch threads of the forward pass in this process, restored afterwards.
-            ``None``: on a CPU encoder :func:`default_torch_threads` (CPUs minus decode workers, at
-            most torch's current setting, so the workers are not starved; torch's default
-            oversubscribes), else torch's setting as is.
+        torch_threads: torch threads of the forward pass in this process, restored afterwards (an
+            explicit value is used as is for the whole run). ``None``: on a CPU encoder with decode
+            workers :class:`AutoThreads` (from the second batch on the cores that the measured
+            decode load and other processes leave free, :func:`threads_for_decode_share`; never
+            more than torch's current setting); on a CPU encoder without workers torch's current
+            setting (at most the CPUs); on a GPU torch's setting as is.
         pointcloud: decode settings of 3d samples (mesh sampling, size limits; defaults of
             :class:`~cmcr.pipeline.pointcloud.PointCloudDecoding`); ignored for other modalities.
         handler: the failure policy, called with each shard's failure records after they are recorded
@@ -1000,15 +1023,26 @@ def encode_shards(
 
     nw = max(0, int(num_workers))
     before = torch.get_num_threads()
+    auto = None
     if torch_threads is None and encoder.device == "cpu":
-        torch_threads = default_torch_threads(nw)
+        if nw:
+            auto = AutoThreads()
+            torch_threads = auto.threads
+        else:  # decoding and the forward pass take turns: all cores to each
+            torch_threads = max(1, min(before, usable_cpus()))
     report.torch_threads = int(torch_threads or before)
     torch.set_num_threads(report.torch_threads)
     try:
         _run_local(todo, idents, encoder, modality, store, report, t0, batch_size=batch_size, nw=nw,
-                   prefetch_factor=prefetch_factor, progress=progress, pointcloud=pointcloud, handler=handler)
+                   prefetch_factor=prefetch_factor, progress=progress, pointcloud=pointcloud, handler=handler,
+                   auto=auto)
     finally:
         torch.set_num_threads(before)
+        if auto is not None:
+            report.torch_threads = auto.threads
+            report.thread_changes = [list(h) for h in auto.history]
+            report.decode_share = auto.decode_share
+            report.other_load = auto.last_others
     report.wall_s = time.perf_counter() - t0
     return report
 
@@ -1025,24 +1059,185 @@ def check_run_settings(*, batch_size: int, num_workers: int = 0) -> None:
         raise ConfigError(f"number of workers must be >= 0 (0 = decode in the main process), got {num_workers}")
 
 
-def default_torch_threads(num_workers: int) -> int:
-    """torch threads for a CPU forward pass next to ``num_workers`` decode workers:
-    ``max(1, CPUs - num_workers)`` (CPUs this process may run on), never more than torch's current
-    setting (its default is one per physical core; a lower value set by the caller is kept). With
-    torch's default plus busy workers the cores are oversubscribed: on 2 cores with 2 workers the
-    forward pass was ~3x slower with 2 threads than with 1 (docs/encode.md)."""
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cpus - max(0, int(num_workers))))
+        return os.cpu_count() or 1
+
+
+def threads_for_decode_share(cpus: int, cap: int, decode_cpu_s: float, forward_cpu_s: float,
+                             others: float = 0.0) -> int:
+    """torch threads of a CPU forward pass that shares ``cpus`` cores with decode workers (and with
+    ``others`` cores' worth of other processes' work).
+
+    The rule: give the forward pass the cores that neither the decode nor other processes need. Of
+    the CPU work per sample, the decode workers' share is ``s = decode / (decode + forward)``; of the
+    ``cpus - others`` cores left to this run they keep a share ``s`` busy, and the forward pass gets
+    ``round((cpus - others) * (1 - s))`` threads (halves round up), at least 1 and at most ``cap``.
+    On an idle 2-core machine: 2 threads while the decode costs at most a third of the forward pass
+    (ViT-B-32 on 640x480 JPEGs, CLAP audio and text: < 15 %), 1 thread when decoding costs more or
+    when another process keeps more than about half a core busy. Measured on 2 cores
+    (docs/encode.md#performance): idle, one thread next to two mostly idle workers ran at
+    ~0.5-0.86x a plain decode-then-forward loop with two threads; with other processes holding a
+    core, one thread was 1.4-2.4x faster than two for images and text (the two threads wait for
+    each other at every parallel region while one of them waits for a core).
+
+    Args:
+        cpus: cores the process may use (:func:`usable_cpus`); cap: the most threads to use (torch's
+            setting before the run: its default is one per physical core, a caller's lower setting is kept).
+        decode_cpu_s: CPU seconds of the decode workers (read, decode, preprocess, collate) for some
+            samples; forward_cpu_s: core seconds of the forward pass (wall seconds x threads) for the
+            same number of samples (any common unit: only the ratio matters).
+        others: cores kept busy by other processes (:meth:`AutoThreads.others`), clipped to ``[0, cpus - 1]``.
+
+    Returns:
+        The number of threads, in ``[1, min(cap, cpus)]``; with nothing measured (zeros) ``min(cap, cpus)``.
+    """
+    top = max(1, min(int(cap), int(cpus)))
+    free = cpus - min(max(0.0, float(others)), cpus - 1.0)
+    total = max(0.0, decode_cpu_s) + max(0.0, forward_cpu_s)
+    share = max(0.0, decode_cpu_s) / total if total > 0 else 0.0
+    return max(1, min(top, math.floor(free * (1.0 - share) + 0.5)))
+
+
+def _busy_cpu_seconds(cpus: set[int]) -> float | None:
+    """Seconds the CPUs ``cpus`` have been busy since boot, from ``/proc/stat`` (user, nice, system,
+    irq, softirq and steal time). Niced work counts: with the scheduler's autogroups (the Linux
+    default) a niced process in another session gets as much of a core as ours. ``None`` where it
+    cannot be read (not Linux)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = 0
+        for line in lines:
+            name, *vals = line.split()
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+                continue
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in vals[:8])
+            busy += user + nice + system + irq + softirq + steal
+        return busy / hz
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # a thread that ended meanwhile
+        return ""
+
+
+def _own_cpu_seconds() -> float | None:
+    """CPU seconds of this process (all its threads) plus those of its child processes (the decode
+    workers, forked by whichever thread: live ones from ``/proc/<pid>/stat``, exited ones from
+    ``os.times``). ``None`` where ``/proc`` cannot tell (not Linux)."""
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        if not Path(f"/proc/self/task/{os.getpid()}/children").exists():  # kernel without CONFIG_PROC_CHILDREN
+            return None
+        pids = {pid for task in Path("/proc/self/task").iterdir() for pid in _read(task / "children").split()}
+        own = time.process_time() + os.times().children_user + os.times().children_system
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+            own += (int(fields[11]) + int(fields[12])) / hz
+        return own
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class AutoThreads:
+    """The default torch threads of a CPU forward pass next to DataLoader decode workers (the local
+    engine of :func:`encode_shards` when ``torch_threads`` is not given).
+
+    Starts at the most threads allowed, ``min(cap, cpus)``, as if decoding were cheap (a real
+    model's forward pass on a CPU usually dwarfs it; otherwise only the first batch pays). After
+    every embedded batch it recomputes :func:`threads_for_decode_share` from the measured decode
+    load — the workers' CPU seconds per sample (their ``time.process_time``, so a worker waiting
+    for a core is not counted as decoding) against the forward pass's core seconds per sample
+    (wall seconds x threads; the first batch's forward pass, which pays one-off set-up costs,
+    counts only until the second one is in) — and from other processes' load (:meth:`others`: the
+    machine's busy CPU seconds from ``/proc/stat`` minus those of this process and its workers, per
+    wall second since the run started), and sets torch's threads when the answer changes, so a run
+    uses measured threads from its second batch on. ``threads`` is the current choice, ``history``
+    the ``(batch, threads)`` changes, ``last_others`` the last other load (cores).
+    """
+
+    def __init__(self, cap: int | None = None, cpus: int | None = None):
+        self.cpus = usable_cpus() if cpus is None else int(cpus)
+        self.cap = torch.get_num_threads() if cap is None else int(cap)
+        self.threads = threads_for_decode_share(self.cpus, self.cap, 0.0, 0.0)
+        self.history: list[tuple[int, int]] = [(0, self.threads)]
+        self.last_others: float | None = None
+        self._workers: dict[int, tuple[float, int]] = {}
+        self._forward_cpu_s, self._forward_n, self._batches = 0.0, 0, 0
+        try:
+            self._cpuset = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self._cpuset = set(range(self.cpus))
+        self._clock0 = self._clock()
+
+    def _clock(self) -> tuple[float, float, float] | None:
+        busy, own = _busy_cpu_seconds(self._cpuset), _own_cpu_seconds()
+        return None if busy is None or own is None else (time.perf_counter(), busy, own)
+
+    def others(self) -> float:
+        """Cores' worth of CPU time other processes used since the run started (0 where unknown)."""
+        now = self._clock()
+        if now is None or self._clock0 is None:
+            return 0.0
+        wall = now[0] - self._clock0[0]
+        if wall <= 0.0:
+            return 0.0
+        return max(0.0, ((now[1] - self._clock0[1]) - (now[2] - self._clock0[2])) / wall)
+
+    @property
+    def decode_share(self) -> float | None:
+        """The decode workers' share of the CPU work per sample so far (``None`` before it is measured)."""
+        d, f = self._per_sample()
+        return d / (d + f) if d + f > 0 else None
+
+    def _per_sample(self) -> tuple[float, float]:
+        cpu = sum(c for c, _ in self._workers.values())
+        n = sum(k for _, k in self._workers.values())
+        if not (n and self._forward_n):
+            return 0.0, 0.0
+        return cpu / n, self._forward_cpu_s / self._forward_n
+
+    def observe(self, prepared: Prepared, forward_s: float) -> int:
+        """Count one embedded batch (its worker's load, ``forward_s`` wall seconds of its forward
+        pass at the current threads) and set torch's threads for the next one; returns them."""
+        if prepared.worker >= 0:
+            self._workers[prepared.worker] = (prepared.worker_cpu_s, prepared.worker_samples)
+        if not prepared.items:  # every sample failed: no forward pass to measure
+            return self.threads
+        self._batches += 1
+        cpu_s, n = forward_s * self.threads, len(prepared.items)
+        if self._batches == 2:  # from now on without the first batch's one-off set-up costs
+            self._forward_cpu_s, self._forward_n = 0.0, 0
+        self._forward_cpu_s += cpu_s
+        self._forward_n += n
+        d, f = self._per_sample()
+        if f > 0:
+            self.last_others = self.others()
+            new = threads_for_decode_share(self.cpus, self.cap, d, f, self.last_others)
+            if new != self.threads:
+                self.threads = new
+                self.history.append((self._batches, new))
+                torch.set_num_threads(new)
+        return self.threads
 
 
 def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: str, store: Store,
                report: EncodeReport, t0: float, *, batch_size: int, nw: int, prefetch_factor: int,
                progress: bool, pointcloud: PointCloudDecoding | None = None,
-               handler: FailureHandler = record_and_continue) -> None:
-    """The DataLoader loop of :func:`encode_shards` (writes each shard once all its batches are in)."""
+               handler: FailureHandler = record_and_continue, auto: AutoThreads | None = None) -> None:
+    """The DataLoader loop of :func:`encode_shards` (writes each shard once all its batches are in;
+    ``auto``: sizes torch's threads after each batch)."""
     if modality == "3d" and nw:
         import trimesh  # noqa: F401  (imported once here, inherited by the forked workers: ~1-4 s each otherwise)
     dataset = ShardBatches(todo, encoder.preprocessor(modality), modality, batch_size, pointcloud)
@@ -1072,7 +1267,10 @@ def _run_local(todo: list[Path], idents: list[str], encoder: Encoder, modality: 
                 tm = time.perf_counter()
                 emb, ok, fails = embed_items(encoder, modality, prepared.keys, prepared.items,
                                              shard_source(todo[i]), batch=msg["collated"])
-                report.model_s += time.perf_counter() - tm
+                forward_s = time.perf_counter() - tm
+                report.model_s += forward_s
+                if auto is not None:
+                    auto.observe(prepared, forward_s)
                 st["batches"][msg["batch"]] = (prepared, emb, ok, fails)
                 report.samples += len(prepared.keys) + len(prepared.failures)
                 live_failures += len(prepared.failures) + len(fails)

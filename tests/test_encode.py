@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +14,12 @@ import cmcr.pipeline.encode as encode_mod
 from cmcr.cli import main
 from cmcr.errors import StoreMismatchError
 from cmcr.pipeline.encode import (
+    AutoThreads,
     KeyClashError,
-    default_torch_threads,
+    Prepared,
     encode_shards,
     shard_identity,
+    threads_for_decode_share,
 )
 from cmcr.pipeline.encoders import load_encoder
 from cmcr.pipeline.shards import write_shards
@@ -213,18 +217,150 @@ def test_moved_shard_folder_resumes_and_same_names_elsewhere_do_not_match(tiny_c
     assert shard_identity(moved0) not in Store.open(tmp_path / "store").done_sources()
 
 
-def test_default_torch_threads_leave_cores_to_the_workers(monkeypatch):
+def test_auto_threads_start_with_the_cpus_torch_may_use(monkeypatch):
     import torch
 
     monkeypatch.setattr(encode_mod.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(8)  # torch's default on an 8-core box
-        assert [default_torch_threads(w) for w in (0, 1, 3, 4, 9)] == [4, 3, 1, 1, 1]
+        torch.set_num_threads(8)  # torch's default on an 8-core box, the process pinned to 4 CPUs
+        assert AutoThreads().threads == 4 and AutoThreads().cpus == 4
         torch.set_num_threads(2)  # a lower setting made by the caller is kept
-        assert default_torch_threads(0) == 2
+        assert AutoThreads().threads == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_for_decode_share_gives_the_forward_the_cores_decoding_leaves():
+    # 2 cores: both threads while decoding costs at most a third of the forward pass (share <= 25 %)
+    assert threads_for_decode_share(2, 2, 0.0, 10.0) == 2
+    assert threads_for_decode_share(2, 2, 1.5, 13.6) == 2  # ViT-B-32 on 640x480 JPEGs (~10 %)
+    assert threads_for_decode_share(2, 2, 1.0, 3.0) == 2  # share 25 %: 1.5 cores, halves round up
+    assert threads_for_decode_share(2, 2, 1.0, 2.0) == 1  # share 33 %
+    assert threads_for_decode_share(2, 2, 9.0, 1.0) == 1  # decode-bound: still at least one
+    # more cores: the cores the decode does not need, never above the cap (torch's setting)
+    assert threads_for_decode_share(8, 8, 1.0, 1.0) == 4
+    assert threads_for_decode_share(8, 8, 1.0, 7.0) == 7
+    assert threads_for_decode_share(8, 4, 0.1, 10.0) == 4
+    assert threads_for_decode_share(2, 1, 0.0, 10.0) == 1
+    assert threads_for_decode_share(4, 8, 0.0, 1.0) == 4  # a cap above the CPUs: the CPUs
+    # nothing measured yet: the most allowed
+    assert threads_for_decode_share(2, 2, 0.0, 0.0) == 2
+    # other processes' load takes cores first (a busy core on a 2-core box: one thread)
+    assert threads_for_decode_share(2, 2, 0.1, 10.0, others=0.3) == 2
+    assert threads_for_decode_share(2, 2, 0.1, 10.0, others=0.6) == 1
+    assert threads_for_decode_share(2, 2, 0.1, 10.0, others=1.0) == 1
+    assert threads_for_decode_share(2, 2, 0.0, 0.0, others=7.0) == 1
+    assert threads_for_decode_share(8, 8, 0.0, 1.0, others=4.0) == 4
+    assert threads_for_decode_share(8, 8, 1.0, 1.0, others=2.0) == 3
+
+
+def _batch_from(worker, cpu_s, samples, n=4):
+    return Prepared(keys=[str(i) for i in range(n)], items=[0] * n, worker=worker, worker_cpu_s=cpu_s,
+                    worker_samples=samples)
+
+
+def test_auto_threads_follow_the_measured_decode_load():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        auto = AutoThreads(cap=2, cpus=2)
+        auto._clock0 = (0.0, 100.0, 10.0)  # (wall, machine busy, own CPU seconds): an idle machine
+        auto._clock = lambda: (2.0, 101.0, 11.0)
+        assert auto.others() == 0.0
+        assert auto.threads == 2 and auto.decode_share is None  # start: all it may use
+        # cheap decode (0.025 s per sample against a forward pass of 25 core-s per sample): both cores
+        assert auto.observe(_batch_from(0, 0.1, 4), forward_s=50.0) == 2
+        assert torch.get_num_threads() == 2
+        # the first forward pass (one-off set-up costs) is dropped once a second one is in
+        assert auto.observe(_batch_from(1, 0.2, 4), forward_s=4.0) == 2
+        assert auto.decode_share == pytest.approx(0.3 / 8 / (0.3 / 8 + 4.0 * 2 / 4))
+        # decoding turns expensive (e.g. larger images): the workers get a core back
+        assert auto.observe(_batch_from(0, 40.0, 8), forward_s=1.0) == 1
+        assert torch.get_num_threads() == 1
+        assert auto.history == [(0, 2), (3, 1)]
+        # a batch whose samples all failed has no forward pass to measure
+        assert auto.observe(Prepared(worker=1, worker_cpu_s=0.3, worker_samples=6), forward_s=0.0) == 1
+        assert auto.history == [(0, 2), (3, 1)]
+        # another process holds a core (3 s busy, 1 s of it ours, in 2 s): one thread even for cheap decode
+        auto = AutoThreads(cap=2, cpus=2)
+        auto._clock0, auto._clock = (0.0, 100.0, 10.0), lambda: (2.0, 103.0, 11.0)
+        assert auto.others() == pytest.approx(1.0)
+        assert auto.observe(_batch_from(0, 0.1, 4), forward_s=50.0) == 1
+        assert auto.history == [(0, 2), (1, 1)] and auto.last_others == pytest.approx(1.0)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_own_cpu_seconds_count_live_child_processes():
+    import subprocess
+    import sys
+    import threading
+
+    started, done = [], threading.Event()
+
+    def spawn():  # a child of another thread than the main one (a DataLoader run in a server thread)
+        started.append(subprocess.Popen(
+            [sys.executable, "-c", "import time\nwhile time.process_time() < 0.5: pass\nprint('busy', flush=True)\n"
+             "time.sleep(60)"], stdout=subprocess.PIPE, text=True))
+        done.wait(60)
+
+    t = threading.Thread(target=spawn)
+    t.start()
+    while not started:
+        time.sleep(0.01)
+    child = started[0]
+    try:
+        assert child.stdout.readline().strip() == "busy"  # the child has burnt 0.5 s of CPU and now sleeps
+        own = encode_mod._own_cpu_seconds()
+        assert own is not None and own >= time.process_time() + 0.45
+        assert encode_mod._busy_cpu_seconds({0}) > 0
+    finally:
+        done.set()
+        t.join()
+        child.kill()
+        child.wait()
+
+
+def test_encode_sizes_threads_from_worker_load_unless_set(tiny_clip, messy_images, tmp_path, monkeypatch):
+    import torch
+
+    shards = _image_shards(messy_images, tmp_path)
+    monkeypatch.setattr(encode_mod, "usable_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    seen = []
+    real = AutoThreads.observe
+
+    def spy(self, prepared, forward_s):
+        seen.append((prepared.worker, prepared.worker_samples, prepared.worker_cpu_s))
+        return real(self, prepared, forward_s)
+
+    monkeypatch.setattr(AutoThreads, "observe", spy)
+    try:
+        torch.set_num_threads(2)
+        rep = encode_shards(shards, tiny_clip, "image", tmp_path / "a", batch_size=2, num_workers=2, progress=False)
+        assert rep.thread_changes[0] == [0, 2]  # all it may use until the first batch is measured
+        assert rep.torch_threads == rep.thread_changes[-1][1] and 1 <= rep.torch_threads <= 2
+        assert rep.decode_share is not None and 0 < rep.decode_share < 1
+        assert rep.other_load is not None and rep.other_load >= 0  # Linux: /proc tells
+        assert {w for w, _, _ in seen} == {0, 1}  # every batch says which worker made it, and its load
+        assert all(n > 0 and cpu > 0 for _, n, cpu in seen)
+        assert torch.get_num_threads() == 2  # restored
+        # an explicit setting is used as is; without workers torch's setting (no measuring)
+        fixed = encode_shards(shards, tiny_clip, "image", tmp_path / "b", batch_size=2, num_workers=2,
+                              progress=False, torch_threads=2)
+        assert (fixed.torch_threads, fixed.thread_changes, fixed.decode_share, fixed.other_load) == (2, [], None, None)
+        inline = encode_shards(shards, tiny_clip, "image", tmp_path / "c", batch_size=2, num_workers=0,
+                               progress=False)
+        assert (inline.torch_threads, inline.thread_changes) == (2, [])
+        assert inline.to_json()["decode_share"] is None
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(Store.open(tmp_path / "a").embeddings(np.float32),
+                               Store.open(tmp_path / "c").embeddings(np.float32), atol=2e-3)
 
 
 def _encode_argv(shards, store, modality="text", *extra):
