@@ -7,11 +7,14 @@ realistic query cost) and side B a random stand-in, and a projected gallery of -
 1. **in process, A/B pairs** (alternated, --pairs each, min and median; distinct captions): torch threads
    2 vs 1 for one text forward; float32 vs the opt-in int8 text tower (and their cosine agreement over
    64 captions); two queries in one forward vs two forwards; flat index vs the certified float16
-   shortlist search; the whole query (embed + project + search) as served before and now;
-2. **over HTTP**: three servers started side by side, ``before`` (2 threads, one forward at a time, no
+   shortlist search vs an HNSW index; the whole query (embed + project + search) as served before and now;
+   the HNSW index's recall@10 on text queries against exact search;
+2. **over HTTP**: five servers started side by side, ``before`` (2 threads, one forward at a time, no
    batching, flat search: the old service), ``now`` (the defaults: 1 thread per query, concurrent
-   forwards + micro-batching, shortlist search) and ``now-int8`` (``--quantize-text int8``), text phases
-   alternated over --rounds rounds so each sees the same machine load, then one image-upload phase each.
+   forwards + micro-batching, shortlist search), ``now-int8`` (``--quantize-text int8``), and ``hnsw`` /
+   ``hnsw-int8``: the same two over a copy of the gallery (hard links) with an HNSW index tuned on 1000
+   projected captions (``cmcr store index --kind hnsw --queries``), text phases alternated over --rounds
+   rounds so each sees the same machine load, then one image-upload phase each.
    Every text request is a **distinct** caption (the query cache never hits; cached answers are counted
    and reported). Prints p50/p90/p99, errors, req/s, the servers' RSS over time and the load average.
 
@@ -95,25 +98,48 @@ def build(work: Path, rows: int) -> tuple[Path, Path, str]:
     return conn_dir, gal_dir, spec
 
 
-def hnsw_copy(gal_dir: Path) -> Path:
-    """The gallery's rows under a second store folder (hard links, no copy) with a forced HNSW index
-    (``cmcr store index --kind hnsw``: recall@10 measured and saved); reused when present."""
+def text_queries(work: Path, conn_dir: Path, spec: str, n: int = 1000) -> Path:
+    """A projected store of ``n`` captions (not among the load test's) embedded like a served text query:
+    the queries the gallery's HNSW index is tuned on (``cmcr store index --queries``); reused when present."""
+    from cmcr.pipeline.encoders import load_encoder
+    from cmcr.stores.store import Store
+    from cmcr.trainer.connector import Connector
+
+    path = work / f"text-queries-{n}"
+    if (path / "manifest.json").is_file():
+        return path
+    conn = Connector.load(conn_dir)
+    enc = load_encoder(spec, device="cpu")
+    caps = [caption(5_000_000 + i) for i in range(n)]
+    raw = np.concatenate([enc.encode("text", caps[i:i + 64]) for i in range(0, n, 64)])
+    q = conn.project("A", raw, identity=enc.identity(), modality="text")
+    store = Store.create(path, modality="text", encoder=conn.projected_identity("A", enc.identity()),
+                         dim=q.shape[1], dtype="float32")
+    store.append_part([f"q{i}" for i in range(n)], q, {"caption": caps}, source="bench-captions")
+    return path
+
+
+def hnsw_copy(gal_dir: Path, queries: Path) -> Path:
+    """The gallery's rows under a second store folder (hard links, no copy) with a forced HNSW index tuned
+    on projected text queries (``cmcr store index --kind hnsw --queries``: recall@10 of text queries
+    measured and saved); reused when present."""
     import shutil
 
     from cmcr.stores.index import build_index, read_index_info
 
     dst = gal_dir.with_name(gal_dir.name + "-hnsw")
     try:
-        if read_index_info(dst)["kind"] == "hnsw":
+        info = read_index_info(dst)
+        if info["kind"] == "hnsw" and info.get("recall_queries_from") == str(queries):
             return dst
     except Exception:  # noqa: BLE001 - missing or stale copy: rebuild it
         pass
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(gal_dir, dst, copy_function=os.link, ignore=shutil.ignore_patterns("index"))
     t = time.perf_counter()
-    info = build_index(dst, kind="hnsw", progress=False)
+    info = build_index(dst, kind="hnsw", progress=False, queries_from=queries)
     print(f"setup: {info['factory']} {info['params']} index of the gallery copy in {time.perf_counter() - t:.1f} s, "
-          f"recall@10 {info['recall_at_10']:.3f}", flush=True)
+          f"recall@10 {info['recall_at_10']:.3f} on {info['recall_queries']} text queries", flush=True)
     return dst
 
 
@@ -331,7 +357,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     conn_dir, gal_dir, spec = build(args.work, args.rows)
-    hnsw_dir = hnsw_copy(gal_dir)
+    hnsw_dir = hnsw_copy(gal_dir, text_queries(args.work, conn_dir, spec))
     print(f"setup: connector + {args.rows}-row gallery in {time.perf_counter() - t:.1f} s ({gal_dir}); "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
     ab_rows, agree = in_process(conn_dir, gal_dir, hnsw_dir, spec, args.pairs)
