@@ -522,7 +522,8 @@ class SearchService:
         search at a measured recall@10 instead of a scan of every row per query: about 16 ms vs 1 ms at
         100k × 512 on one core, docs/serve.md#performance)."""
         return [f"gallery {g.name}: exact search over {g.store.num_rows:,} rows per query; for faster queries "
-                f"index it (approximate, recall@10 measured and saved): cmcr store index {g.store.path} --kind hnsw"
+                f"index it (approximate, recall@10 measured and saved): cmcr store index {g.store.path} --kind hnsw "
+                "--queries <a projected store of queries like the ones it will get, e.g. captions>"
                 for g in self.galleries.values()
                 if g.search_kind == "exact" and g.store.num_rows >= SHORTLIST_MIN_ROWS]
 
