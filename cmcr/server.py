@@ -142,7 +142,7 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
             q, info = await anyio.to_thread.run_sync(lambda: service.embed_media(data, name, side=side))
         except InputDataError as e:
             raise HTTPException(422, str(e)) from e
-        return _answer(q, info, gallery, k, started)
+        return await anyio.to_thread.run_sync(lambda: _answer(q, info, gallery, k, started))  # off the event loop
 
     @app.post("/api/localize")
     async def localize(file: UploadFile = File(..., description="the sound (audio file)"),

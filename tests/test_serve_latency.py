@@ -219,3 +219,44 @@ def test_hnsw_gallery_is_searched_by_its_index_and_exact_big_galleries_get_the_h
     assert np.mean(recall) >= 0.9, recall
     monkeypatch.setattr(svc_mod, "SHORTLIST_MIN_ROWS", 10_000)
     assert svc.hints() == []
+
+
+def test_thread_setting_reaches_request_threads(service_dirs):
+    """OpenMP's thread count (FAISS) is per thread: a search from a new (request) thread must run with the
+    service's count, not every core, and numpy's BLAS is held to it too."""
+    import faiss
+    import threadpoolctl
+    import torch
+
+    from cmcr.service import set_threads
+
+    before = (torch.get_num_threads(), faiss.omp_get_max_threads(), threadpoolctl.threadpool_info())
+    try:
+        faiss.omp_set_num_threads(3)  # what a fresh thread would otherwise get (here: a known value)
+        svc = _service(service_dirs, threads=1)
+        q = svc.embed_text("a dog")[0]
+        seen: list[int] = []
+
+        def request() -> None:
+            seen.append(faiss.omp_get_max_threads())  # a fresh thread: OpenMP's process default
+            svc.search(q, "gallery", 5)
+            seen.append(faiss.omp_get_max_threads())
+
+        t = threading.Thread(target=request)
+        t.start()
+        t.join()
+        assert seen[1] == 1, seen  # seen[0]: the cores (or OMP_NUM_THREADS) before the search pinned it
+        blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        assert blas and all(n == 1 for n in blas)
+        with pytest.raises(Exception, match="threads must be >= 1"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+        for info in before[2]:
+            if info["user_api"] == "blas":
+                threadpoolctl.threadpool_limits(limits=info["num_threads"], user_api="blas")
+                break
+        from cmcr import service as service_mod
+
+        service_mod._FAISS_THREADS["n"] = None
