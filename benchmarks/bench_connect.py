@@ -1,4 +1,5 @@
-"""Connect-stage figures: training pairs/s, completion exact vs top-k (time, agreement), peak RAM
+"""Connect-stage figures: training pairs/s, completion exact vs top-k (time, agreement), exact completion's
+inner loop now vs before (A/B pairs), peak RAM
 of exact completion streaming a memory store larger than the RAM budget, and connect at scale.
 
     python benchmarks/bench_connect.py                 # short default run
@@ -72,6 +73,62 @@ def bench_completion(dim: int, n_queries: int, n_memory: int, k: int) -> None:
     cos = np.sum(exact * approx, axis=1)
     print(f"completion: {n_queries} queries x {n_memory} memory rows, dim {dim}: exact {t_exact:.2f} s, "
           f"top-{k} {t_topk:.2f} s (incl. flat index build); agreement cos mean {cos.mean():.5f}, min {cos.min():.5f}")
+
+
+def _online_softmax_before(queries: torch.Tensor, chunks, temperature: float) -> torch.Tensor:  # noqa: ANN001
+    """The online softmax as it was before the in-place version (a new tensor per step): the baseline."""
+    import math
+
+    q = queries / temperature
+    run_max = torch.full((q.shape[0], 1), -math.inf)
+    denom = torch.zeros((q.shape[0], 1))
+    acc = None
+    for chunk in chunks:
+        if acc is None:
+            acc = torch.zeros((q.shape[0], chunk.shape[1]))
+        logits = q @ chunk.T
+        new_max = torch.maximum(run_max, logits.max(dim=1, keepdim=True).values)
+        scale = torch.exp(run_max - new_max)
+        weights = torch.exp(logits - new_max)
+        denom = denom * scale + weights.sum(dim=1, keepdim=True)
+        acc = acc * scale + weights @ chunk
+        run_max = new_max
+    return acc / denom
+
+
+def bench_online_softmax(dim: int, n_queries: int, n_memory: int, chunk_rows: int, pairs: int = 4) -> None:
+    """Exact completion's inner loop, now (in place) vs before, A/B pairs alternated: min and median."""
+    import statistics
+
+    from cmcr.stores.memory import online_softmax_completion
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(n_queries, dim, generator=g), dim=1)
+    mem = torch.nn.functional.normalize(torch.randn(n_memory, dim, generator=g), dim=1)
+    chunks = list(mem.split(chunk_rows))
+    with torch.no_grad():
+        diff = (online_softmax_completion(q, iter(chunks), 0.01) - _online_softmax_before(q, iter(chunks), 0.01))
+        t_now: list[float] = []
+        t_before: list[float] = []
+        for i in range(pairs + 1):
+            order = [(online_softmax_completion, t_now), (_online_softmax_before, t_before)]
+            for f, ts in order if i % 2 == 0 else order[::-1]:
+                t = time.perf_counter()
+                f(q, iter(chunks), 0.01)
+                ts.append(time.perf_counter() - t)
+        t_now, t_before = t_now[1:], t_before[1:]  # first pair: warm-up
+        t = time.perf_counter()
+        for c in chunks:
+            (q @ c.T) @ c
+        t_gemm = time.perf_counter() - t
+    n_pairs = n_queries * n_memory
+    print(f"exact completion inner loop, {n_queries} queries x {n_memory} memory rows (chunks of {chunk_rows}), "
+          f"dim {dim}, {torch.get_num_threads()} threads, {pairs} A/B pairs: now {min(t_now):.3f} / "
+          f"{statistics.median(t_now):.3f} s (min / median), before {min(t_before):.3f} / "
+          f"{statistics.median(t_before):.3f} s; before / now: min {min(t_before) / min(t_now):.2f}x, median "
+          f"{statistics.median(t_before) / statistics.median(t_now):.2f}x; the two matrix products alone "
+          f"{t_gemm:.3f} s; {min(t_now) / n_pairs:.2e} s per query-memory pair; max |now - before| "
+          f"{diff.abs().max().item():.1e}")
 
 
 def _rss_mib() -> dict[str, float]:
@@ -333,10 +390,12 @@ def main() -> None:
         bench_streaming_ram(512, 2_000_000, 16384)
         bench_training(512, 4096, 10)
         bench_completion(512, 20_000, 1_000_000, 256)
+        bench_online_softmax(512, 4096, 262_144, 16384)
     else:
         bench_streaming_ram(512, 500_000, 16384)
         bench_training(512, 4096, 3)
         bench_completion(512, 2000, 100_000, 256)
+        bench_online_softmax(512, 1024, 65_536, 16384)
 
 
 if __name__ == "__main__":

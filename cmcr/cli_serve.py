@@ -28,6 +28,9 @@ def serve(
     device: str = typer.Option("cpu", "--device", help="Device of the query encoders (cpu, cuda, auto)."),
     threads: int = typer.Option(1, "--threads", min=1,
                                 help="torch/FAISS threads per query (1: concurrent queries use separate cores)."),
+    slots: int | None = typer.Option(None, "--slots", min=1,
+                                     help="Encoder forward passes at once (default: CPUs // --threads); more "
+                                          "waiting text queries are micro-batched (--max-batch)."),
     max_batch: int = typer.Option(16, "--max-batch", min=1,
                                   help="Text queries waiting for the encoder are embedded together, up to this many."),
     quantize_text: str | None = typer.Option(None, "--quantize-text",
@@ -60,7 +63,7 @@ def serve(
             raise InputDataError(f"--media-root {item!r}: use GALLERY=FOLDER (gallery name as in GET /api/galleries)")
         roots[name] = folder
     service = SearchService(connector, [str(g) for g in gallery], encoders=encoder, clap_tokenizer=clap_tokenizer,
-                            media_roots=roots, device=device, threads=threads, max_batch=max_batch,
+                            media_roots=roots, device=device, threads=threads, slots=slots, max_batch=max_batch,
                             quantize_text=quantize_text, cache_size=query_cache,
                             shortlist=shortlist)
     console = Console(stderr=True)

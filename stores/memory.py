@@ -135,7 +135,10 @@ def online_softmax_completion(
     Keeps, per query, the running maximum logit ``m``, the running denominator ``l = sum exp(s - m)``
     and the running numerator ``acc = sum exp(s - m) * row``; when a chunk raises the maximum the
     old sums are rescaled by ``exp(m_old - m_new)`` (the online softmax of Milakov & Gimelshein,
-    2018). The result equals the dense formula up to float32 rounding, for any memory size.
+    2018). The result equals the dense formula up to float32 rounding, for any memory size. The
+    exponentials and the rescaling run in place on each chunk's logits (no second ``(Q, m)`` temporary:
+    1.25-1.28x faster at 1024 queries x 16,384-row chunks, within 14% of the two matrix products alone;
+    ``benchmarks/bench_connect.py``). Call it without autograd (every caller holds ``torch.no_grad``).
 
     Args:
         queries: ``(Q, D)`` float32 tensor.
@@ -147,19 +150,22 @@ def online_softmax_completion(
         ``(Q, D)`` (``(Q, D_v)`` for paired chunks) float32, not normalised.
     """
     q = queries / temperature
-    run_max = torch.full((q.shape[0], 1), -math.inf, device=q.device, dtype=torch.float32)
-    denom = torch.zeros((q.shape[0], 1), device=q.device, dtype=torch.float32)
-    acc: torch.Tensor | None = None
+    run_max = denom = acc = None
     for item in chunks:
         chunk, vals = item if isinstance(item, tuple) else (item, item)
-        if acc is None:
-            acc = torch.zeros((q.shape[0], vals.shape[1]), device=q.device, dtype=torch.float32)
-        logits = q @ chunk.T  # (Q, m)
-        new_max = torch.maximum(run_max, logits.max(dim=1, keepdim=True).values)
-        scale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first chunk
-        weights = torch.exp(logits - new_max)
-        denom = denom * scale + weights.sum(dim=1, keepdim=True)
-        acc = acc * scale + weights @ vals
+        logits = q @ chunk.T  # (Q, m), a fresh tensor: the steps below work in place on it
+        chunk_max = logits.amax(dim=1, keepdim=True)
+        if acc is None:  # first chunk: nothing to rescale
+            run_max = chunk_max
+            weights = logits.sub_(run_max).exp_()
+            denom = weights.sum(dim=1, keepdim=True)
+            acc = weights @ vals
+            continue
+        new_max = torch.maximum(run_max, chunk_max)
+        scale = torch.exp(run_max - new_max)
+        weights = logits.sub_(new_max).exp_()
+        denom.mul_(scale).add_(weights.sum(dim=1, keepdim=True))
+        acc.mul_(scale).addmm_(weights, vals)
         run_max = new_max
     if acc is None:
         raise StoreValidationError("the memory is empty; completion needs at least one memory row")
