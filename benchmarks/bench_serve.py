@@ -4,8 +4,10 @@ Builds (once, under --work) a connector whose side A is a random-init **ViT-B-32
 realistic query cost) and side B a random stand-in, and a projected gallery of --rows rows (default
 100k, flat exact index) and then measures, in one run:
 
-1. **in process, A/B pairs** (alternated, --pairs each, min and median; distinct captions): torch threads
-   2 vs 1 for one text forward; float32 vs the opt-in int8 text tower (and their cosine agreement over
+1. **in process, A/B pairs** (alternated, --pairs each, min and median; distinct captions): a search from a
+   new (request) thread with and without the service's FAISS thread count applied in it, the exact
+   shortlist with numpy's BLAS on every core vs held to 1 thread (process CPU ms shows the spin-waits);
+   torch threads 2 vs 1 for one text forward; float32 vs the opt-in int8 text tower (and their cosine agreement over
    64 captions); two queries in one forward vs two forwards; flat index vs the certified float16
    shortlist search vs an HNSW index; the whole query (embed + project + search) as served before and now;
    the HNSW index's recall@10 on text queries against exact search;
@@ -216,8 +218,11 @@ def phase(url: str, make_request, clients: int, seconds: float, pid: int) -> dic
             "rss_mb_max": max(rss) if rss else float("nan")}
 
 
-def _ab(name: str, fa, fb, pairs: int) -> dict:  # noqa: ANN001
-    """Time ``fa(i)`` and ``fb(i)`` alternately (order flipped every pair): min and median ms of each."""
+def _ab(name: str, fa, fb, pairs: int, settle: float = 0.0) -> dict:  # noqa: ANN001
+    """Time ``fa(i)`` and ``fb(i)`` alternately (order flipped every pair): min and median ms of each.
+
+    ``settle`` (s): wait after each call inside its CPU window (not its wall time), so that threads it
+    left spin-waiting (OpenBLAS, OpenMP) are charged to it and not to the next call."""
     ta: list[float] = []
     tb: list[float] = []
     ca: list[float] = []
@@ -228,6 +233,7 @@ def _ab(name: str, fa, fb, pairs: int) -> dict:  # noqa: ANN001
             t, c = time.perf_counter(), time.process_time()
             f(i)
             ts.append((time.perf_counter() - t) * 1000)
+            time.sleep(settle)
             cs.append((time.process_time() - c) * 1000)
     ta, tb, ca, cb = ta[1:], tb[1:], ca[1:], cb[1:]  # first pair: warm-up
     return {"name": name, "a_min": min(ta), "a_med": statistics.median(ta), "b_min": min(tb),
@@ -270,7 +276,28 @@ def in_process(conn_dir: Path, gal_dir: Path, hnsw_dir: Path, spec: str, pairs: 
         g.shortlist = shortlist if short else None
         g.search(qs[i], 10)
 
+    def in_thread(fn) -> None:  # noqa: ANN001
+        """Run ``fn`` in a new thread, as the HTTP server's request threads do (OpenMP's count is per thread)."""
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+
+    def blas(n: int, fn) -> None:  # noqa: ANN001
+        import threadpoolctl
+
+        with threadpoolctl.threadpool_limits(limits=n, user_api="blas"):
+            fn()
+
     rows = [
+        _ab("shortlist search in a request thread: FAISS threads not applied (A) vs applied (B)",
+            lambda i: in_thread(lambda: shortlist.search(qs[i] / np.linalg.norm(qs[i]), 10)),
+            lambda i: in_thread(lambda: search(i, True)), pairs, settle=0.3),
+        _ab("HNSW search in a request thread: FAISS threads not applied (A) vs applied (B)",
+            lambda i: in_thread(lambda: hg.index.search_arrays(qs[i][None], k=10)),
+            lambda i: in_thread(lambda: hg.search(qs[i], 10)), pairs, settle=0.3),
+        _ab("shortlist search: numpy BLAS on every core (A) vs held to 1 thread (B)",
+            lambda i: blas(os.cpu_count() or 1, lambda: search(i, True)), lambda i: blas(1, lambda: search(i, True)),
+            pairs, settle=0.3),
         _ab("text forward: 2 threads (A) vs 1 thread (B)",
             lambda i: fwd([caption(next(ctr))], threads=2), lambda i: fwd([caption(next(ctr))]), pairs),
         _ab("text forward, 1 thread: float32 (A) vs int8 (B)",
@@ -351,9 +378,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of one phase")
     ap.add_argument("--rounds", type=int, default=2, help="alternated text phases per server")
     ap.add_argument("--pairs", type=int, default=15, help="A/B pairs per in-process comparison")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="which of " + ",".join(SERVERS) + " to load-test")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help="which of " + ",".join(SERVERS) + " to load-test (empty: the in-process part only)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cmcr-bench-serve"))
     args = ap.parse_args()
+    if args.pairs < 2:
+        ap.error("--pairs must be >= 2 (the first pair of each comparison is a warm-up)")
     args.work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     conn_dir, gal_dir, spec = build(args.work, args.rows)
@@ -378,6 +408,9 @@ def main() -> None:
           flush=True)
 
     names = [n for n in args.servers.split(",") if n]
+    if not names:  # --servers "": the in-process comparisons only
+        print(json.dumps({"in_process": ab_rows, "int8_agreement": agree}))
+        return
     gals = {n: hnsw_dir if n in HNSW_SERVERS else gal_dir for n in names}
     servers = {n: start_server(conn_dir, gals[n], spec, SERVERS[n]) for n in names}
     ctr = itertools.count()
