@@ -13,6 +13,8 @@ from cmcr.console import err_console, out_console, plain
 
 console = err_console()
 
+#: what ``cmcr encode --modality`` accepts (each encoder embeds some of them)
+ENCODE_MODALITIES = ("image", "text", "audio", "3d")
 SPEC_HELP = (
     "Encoder spec FAMILY:ARCHITECTURE or FAMILY:ARCHITECTURE@WEIGHTS: open_clip:ViT-B-32 (tag openai), "
     "open_clip:ViT-B-32@laion2b_s34b_b79k, open_clip:ViT-B-32@/path/ckpt.pt, "
@@ -165,9 +167,13 @@ def encode(
     On a Ray cluster (docs/ray.md): cmcr encode /shared/shards/image -e open_clip:ViT-B-32@/shared/vit-b-32.pt
     -m image -s /shared/stores/clip-image --engine ray --address auto --replicas 8 --gpus-per-replica 1
     """
-    from cmcr.errors import InputDataError
+    from cmcr.errors import ConfigError, InputDataError
+    from cmcr.pipeline.encoders import parse_spec
     from cmcr.pipeline.pointcloud import PointCloudDecoding
 
+    parse_spec(encoder)  # a malformed spec is a usage error (exit 2), before any shard is looked at
+    if modality not in ENCODE_MODALITIES:
+        raise ConfigError(f"--modality {modality!r}: use one of {', '.join(ENCODE_MODALITIES)}")
     command = " ".join(shlex.quote(a) for a in ["cmcr", *sys.argv[1:]])
     _set_limits(CMCR_MAX_IMAGE_PIXELS=max_image_pixels, CMCR_MAX_MEMBER_BYTES=max_member_bytes,
                 CMCR_MAX_SAMPLE_BYTES=max_sample_bytes)

@@ -275,6 +275,11 @@ def index_cmd(
     from cmcr.stores.index import build_index, plan_index
     from cmcr.stores.store import Store
 
+    from cmcr.errors import ConfigError
+    from cmcr.stores.index import KINDS
+
+    if kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
     store = Store.open(path, validate="fast")
     budget = _parse_bytes(memory_budget)
     if plan_only:

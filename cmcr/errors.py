@@ -55,6 +55,11 @@ class ConfigError(CmcrError):
     """A configuration value or file is invalid."""
 
 
+class EncoderSpecError(EncoderError, ConfigError):
+    """A malformed encoder spec (``FAMILY:ARCHITECTURE[@WEIGHTS]``) or a modality the encoder does not embed:
+    a usage mistake (exit 2), still an :class:`EncoderError` for library callers."""
+
+
 class CorruptFileError(InputDataError):
     """A file a user handed in (checkpoint, connector) is missing, empty, truncated or of another format."""
 

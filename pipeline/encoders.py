@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from cmcr.errors import ConfigError, EncoderError
+from cmcr.errors import ConfigError, EncoderError, EncoderSpecError
 from cmcr.pipeline.audio import SampleError
 from cmcr.stores.files import resolve_device  # noqa: F401 - the one device helper, re-exported
 
@@ -85,17 +85,17 @@ def parse_spec(spec: str) -> EncoderSpec:
     """Parse ``FAMILY:ARCHITECTURE[@WEIGHTS]`` (see the module docstring).
 
     Raises:
-        EncoderError: malformed spec or unknown family.
+        EncoderSpecError: malformed spec or unknown family (an :class:`EncoderError` and a usage error).
     """
     m = _SPEC_RE.match(spec.strip())
     if not m:
-        raise EncoderError(
+        raise EncoderSpecError(
             f"invalid encoder spec {spec!r}: expected FAMILY:ARCHITECTURE[@WEIGHTS], e.g. "
             f"'open_clip:ViT-B-32', 'open_clip:ViT-B-32@/path/ckpt.pt', 'clap:HTSAT-tiny@random'"
         )
     family = FAMILY_ALIASES.get(m["family"].lower())
     if family is None:
-        raise EncoderError(f"unknown encoder family {m['family']!r} in {spec!r}: use open_clip, clap or ulip")
+        raise EncoderSpecError(f"unknown encoder family {m['family']!r} in {spec!r}: use open_clip, clap or ulip")
     weights = m["weights"]
     seed = 0
     if weights is not None and (weights == "random" or weights.startswith("random:")):
@@ -103,7 +103,7 @@ def parse_spec(spec: str) -> EncoderSpec:
         try:
             seed = int(s) if s else 0
         except ValueError as e:
-            raise EncoderError(f"invalid random seed in {spec!r}: use @random or @random:SEED") from e
+            raise EncoderSpecError(f"invalid random seed in {spec!r}: use @random or @random:SEED") from e
         weights = "random"
     return EncoderSpec(family=family, architecture=m["arch"].strip(), weights=weights, seed=seed)
 
@@ -164,9 +164,9 @@ class Encoder:
         raise NotImplementedError
 
     def check_modality(self, modality: str) -> None:
-        """Raise :class:`EncoderError` if this encoder cannot embed ``modality``."""
+        """Raise :class:`EncoderSpecError` (an :class:`EncoderError`) if this encoder cannot embed ``modality``."""
         if modality not in self.modalities:
-            raise EncoderError(
+            raise EncoderSpecError(
                 f"encoder {self.identity().get('architecture')} ({self.family}) embeds {self.modalities}, "
                 f"not {modality!r}; pick another --modality or encoder"
             )

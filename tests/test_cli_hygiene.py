@@ -34,6 +34,14 @@ def test_usage_and_runtime_errors_have_different_exit_codes(tmp_path: Path, caps
     assert main(["store", "info", "--no-such-flag"]) == 2  # usage
     assert main(["shard", str(tmp_path), "--out", str(tmp_path / "o"), "-n", "0"]) == 2  # invalid value
     assert main(["store", "info", str(tmp_path / "missing")]) == 1  # runtime: no store there
+    # usage mistakes in option values are usage errors too, named before anything is read
+    assert main(["encode", str(tmp_path), "-e", "open_clip:cmcr-tiny-clip@random", "-m", "video",
+                 "-s", str(tmp_path / "s")]) == 2
+    assert "--modality 'video'" in capsys.readouterr().err
+    assert main(["encode", str(tmp_path), "-e", "foo:bar", "-m", "image", "-s", str(tmp_path / "s")]) == 2
+    assert "unknown encoder family 'foo'" in capsys.readouterr().err
+    assert main(["store", "index", str(tmp_path / "missing"), "--kind", "bogus"]) == 2
+    assert "--kind 'bogus'" in capsys.readouterr().err
     capsys.readouterr()
 
 
