@@ -271,12 +271,9 @@ def index_cmd(
 
     Example: cmcr store index stores/ulip2-3d --memory-budget 4GiB
     """
-    from cmcr.errors import StoreIndexError
-    from cmcr.stores.index import build_index, plan_index
+    from cmcr.errors import ConfigError, StoreIndexError
+    from cmcr.stores.index import KINDS, build_index, plan_index
     from cmcr.stores.store import Store
-
-    from cmcr.errors import ConfigError
-    from cmcr.stores.index import KINDS
 
     if kind not in KINDS:
         raise ConfigError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
