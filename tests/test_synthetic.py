@@ -110,3 +110,10 @@ def test_rerun_with_other_settings_needs_overwrite(tmp_path):
         SyntheticSpec(n_shared=0)
     with pytest.raises(ConfigError, match="bogus"):
         run_synthetic_check(tmp_path, SyntheticSpec(**small), variants=("bogus",))
+
+
+def test_a_variant_named_twice_is_trained_once(tmp_path):
+    small = dict(n_shared=40, n_memory_a=30, n_memory_b=30, n_eval=10, classes=3, dim=16, hidden=16)
+    rows = run_synthetic_check(tmp_path, SyntheticSpec(**small), synthetic_config(16, epochs=1),
+                               variants=("full", "no_noise", "full"))
+    assert [r["variant"] for r in rows] == ["full", "no_noise"]

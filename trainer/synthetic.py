@@ -322,6 +322,7 @@ def run_synthetic_check(
     spec = spec or SyntheticSpec()
     spec.validate()
     cfg = config or synthetic_config(spec.dim)
+    variants = tuple(dict.fromkeys(variants))  # a variant named twice is trained once (order kept)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise ConfigError(f"unknown variant(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
