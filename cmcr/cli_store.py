@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from cmcr.console import out_console
+from cmcr.console import out_console, plain
 from cmcr.errors import ConfigError, StoreFormatError, StoreValidationError
 
 store_app = typer.Typer(
@@ -172,33 +171,34 @@ def info_cmd(
     if as_json:
         _print_json(desc)
         return
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("store", desc["path"])
-    t.add_row("modality", desc["modality"])
-    t.add_row("encoder", json.dumps(desc["encoder"], sort_keys=True))
+    rows: list[tuple[str, str]] = []  # (field, value): printed literally, one line each, no padding after
+    rows.append(("store", desc["path"]))
+    rows.append(("modality", desc["modality"]))
+    rows.append(("encoder", json.dumps(desc["encoder"], sort_keys=True)))
     if desc["preprocessing"]:
-        t.add_row("preprocessing", json.dumps(desc["preprocessing"], sort_keys=True))
-    t.add_row("rows x dim", f"{desc['rows']:,} x {desc['dim']} ({desc['dtype']}, {desc['metric']}"
-                            f"{', unit rows' if desc['normalized'] else ''})")
-    t.add_row("parts", f"{desc['parts']} ({_human_bytes(desc['bytes_on_disk'])})")
-    t.add_row("metadata", ", ".join(desc["metadata_columns"]) or "-")
-    t.add_row("failures", str(desc["failures"]))
-    t.add_row("fingerprint", desc["fingerprint"])
+        rows.append(("preprocessing", json.dumps(desc["preprocessing"], sort_keys=True)))
+    rows.append(("rows x dim", f"{desc['rows']:,} x {desc['dim']} ({desc['dtype']}, {desc['metric']}"
+                               f"{', unit rows' if desc['normalized'] else ''})"))
+    rows.append(("parts", f"{desc['parts']} ({_human_bytes(desc['bytes_on_disk'])})"))
+    rows.append(("metadata", ", ".join(desc["metadata_columns"]) or "-"))
+    rows.append(("failures", str(desc["failures"])))
+    rows.append(("fingerprint", desc["fingerprint"]))
     if (desc.get("extra") or {}).get("import"):
         imp = desc["extra"]["import"]
-        t.add_row("imported from", ", ".join(imp.get("sources", [])) +
-                  (" (normalised on import)" if imp.get("normalized_on_import") else ""))
+        rows.append(("imported from", ", ".join(imp.get("sources", []))
+                     + (" (normalised on import)" if imp.get("normalized_on_import") else "")))
     idx = desc["index"]
     if idx is None:
-        t.add_row("index", "none (build one with `cmcr store index`)")
+        rows.append(("index", "none (build one with `cmcr store index`)"))
     else:
-        t.add_row("index", f"{idx['kind']} {idx['factory']} {idx['params']}, recall@10 {idx['recall_at_10']:.3f} "
-                           f"on {idx['recall_queries']} queries"
-                           + (" [red]STALE: rebuild with `cmcr store index`[/]" if idx["stale"] else ""))
-    t.add_row("updated", str(desc.get("updated_at")))
-    console.print(t)
+        rows.append(("index", f"{idx['kind']} {idx['factory']} {idx['params']}, recall@10 {idx['recall_at_10']:.3f} "
+                                    f"on {idx['recall_queries']} queries"))
+    rows.append(("updated", str(desc.get("updated_at"))))
+    width = max(len(k) for k, _ in rows) + 2
+    for k, v in rows:
+        stale = k == "index" and idx is not None and idx["stale"]
+        console.print(f"[bold]{k}[/]{' ' * (width - len(k))}{plain(v)}"
+                      + (" [red]STALE: rebuild with `cmcr store index`[/]" if stale else ""), highlight=False)
 
 
 @store_app.command("validate")

@@ -135,3 +135,19 @@ def test_json_on_encode(tmp_path: Path, capsys) -> None:
                  "-s", str(tmp_path / "st"), "-j", "0", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["rows"] == 2 and rep["empty_shards"] == []
+
+
+def test_store_info_prints_values_literally_without_trailing_spaces(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "st[bold]x"
+    write_store(path, unit_rows(rng, 4, 8), modality="text", encoder={"family": "test", "architecture": "[red]a"},
+                keys=[f"k{i}" for i in range(4)])
+    r = subprocess.run([sys.executable, "-m", "cmcr", "store", "info", str(path)], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split(None, 1) == ["store", str(path)]  # the brackets are text, not markup
+    assert '"architecture": "[red]a"' in r.stdout
+    assert all(line == line.rstrip() for line in lines), [line for line in lines if line != line.rstrip()]
+    col = lines[0].index(str(path))
+    assert all(line[col - 1] == " " and line[col] != " " for line in lines)  # the values line up
