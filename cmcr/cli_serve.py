@@ -49,8 +49,7 @@ def serve(
     Example: cmcr serve -c runs/clip-clap -g st/clip_image.cmcr -g st/clap_audio.cmcr
     -e open_clip:ViT-B-32 -e clap:HTSAT-tiny@/ckpt/630k-audioset-best.pt --port 8000
     """
-    from rich.console import Console
-
+    from cmcr.console import err_console
     from cmcr.server import serve as run
     from cmcr.service import SearchService
 
@@ -66,7 +65,7 @@ def serve(
                             media_roots=roots, device=device, threads=threads, slots=slots, max_batch=max_batch,
                             quantize_text=quantize_text, cache_size=query_cache,
                             shortlist=shortlist)
-    console = Console(stderr=True)
+    console = err_console()  # not wrapped at 80 columns when piped to a log
     for g in service.describe()["galleries"]:
         console.print(f"gallery {g['name']}: {g['rows']} {g['modality']} rows (side {g['side']}, {g['mcr']})"
                       f"{'' if g['media'] else ', no media root'}", highlight=False)

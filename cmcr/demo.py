@@ -606,7 +606,8 @@ def _md_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> s
     if not rows:
         return "_none_\n"
     cols = _columns(rows, columns)
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    lines = ["| " + " | ".join(DISPLAY_NAMES.get(c, c) for c in cols) + " |",
+             "| " + " | ".join("---" for _ in cols) + " |"]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -744,9 +745,14 @@ def write_reports(result: DemoResult, out: Path, serve: str = "") -> None:
         if not rows:
             return Markup("<p><em>none</em></p>")
         cols = _columns(rows, columns)
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-        body = "".join("<tr>" + "".join(f"<td class='num'>{html.escape(_fmt(r.get(c)))}</td>" for c in cols)
-                       + "</tr>" for r in rows)
+        head = "".join(f"<th title='{html.escape(c)}'>{html.escape(DISPLAY_NAMES.get(c, c))}</th>" for c in cols)
+
+        def cell(v: Any) -> str:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return f"<td class='num'>{html.escape(_fmt(v))}</td>"
+            return f"<td class='txt'>{html.escape(_fmt(v).replace('->', ' → '))}</td>"  # never split an arrow
+
+        body = "".join("<tr>" + "".join(cell(r.get(c)) for c in cols) + "</tr>" for r in rows)
         return Markup(f"<table><tr>{head}</tr>{body}</table>")
 
     context = {"r": result, "searches": searches, "per_class": result.per_class, "corpus_line": corpus_line,

@@ -23,11 +23,12 @@ import functools
 import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cmcr import __version__
 from cmcr.errors import CmcrError, InputDataError
@@ -39,14 +40,16 @@ MAX_K = 200
 
 
 class TextOrKeyQuery(BaseModel):
-    """Body of ``POST /api/search``: a caption or the key of a stored row."""
+    """Body of ``POST /api/search``: a caption or the key of a stored row (other fields are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     gallery: str = Field(..., description="gallery name (GET /api/galleries)")
     k: int = Field(10, ge=1, le=MAX_K, description="number of hits")
     text: str | None = Field(None, description="a caption")
     key: str | None = Field(None, description="key of a stored row (query by example)")
     key_gallery: str | None = Field(None, description="gallery holding `key` (default: `gallery`)")
-    side: str | None = Field(None, description="connector side whose encoder embeds the text (A/B)")
+    side: Literal["A", "B"] | None = Field(None, description="connector side whose encoder embeds the text (A/B)")
 
 
 def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
@@ -132,7 +135,7 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     @app.post("/api/search/media")
     async def search_media(file: UploadFile = File(..., description="image, audio or point-cloud file"),
                            gallery: str = Form(...), k: int = Form(10, ge=1, le=MAX_K),
-                           side: str | None = Form(None)) -> dict[str, Any]:
+                           side: Literal["A", "B"] | None = Form(None)) -> dict[str, Any]:
         """Search a gallery with an uploaded media file (the modality comes from the file extension)."""
         started = time.perf_counter()
         data, name = await read_upload(file, gallery)
@@ -150,6 +153,9 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
                        key: str = Form(..., description="the image row to localise the sound in")) -> Any:
         """Where the uploaded sound comes from in one gallery image: a PNG (image + colour map + colour bar)."""
         data, name = await read_upload(file, gallery)
+        g = service.gallery(gallery)
+        if g.modality == "image" and g.row_of(key) is None:  # other galleries: 422 below (nothing to localise in)
+            raise HTTPException(404, f"gallery {gallery} has no key {key!r}")
         try:
             import anyio
 
@@ -196,7 +202,26 @@ def create_app(service: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     def _cmcr_error(_request: Any, exc: CmcrError) -> Any:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
+    @app.exception_handler(RequestValidationError)
+    def _invalid_request(_request: Any, exc: RequestValidationError) -> Any:
+        return JSONResponse(status_code=422, content={"detail": validation_sentence(exc.errors())})
+
     return app
+
+
+def validation_sentence(errors: Any) -> str:
+    """FastAPI/pydantic validation errors as the one sentence every error of this API is
+    (``{"detail": "..."}``), naming each field: ``"k: Input should be greater than or equal to 1 (got 0)"``."""
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "form"))
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field (see /docs for the fields of this request)"
+        elif "input" in e and e.get("type") not in ("missing", "json_invalid") and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"[:120]
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid request"
 
 
 def _accepted_extensions(modalities: list[str]) -> set[str]:

@@ -585,8 +585,8 @@ class SearchService:
             try:
                 with self._forward:
                     raw = enc.encode(modality, [tmp.name])
-            except CmcrError as e:
-                raise InputDataError(f"{filename}: {e}") from e
+            except CmcrError as e:  # name the upload, not the server's temporary copy
+                raise InputDataError(f"{filename}: {str(e).replace(tmp.name, filename)}") from e
         if not np.all(np.isfinite(raw)):
             raise InputDataError(f"{filename}: the encoder produced no valid embedding (empty or silent input?)")
         q = self.connector.project(s, raw, identity=enc.identity(), modality=modality)[0]

@@ -86,7 +86,8 @@ def test_demo_report_shows_queries_players_per_class_and_the_loss_chance_line(de
     assert html.count("same label") + html.count("other label") == 5  # the audio query's image hits are marked
     labels = {r["label"] for r in result["per_class"]}
     assert "dog" in labels and all(0 <= r["R@1"] <= 1 and 0 < r["chance_R@1"] < 1 for r in result["per_class"])
-    assert "Per-class audio → image recall" in html and "chance_R@5" in html
+    assert "Per-class audio → image recall" in html and ">chance R@5</th>" in html  # readable column names
+    assert ">audio → image</td>" in html  # the direction, one unbreakable cell
     svg = (demo_run / "report_files" / "loss.svg").read_text()
     assert svg.startswith("<svg") and "<polyline" in svg and svg in html
     assert f"ln B = {math.log(118):.2f}" in svg  # 120 captions - 2 held out, batch 256 -> B = 118

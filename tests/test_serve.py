@@ -125,7 +125,7 @@ def test_localize_route_draws_where_the_sound_is_in_a_gallery_image(client, samp
     assert bad.status_code == 422 and "not images" in bad.json()["detail"]
     missing = client.post("/api/localize", files={"file": (wav.name, wav.read_bytes())},
                           data={"gallery": "clip_image", "key": "no-such-key"})
-    assert missing.status_code == 422 and "no-such-key" in missing.json()["detail"]
+    assert missing.status_code == 404 and "no-such-key" in missing.json()["detail"]  # as /api/search answers
 
 
 def test_query_by_key_across_galleries(client):
@@ -163,7 +163,17 @@ def test_bad_requests_are_clear_4xx(client, tmp_path, sample_data):
     assert r.status_code == 404 and "clip_image" in r.json()["detail"]
     r = client.post("/api/search", json={"text": "   ", "gallery": "clip_image"})
     assert r.status_code == 400 and "empty" in r.json()["detail"]
-    assert client.post("/api/search", json={"text": "x", "gallery": "clip_image", "k": 0}).status_code == 422
+    # invalid fields: 422 with one sentence naming the field (not pydantic's list), unknown fields refused
+    r = client.post("/api/search", json={"text": "x", "gallery": "clip_image", "k": 0})
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str) and r.json()["detail"].startswith("k: ")
+    r = client.post("/api/search", json={"text": "x", "gallery": "clip_image", "side": "C"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("side: ") and "'C'" in r.json()["detail"]
+    r = client.post("/api/search", json={"text": "x", "gallery": "clip_image", "bogus": 1})
+    assert r.status_code == 422 and "bogus: unknown field" in r.json()["detail"]
+    r = client.post("/api/search/media", files={"file": ("a.jpg", b"x")}, data={"gallery": "clip_image", "side": "C"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("side: ")
+    r = client.post("/api/search", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str)
     r = client.post("/api/search", json={"key": "no/such", "gallery": "clip_image"})
     assert r.status_code == 404 and "no/such" in r.json()["detail"]
     r = media("notes.txt", b"hello")
@@ -174,6 +184,8 @@ def test_bad_requests_are_clear_4xx(client, tmp_path, sample_data):
     assert r.status_code == 422 and "broken.wav" in r.json()["detail"]
     r = media("empty.jpg", b"")
     assert r.status_code == 422
+    r = media("garbage.png", b"\x89PNG not really")
+    assert r.status_code == 422 and "garbage.png" in r.json()["detail"] and "/tmp" not in r.json()["detail"]
     import soundfile as sf
 
     long = tmp_path / "long.wav"
