@@ -24,3 +24,18 @@ def test_completion_progress_goes_to_a_callback(capsys):
     rep.completion("A", 10, 20)
     assert seen == [{"stage": "completion", "side": "A", "done": 10, "total": 20}]
     assert capsys.readouterr().err == ""
+
+
+def test_without_a_terminal_the_plain_lines_replace_the_completion_bar() -> None:
+    """stderr to a file or pipe: rich would draw each completion bar once more when it stops ("? queries/s")."""
+    import subprocess
+    import sys
+
+    code = ("from cmcr.trainer.loop import _Reporter\n"
+            "rep = _Reporter(True)\n"
+            "for side in 'AB':\n"
+            "    rep.completion(side, 0, 120)\n"
+            "    rep.completion(side, 120, 120)\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "completion A: 120/120 queries (100 %)" in err and "completion B: 120/120 queries (100 %)" in err
+    assert "━" not in err and "? queries/s" not in err

@@ -609,6 +609,7 @@ class _Reporter:
         self.comp_tasks: dict[str, Any] = {}
         self.completion_sides = 2  # bars to show before the completion display stops (set by the loop)
         self.comp_started: dict[str, tuple[float, float]] = {}  # side -> (start, last plain line)
+        self.comp_plain = False  # completion progress as plain lines (stderr is not a terminal)
         if progress is True:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -644,12 +645,15 @@ class _Reporter:
             self.comp_bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      QueriesPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(),
                                      **progress_options())
+            self.comp_plain = not self.comp_bar.console.is_terminal and not self.comp_bar.disable
+            if self.comp_plain:  # the plain lines below replace the bar (rich would draw it once more at the end)
+                self.comp_bar.disable = True
             self.comp_bar.start()
         if side not in self.comp_tasks:
             self.comp_tasks[side] = self.comp_bar.add_task(f"completion {side}", total=total)
             self.comp_started[side] = (time.perf_counter(), 0.0)
         self.comp_bar.update(self.comp_tasks[side], completed=done, total=total)
-        if not self.comp_bar.console.is_terminal and not self.comp_bar.disable:
+        if self.comp_plain:
             # stderr is a log file or a pipe: rich draws nothing until the end, so print a plain line
             # at most every 10 s and at the end of each side
             t0, last = self.comp_started[side]
