@@ -191,7 +191,8 @@ def info_cmd(
     if idx is None:
         rows.append(("index", "none (build one with `cmcr store index`)"))
     else:
-        rows.append(("index", f"{idx['kind']} {idx['factory']} {idx['params']}, recall@10 {idx['recall_at_10']:.3f} "
+        params = f" {idx['params']}" if idx["params"] else ""
+        rows.append(("index", f"{idx['kind']} {idx['factory']}{params}, recall@10 {idx['recall_at_10']:.3f} "
                                     f"on {idx['recall_queries']} queries"))
     rows.append(("updated", str(desc.get("updated_at"))))
     width = max(len(k) for k, _ in rows) + 2
