@@ -205,12 +205,12 @@ def test_search_refuses_media_the_encoder_does_not_embed(tiny_encoded, sample_da
     wav = next((sample_data / "audio").rglob("*.ogg"))
     capsys.readouterr()
     assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(wav),
-                 "--encoder", TINY_CLIP]) == 1  # CLIP has no audio tower
+                 "--encoder", TINY_CLIP]) == 2  # CLIP has no audio tower: a usage mistake
     err = capsys.readouterr().err
     assert "audio" in err and "cmcr-tiny-clip" in err
     png = next((sample_data / "images").rglob("*.png"))
     assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--media", str(png),
-                 "--encoder", TINY_CLAP]) == 1  # CLAP has no image tower
+                 "--encoder", TINY_CLAP]) == 2  # CLAP has no image tower
     assert "image" in capsys.readouterr().err
     assert main(["search", "-c", str(conn), "-g", str(st["clip_image.cmcr"]), "--text", "a dog"]) == 1
     assert "--encoder" in capsys.readouterr().err

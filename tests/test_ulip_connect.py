@@ -116,7 +116,7 @@ def test_3d_connect_search_and_zeroshot(tiny_3d, capsys):
     # a 3D query through the CLIP encoder is refused (CLIP has no 3D tower)
     capsys.readouterr()
     assert main(["search", "-c", str(conn), "-g", str(d / "ulip_3d.cmcr"), "--media", str(cloud),
-                 "--modality", "3d", "--encoder", TINY_CLIP]) == 1
+                 "--modality", "3d", "--encoder", TINY_CLIP]) == 2
     assert "3d" in capsys.readouterr().err
     # zero-shot 3D classification with ULIP's 64 ModelNet40 templates averaged per class
     r = _json(capsys, ["eval", "zeroshot", "-c", str(conn), "-s", str(d / "ulip_3d.cmcr"), "--classes",
