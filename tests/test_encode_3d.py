@@ -114,6 +114,7 @@ def test_cli_shard_and_encode_3d_resume(sample_data, messy_3d, tmp_path, monkeyp
     real = encoders.load_encoder
     monkeypatch.setattr(encoders, "load_encoder",
                         lambda spec, **kw: TinyPointEncoder() if spec == TINY_POINTS_SPEC else real(spec, **kw))
+    monkeypatch.setitem(encoders.FAMILY_ALIASES, "test_points", "test_points")  # the spec is checked up front
     assert main(["shard", str(sample_data / "3d"), str(messy_3d), "--out", str(tmp_path / "sh"), "-n", "10"]) == 0
     argv = ["encode", str(tmp_path / "sh" / "3d"), "-e", TINY_POINTS_SPEC, "-m", "3d", "--store",
             str(tmp_path / "st"), "-b", "4", "-j", "1", "--no-progress", "--max-3d-points", "100000"]
