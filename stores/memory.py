@@ -29,7 +29,6 @@ This module imports neither ``cmcr.pipeline`` nor ``cmcr.trainer``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
