@@ -13,8 +13,6 @@ from cmcr.console import err_console, out_console, plain
 
 console = err_console()
 
-#: what ``cmcr encode --modality`` accepts (each encoder embeds some of them)
-ENCODE_MODALITIES = ("image", "text", "audio", "3d")
 SPEC_HELP = (
     "Encoder spec FAMILY:ARCHITECTURE or FAMILY:ARCHITECTURE@WEIGHTS: open_clip:ViT-B-32 (tag openai), "
     "open_clip:ViT-B-32@laion2b_s34b_b79k, open_clip:ViT-B-32@/path/ckpt.pt, "
@@ -169,11 +167,12 @@ def encode(
     """
     from cmcr.errors import ConfigError, InputDataError
     from cmcr.pipeline.encoders import parse_spec
+    from cmcr.pipeline.media import MEDIA_EXTENSIONS
     from cmcr.pipeline.pointcloud import PointCloudDecoding
 
     parse_spec(encoder)  # a malformed spec is a usage error (exit 2), before any shard is looked at
-    if modality not in ENCODE_MODALITIES:
-        raise ConfigError(f"--modality {modality!r}: use one of {', '.join(ENCODE_MODALITIES)}")
+    if modality not in MEDIA_EXTENSIONS:  # the modalities cmcr reads (each encoder embeds some of them)
+        raise ConfigError(f"--modality {modality!r}: use one of {', '.join(MEDIA_EXTENSIONS)}")
     command = " ".join(shlex.quote(a) for a in ["cmcr", *sys.argv[1:]])
     _set_limits(CMCR_MAX_IMAGE_PIXELS=max_image_pixels, CMCR_MAX_MEMBER_BYTES=max_member_bytes,
                 CMCR_MAX_SAMPLE_BYTES=max_sample_bytes)

@@ -195,11 +195,10 @@ def info_cmd(
         rows.append(("index", f"{idx['kind']} {idx['factory']}{params}, recall@10 {idx['recall_at_10']:.3f} "
                                     f"on {idx['recall_queries']} queries"))
     rows.append(("updated", str(desc.get("updated_at"))))
+    warnings = {"index": " [red]STALE: rebuild with `cmcr store index`[/]"} if idx is not None and idx["stale"] else {}
     width = max(len(k) for k, _ in rows) + 2
     for k, v in rows:
-        stale = k == "index" and idx is not None and idx["stale"]
-        console.print(f"[bold]{k}[/]{' ' * (width - len(k))}{plain(v)}"
-                      + (" [red]STALE: rebuild with `cmcr store index`[/]" if stale else ""), highlight=False)
+        console.print(f"[bold]{k}[/]{' ' * (width - len(k))}{plain(v)}{warnings.get(k, '')}", highlight=False)
 
 
 @store_app.command("validate")

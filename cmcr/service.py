@@ -659,10 +659,11 @@ def set_threads(n: int) -> None:
 
     torch's setting and numpy's BLAS (OpenBLAS, through ``threadpoolctl``) are process-wide, but OpenMP's
     (FAISS) belongs to the thread that sets it: a request thread of the HTTP server would otherwise search
-    with every core, the idle ones spin-waiting. Measured on 2 cores, one query at a time on a 100k gallery
-    with an int8 text tower: 38 ms of server CPU per query before, 27 ms after (HNSW gallery); the exact
-    shortlist's small BLAS products had also used both cores. :func:`pin_search_threads` applies the
-    FAISS count in a request thread.
+    with every core, the idle ones spin-waiting. Measured on 2 cores, 100k-row gallery (``bench_serve.py``,
+    process CPU per search including the spin-waits): the exact shortlist from a request thread 33.2 ms
+    without the FAISS count, 18.4 ms with it; with numpy's BLAS on every core 129.5 ms, held to 1 thread
+    20.4 ms (an HNSW search runs one query on one thread either way). :func:`pin_search_threads` applies
+    the FAISS count in a request thread.
 
     Raises:
         InputDataError: ``n < 1``.
